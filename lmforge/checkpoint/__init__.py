@@ -1,0 +1,33 @@
+"""Reading sources: HF folders and GGUF files, behind one `Checkpoint` interface."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmforge.checkpoint.base import Checkpoint, TensorInfo
+from lmforge.checkpoint.spec import ModelSpec, RopeScaling
+from lmforge.errors import CheckpointError
+from lmforge.registry import resolve
+
+__all__ = ["Checkpoint", "TensorInfo", "ModelSpec", "RopeScaling", "open_checkpoint"]
+
+
+def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
+    """Open MODEL (known name, HF folder or .gguf file) for reading."""
+    path = resolve(model)
+    if path.is_dir():
+        from lmforge.checkpoint.hf import HFCheckpoint
+
+        return HFCheckpoint(path)
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        from lmforge.checkpoint.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    if path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise CheckpointError(f"{path} is a pickle checkpoint; lmforge never unpickles: convert it to safetensors")
+    raise CheckpointError(f"{path} is neither a GGUF file nor an HF checkpoint folder")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"

@@ -1,0 +1,141 @@
+"""HF checkpoint folders: config.json + safetensors (single or sharded; fp32/fp16/bf16).
+
+Safetensors are parsed here (8-byte header length, JSON header, raw little-endian data) so
+bf16 reads without torch and each tensor is read from disk only when the stream reaches it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lmforge.arch import get_arch
+from lmforge.checkpoint.base import Checkpoint, TensorInfo
+from lmforge.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype -> (numpy storage dtype, bytes per element)
+DTYPES = {
+    "F32": (np.float32, 4),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),  # widened to float32 on read
+    "F64": (np.float64, 8),
+}
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header; returns ({name: entry}, offset of the data section)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 << 20:
+            raise CheckpointError(f"{path} is not a valid safetensors file (header length {n}); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({e.__class__.__name__}); re-download it") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, e in header.items():
+        begin, end = e["data_offsets"]
+        if data_start + end > size:
+            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
+    return header, data_start
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{folder} lacks shard(s) {', '.join(missing)} named in its index; download them")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); lmforge never unpickles: "
+            "save the model as safetensors (save_pretrained(..., safe_serialization=True)) and retry")
+    raise CheckpointError(f"{folder} has no *.safetensors weights; point lmforge at a complete HF checkpoint folder")
+
+
+class HFCheckpoint(Checkpoint):
+    """An HF folder, read tensor by tensor."""
+
+    format = "hf"
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        cfg_path = folder / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{folder} has no config.json; point lmforge at an HF checkpoint folder")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON (line {e.lineno}); fix or re-download it") from None
+        model_type = self.config.get("model_type")
+        if not model_type:
+            raise CheckpointError(f"{cfg_path} has no model_type; is this a transformers checkpoint?")
+        self.arch = get_arch(model_type)
+        self.spec = self.arch.spec_from_hf(self.config)
+        self._locations: dict[str, tuple[Path, int, dict]] = {}
+        self.infos = []
+        match = self.arch.matcher("hf")
+        ignore = [re.compile(p) for p in self.arch.hf_ignore]
+        files = _shard_files(folder)
+        self.file_bytes = sum(f.stat().st_size for f in files)
+        for f in files:
+            header, data_start = read_safetensors_header(f)
+            for src, entry in header.items():
+                if any(rx.match(src) for rx in ignore):
+                    continue
+                name = match(src)
+                if name is None:
+                    raise CheckpointError(
+                        f"tensor {src!r} in {f.name} has no place in lmforge's {self.arch.model_type} table; "
+                        "this checkpoint variant is not supported")
+                if entry["dtype"] not in DTYPES:
+                    raise CheckpointError(f"tensor {src!r} has dtype {entry['dtype']}; lmforge reads F32, F16, BF16")
+                begin, end = entry["data_offsets"]
+                self._locations[name] = (f, data_start + begin, entry)
+                self.infos.append(TensorInfo(name, src, tuple(entry["shape"]), entry["dtype"], end - begin))
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor by canonical name, as float32 (bf16 widened) or float16."""
+        f, offset, entry = self._locations[name]
+        dtype, width = DTYPES[entry["dtype"]]
+        count = int(np.prod(entry["shape"], dtype=np.int64))
+        arr = np.fromfile(f, dtype=dtype, count=count, offset=offset)
+        if entry["dtype"] == "BF16":
+            arr = bf16_to_f32(arr)
+        return arr.reshape(entry["shape"])
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for info in self.infos:
+            yield info.name, self.read(info.name)
+
+    def tokenizer(self):
+        from lmforge.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.path)
+
+    def chat_template(self) -> str | None:
+        from lmforge.chat import template_from_folder
+
+        return template_from_folder(self.path)

@@ -1,0 +1,223 @@
+"""Tokenizers from `tokenizer.json` or from GGUF metadata, as `tokenizers.Tokenizer` objects,
+and a streaming detokenizer that never emits half a UTF-8 character.
+
+GGUF vocabularies are rebuilt to tokenize exactly as llama.cpp does:
+- `gpt2`: byte-level BPE; the pre-tokenizer regex comes from `tokenizer.ggml.pre` (a table).
+- `llama`: SentencePiece-style BPE. llama.cpp merges the adjacent pair whose concatenation is the
+  highest-scoring vocabulary entry, leftmost first, then falls back to <0xXX> byte tokens; the
+  same result comes from a BPE model whose merge ranks follow the merged token's score.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.errors import TokenizerError
+
+# llama.cpp token types (llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+# tokenizer.ggml.pre -> regexes applied in order (llama.cpp's llama-vocab.cpp table).
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    # llama.cpp's fallback for BPE vocabularies that name no known pre-tokenizer
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),
+    "starcoder": (r"\p{N}", _GPT2),
+    "refact": (r"\p{N}", _GPT2),
+    "codeshell": (r"\p{N}", _GPT2),
+    "llama-bpe": (_LLAMA3,),
+    "llama3": (_LLAMA3,),
+    "smaug-bpe": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+}
+# llama.cpp's `ignore_merges`: a word that is already a token is emitted whole.
+IGNORE_MERGES = {"llama-bpe", "llama3"}
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:
+    """Control and user-defined tokens: llama.cpp splits user-defined ones out of any text and
+    control ones only when special tokens are parsed; `special=True` mirrors that."""
+    added = []
+    for tok, typ in zip(tokens, types):
+        if typ in (CONTROL, USER_DEFINED, UNKNOWN):
+            added.append(AddedToken(tok, special=typ != USER_DEFINED, normalized=False))
+    return added
+
+
+def gpt2_from_gguf(meta: dict) -> HFTokenizer:
+    """Byte-level BPE (`tokenizer.ggml.model` = gpt2) with llama.cpp's pre-tokenizer."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"unknown tokenizer.ggml.pre {pre!r}; lmforge knows: {', '.join(sorted(PRE_TOKENIZERS))}")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
+    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZERS[pre]]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens(_added_tokens(tokens, meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))))
+    return tok
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to llama.cpp's SentencePiece merge order: every split of a token into
+    two vocabulary pieces, ranked by the merged token's score (highest first)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for tok, score, typ in zip(tokens, scores, types):
+        if typ == BYTE or len(tok) < 2:
+            continue
+        for k in range(1, len(tok)):
+            a, b = tok[:k], tok[k:]
+            if a in vocab and b in vocab:
+                ranked.append((-score, vocab[tok], vocab[a], a, b))
+    ranked.sort()
+    return [(a, b) for *_, a, b in ranked]
+
+
+def spm_from_gguf(meta: dict) -> HFTokenizer:
+    """SentencePiece-style vocabulary (`tokenizer.ggml.model` = llama) with byte fallback."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    n = len(tokens)
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * n
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * n
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = models.BPE(vocab, spm_merges(tokens, scores, types), unk_token=tokens[unk_id],
+                       fuse_unk=True, byte_fallback=True)
+    tok = HFTokenizer(model)
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    tok.add_tokens(_added_tokens(tokens, types))
+    return tok
+
+
+GGUF_TOKENIZERS = {"gpt2": gpt2_from_gguf, "llama": spm_from_gguf}
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what generation needs: BOS/EOS ids and whether to add BOS.
+
+    `encode(text)` adds no special tokens and treats special-token text as plain text, like
+    llama.cpp's `tokenize(add_bos=False, special=False)`; chat prompts pass `parse_special=True`.
+    """
+
+    def __init__(self, hf: HFTokenizer, bos_id: int | None = None, eos_ids: tuple[int, ...] = (),
+                 add_bos: bool = False):
+        self.hf = hf
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.add_bos = add_bos and bos_id is not None
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind not in GGUF_TOKENIZERS:
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; lmforge reads gpt2 and llama")
+        eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        return cls(GGUF_TOKENIZERS[kind](meta), meta.get("tokenizer.ggml.bos_token_id"),
+                   tuple(dict.fromkeys(e for e in eos if e is not None)),
+                   bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")))
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Tokenizer":
+        path = Path(folder) / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(f"{folder} has no tokenizer.json; add the model's tokenizer files to the folder")
+        hf = HFTokenizer.from_file(str(path))
+        cfg_path = Path(folder) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+        def token_id(value):
+            if isinstance(value, dict):
+                value = value.get("content")
+            return hf.token_to_id(value) if isinstance(value, str) else None
+
+        bos = token_id(cfg.get("bos_token"))
+        eos = token_id(cfg.get("eos_token"))
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None and bos is not None:  # the post-processor decides in tokenizer.json
+            add_bos = hf.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        return cls(hf, bos, (eos,) if eos is not None else (), bool(add_bos))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special` prepends BOS when the model wants it."""
+        self.hf.encode_special_tokens = not parse_special
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(token_id)
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+    def save(self, folder: Path) -> None:
+        """Write tokenizer.json (and a tokenizer_config.json) so transformers can load the folder."""
+        folder = Path(folder)
+        self.hf.save(str(folder / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+               "clean_up_tokenization_spaces": False}
+        if self.bos_id is not None:
+            cfg["bos_token"] = self.hf.id_to_token(self.bos_id)
+        if self.eos_ids:
+            cfg["eos_token"] = self.hf.id_to_token(self.eos_ids[0])
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text pieces that are always whole characters.
+
+    Decodes a short window of recent ids and emits only the part past what was already emitted,
+    holding back while the window ends in an incomplete UTF-8 sequence (U+FFFD)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0    # ids before this index have been emitted
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; returns the new text (possibly empty)."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix:self.read])
+        text = decode(self.ids[self.prefix:])
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(emitted):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back at the end of the stream (may hold U+FFFD for a cut character)."""
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix:self.read])
+        text = decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(emitted):]

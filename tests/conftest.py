@@ -1,0 +1,112 @@
+"""Session fixtures: the default model, the WikiText-2 test text, and tiny random checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+
+# Tests never reach a hub: everything they load is built here or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+# Every architecture in fp32 and bf16, one sharded, plus Phi-3 longrope with partial rotary.
+TINY_CASES = [
+    ("llama", "float32", False, None),
+    ("llama", "bfloat16", False, None),
+    ("mistral", "float32", True, None),
+    ("mistral", "bfloat16", False, None),
+    ("qwen2", "float32", False, None),
+    ("qwen2", "bfloat16", False, None),
+    ("phi3", "float32", False, None),
+    ("phi3", "bfloat16", False, None),
+    ("phi3", "float32", False, "longrope"),
+    ("gemma3", "float32", False, None),
+    ("gemma3", "bfloat16", False, None),
+]
+
+
+def case_id(case) -> str:
+    arch, dtype, sharded, variant = case
+    return "-".join(x for x in (arch, "bf16" if dtype == "bfloat16" else "fp32",
+                                "sharded" if sharded else "", variant or "") if x)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from lmforge.registry import DEFAULT_MODEL, known_model_path
+
+    return known_model_path(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    # newline="" keeps the file's CRLF line endings: they change tokenization.
+    with open(WIKITEXT, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> Path:
+    return tiny.train_spm(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folders(tmp_path_factory, default_model_path, spm_model) -> dict[str, Path]:
+    """{"bpe": SmolLM2's tokenizer (from the default GGUF), "qwen2": the same vocabulary with
+    Qwen2's pre-tokenizer, "spm": the trained SentencePiece one},
+    each a folder with tokenizer.json + tokenizer_config.json (with a chat template)."""
+    from lmforge.checkpoint import open_checkpoint
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    ckpt = open_checkpoint(default_model_path)
+    bpe = root / "bpe"
+    bpe.mkdir()
+    ckpt.tokenizer().save(bpe)
+    cfg = json.loads((bpe / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ckpt.chat_template()
+    (bpe / "tokenizer_config.json").write_text(json.dumps(cfg))
+    # Qwen2's regex over SmolLM2's vocabulary: transformers' Qwen2 tokenizer class applies its
+    # own pre-tokenizer, so the qwen2 checkpoint needs a tokenizer.json that agrees with it.
+    from lmforge.checkpoint.gguf import open_reader, read_metadata
+    from lmforge.tokenizer import Tokenizer
+    from tests.gguf_ref import bpe_vocab_meta, write_vocab_only
+
+    meta = read_metadata(open_reader(default_model_path))
+    relabelled = write_vocab_only(root / "qwen2.gguf", bpe_vocab_meta(meta, "qwen2"), 49152)
+    qwen2 = root / "qwen2"
+    qwen2.mkdir()
+    Tokenizer.from_gguf_metadata(read_metadata(open_reader(relabelled))).save(qwen2)
+    (qwen2 / "tokenizer_config.json").write_text(json.dumps(cfg))
+    spm = root / "spm"
+    hf = tiny.spm_hf_tokenizer(spm_model, root / "spm-src")
+    hf.chat_template = ckpt.chat_template()
+    hf.save_pretrained(spm)
+    return {"bpe": bpe, "spm": spm, "qwen2": qwen2}
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory, tokenizer_folders):
+    """build(case) -> folder of a tiny checkpoint; each case is built once per session."""
+    built: dict[tuple, Path] = {}
+
+    def build(case) -> Path:
+        if case not in built:
+            arch, dtype, sharded, variant = case
+            folder = tmp_path_factory.mktemp(case_id(case))
+            built[case] = tiny.build(folder, arch, dtype, sharded, variant, tokenizer_folders)
+        return built[case]
+
+    return build
+
+
+@pytest.fixture(scope="session", params=TINY_CASES, ids=case_id)
+def tiny_case(request, tiny_factory):
+    """(case, folder) for each tiny checkpoint."""
+    return request.param, tiny_factory(request.param)

@@ -1,0 +1,121 @@
+"""Tiny random HF checkpoints built with transformers (the reference nobody here wrote).
+
+Each architecture gets 2 layers, a small hidden size, GQA where the arch has it, random norm
+weights (so a reader that drops or misplaces a norm is caught), and a real tokenizer:
+SmolLM2's byte-level BPE for llama/qwen2 (Qwen2's pre-tokenizer for qwen2), a SentencePiece BPE trained here for the others.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+SPM_ARCHS = {"phi3", "mistral", "gemma3"}
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=256)
+
+
+def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant: str | None = None):
+    """A transformers config object for a tiny model of `arch`."""
+    import transformers as T
+
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, vocab_size=vocab_size)
+    if arch == "llama":
+        extra = {}
+        if variant == "llama3":
+            extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return T.LlamaConfig(**COMMON, **ids, rope_theta=100000.0, rms_norm_eps=1e-5, **extra)
+    if arch == "mistral":
+        return T.MistralConfig(**COMMON, **ids, sliding_window=16, rms_norm_eps=1e-5)
+    if arch == "qwen2":
+        return T.Qwen2Config(**COMMON, **ids, rope_theta=1000000.0, tie_word_embeddings=True)
+    if arch == "phi3":
+        head_dim = COMMON["hidden_size"] // COMMON["num_attention_heads"]
+        extra = {}
+        if variant == "longrope":
+            n = int(head_dim * 0.5) // 2
+            extra = dict(partial_rotary_factor=0.5, original_max_position_embeddings=64,
+                         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
+                                       "long_factor": [2.0 + 0.5 * i for i in range(n)]})
+        return T.Phi3Config(**COMMON, **ids, **extra)
+    if arch == "gemma3":
+        cfg = dict(COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"])
+        return T.Gemma3TextConfig(**cfg, **ids, rope_theta=1000000.0)
+    raise ValueError(arch)
+
+
+def train_spm(folder: Path) -> Path:
+    """A SentencePiece BPE model (byte fallback, no normalization, as Llama's) trained on the
+    Python documentation that ships with every Python; returns the .model path."""
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "train.txt"
+    text.write_text("\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "sp"), vocab_size=2000, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        max_sentence_length=100000, num_threads=2, minloglevel=2)
+    return folder / "sp.model"
+
+
+def spm_hf_tokenizer(sp_model: Path, folder: Path):
+    """transformers' own conversion of a SentencePiece model to a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(sp_model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "legacy": False}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+SMOL_TEMPLATE = None  # filled from the default model by the fixture
+
+
+def build(folder: Path, arch: str, dtype: str = "float32", sharded: bool = False,
+          variant: str | None = None, tokenizers: dict | None = None, seed: int = 0) -> Path:
+    """Save a tiny random `arch` checkpoint (safetensors) with its tokenizer into `folder`."""
+    import torch
+    import transformers as T
+
+    tok_folder = tokenizers["spm" if arch in SPM_ARCHS else "qwen2" if arch == "qwen2" else "bpe"]
+    tok_cfg = json.loads((tok_folder / "tokenizer_config.json").read_text())
+    vocab = json.loads((tok_folder / "tokenizer.json").read_text())
+    n_vocab = len(vocab["model"]["vocab"])
+    specials = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+    bos = specials.get(tok_cfg.get("bos_token"), 1)
+    eos = specials.get(tok_cfg.get("eos_token"), 2)
+    config = config_for(arch, n_vocab, bos, eos, pad=eos, variant=variant)
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # random norms (transformers initializes them to a constant)
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch == "gemma3" else 1.0))
+    model = model.to(getattr(torch, dtype))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if sharded else "10GB")
+    for name in os.listdir(tok_folder):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(tok_folder / name, folder / name)
+    return folder
+
+
+def reference_state_dict(folder: Path) -> dict[str, np.ndarray]:
+    """transformers' view of the checkpoint's weights, as float32 numpy."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}

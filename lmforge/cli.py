@@ -59,6 +59,101 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_convert(args) -> int:
+    from lmforge.export.targets import TARGETS
+
+    if args.list_targets:
+        for t in TARGETS.values():
+            print(f"{t.name:<12} {t.provider:<5} {t.dtype:<8} {t.description}")
+        return 0
+    if not args.source or not args.output:
+        raise LmforgeError("give SOURCE and -o OUT (or --list-targets)")
+    from lmforge.export.convert import convert
+
+    out = convert(args.source, args.output, target=args.target, force=args.force, genai=args.genai,
+                  full_logits=args.full_logits)
+    print(out)
+    return 0
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def _stats(model) -> str:
+    r = model.last
+    if r is None:
+        return ""
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
+            f"{r.generation_tps:.1f} tok/s | time to first token: {r.ttft * 1000:.0f} ms")
+
+
+def cmd_run(args) -> int:
+    from lmforge.model import load
+
+    model = load(args.model, device=args.device, target=args.target, threads=args.threads)
+    try:
+        for piece in model.stream(args.prompt, raw=args.raw, **_sampling(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write("\n")
+    print(_stats(model), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lmforge.model import load
+
+    model = load(args.model, device=args.device, target=args.target, threads=args.threads)
+    history: list[dict] = []
+    print("lmforge chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type /exit to quit)")
+            continue
+        if line.strip() in ("/exit", "/quit", "/bye"):
+            return 0
+        if line.strip() == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for r in model._stream(model.prompt_ids(messages=history), **_sampling(args)):
+                reply.append(r.text)
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_generation_args(p) -> None:
+    p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmforge", description="Convert, run, serve and measure small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -76,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="wrap the text as a user message in the model's chat template first")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to an ONNX folder")
+    p.add_argument("source", nargs="?", help="known name, HF folder or .gguf file")
+    p.add_argument("-o", "--output", help="output folder (written atomically)")
+    p.add_argument("--target", default="cpu-fp32", help="preset (see --list-targets)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--genai", action="store_true", help="also loadable by onnxruntime-genai (full logits + genai_config.json)")
+    p.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation)")
+    p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("run", help="generate from a prompt, streaming text to stdout and stats to stderr")
+    _add_generation_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -36,8 +36,8 @@ KNOWN_MODELS = {
 
 
 def cache_dir() -> Path:
-    """Where lmforge keeps what it converts for known names ($LMFORGE_CACHE or ~/.cache/lmforge)."""
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
+    """Where lmforge keeps the forms it converts for `run`/`chat` ($LMFORGE_HOME or ~/.cache/lmforge)."""
+    root = os.environ.get("LMFORGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
     return Path(root)
 
 

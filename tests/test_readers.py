@@ -71,7 +71,7 @@ def test_llama3_rope_scaling_from_config(tiny_factory):
 def test_phi3_longrope_partial_rotary(tiny_factory):
     folder = tiny_factory(("phi3", "float32", False, "longrope"))
     spec = open_checkpoint(folder).spec
-    assert spec.partial_rotary_factor == 0.5 and spec.rotary_dim == 8
+    assert spec.partial_rotary_factor == 0.5 and spec.rotary_dim == 16
     s = spec.rope_scaling
     assert s.kind == "longrope" and len(s.short_factor) == spec.rotary_dim // 2
     assert s.factor == 4.0 and s.original_context_length == 64

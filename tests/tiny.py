@@ -35,14 +35,14 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
     if arch == "qwen2":
         return T.Qwen2Config(**COMMON, **ids, rope_theta=1000000.0, tie_word_embeddings=True)
     if arch == "phi3":
-        head_dim = COMMON["hidden_size"] // COMMON["num_attention_heads"]
         extra = {}
         if variant == "longrope":
-            n = int(head_dim * 0.5) // 2
-            extra = dict(partial_rotary_factor=0.5, original_max_position_embeddings=64,
+            # head_dim 32, rotary 16: ONNX Runtime needs rotary_dim / 2 to be a multiple of 8
+            n = 32 // 2 // 2
+            extra = dict(partial_rotary_factor=0.5, original_max_position_embeddings=64, hidden_size=128,
                          rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
                                        "long_factor": [2.0 + 0.5 * i for i in range(n)]})
-        return T.Phi3Config(**COMMON, **ids, **extra)
+        return T.Phi3Config(**{**COMMON, **extra}, **ids)
     if arch == "gemma3":
         cfg = dict(COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
                    layer_types=["sliding_attention", "full_attention"])

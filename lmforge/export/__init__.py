@@ -1,0 +1,1 @@
+"""Writers: ONNX folders (and, later, GGUF files) from a checkpoint's tensor stream."""

@@ -1,0 +1,162 @@
+"""`lmforge convert`: checkpoint -> ONNX folder, written atomically.
+
+Everything goes into a hidden temporary folder beside OUT that is renamed into place only when
+complete, so an interrupted conversion never leaves a folder that looks finished; the next run
+removes the leftovers of dead conversions and starts again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+
+from lmforge.checkpoint import open_checkpoint
+from lmforge.errors import LmforgeError
+from lmforge.export.onnx import DATA_FILE, GraphOptions, build
+from lmforge.export.targets import get_target
+
+META_FILE = "lmforge.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokenizer(ckpt, folder: Path) -> None:
+    """The model's tokenizer files (copied from an HF folder, rebuilt from GGUF metadata)."""
+    if ckpt.format == "hf":
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).exists():
+                shutil.copy(ckpt.path / name, folder / name)
+        return
+    tok = ckpt.tokenizer()
+    tok.save(folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    template = ckpt.chat_template()
+    if template:
+        cfg["chat_template"] = template
+    # onnxruntime-genai's tokenizer picks its algorithm from the class name
+    cfg["tokenizer_class"] = "LlamaTokenizer" if ckpt.meta.get("tokenizer.ggml.model") == "llama" else "GPT2Tokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def genai_config(spec, target, eos_ids, bos_id) -> dict:
+    """onnxruntime-genai's genai_config.json for a folder with full logits."""
+    provider_options = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}]}[target.provider]
+    return {
+        "model": {
+            "bos_token_id": bos_id if bos_id is not None else eos_ids[0],
+            "context_length": spec.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "filename": "model.onnx",
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": spec.n_heads,
+                "num_hidden_layers": spec.n_layers,
+                "num_key_value_heads": spec.n_kv_heads,
+            },
+            "eos_token_id": list(eos_ids),
+            "pad_token_id": eos_ids[0],
+            "type": spec.arch if spec.arch != "mistral" else "mistral",
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": spec.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="layer", desc="convert", leave=False)
+
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cpu-fp32", force: bool = False,
+            genai: bool = False, full_logits: bool = False, max_positions: int | None = None,
+            progress: bool | None = None) -> Path:
+    """Convert SOURCE (known name, HF folder, GGUF file) into an ONNX folder OUT for TARGET.
+
+    Args: source; output folder; target preset name; replace an existing OUT; build for
+    onnxruntime-genai (full logits + genai_config.json); full logits without genai; rotary table
+    length (default: the model's context); progress bar (default: when stderr is a terminal).
+    Returns the output folder.
+    """
+    t = get_target(target)
+    out = Path(out)
+    if out.exists() and not force:
+        raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if not out.parent.exists():
+        raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    ckpt = open_checkpoint(source)
+    _clean_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.time()
+    try:
+        options = GraphOptions(dtype=t.dtype, full_logits=full_logits or genai, max_positions=max_positions)
+        update, close = _progress(os.isatty(2) if progress is None else progress)
+        try:
+            model = build(ckpt, tmp, options, progress=update)
+        finally:
+            close()
+        onnx.save_model(model, tmp / "model.onnx")
+        _write_tokenizer(ckpt, tmp)
+        tok = ckpt.tokenizer()
+        eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
+        meta = {
+            "format": "lmforge-onnx", "version": FORMAT_VERSION, "target": t.name, "dtype": t.dtype,
+            "provider": t.provider, "full_logits": options.full_logits, "arch": ckpt.spec.arch,
+            "n_layers": ckpt.spec.n_layers, "n_kv_heads": ckpt.spec.n_kv_heads, "head_dim": ckpt.spec.head_dim,
+            "vocab_size": ckpt.spec.vocab_size, "context_length": ckpt.spec.context_length,
+            "max_positions": max_positions or ckpt.spec.context_length,
+            "eos_token_ids": eos, "bos_token_id": tok.bos_id, "add_bos": tok.add_bos,
+            "files": {"model.onnx": (tmp / "model.onnx").stat().st_size, DATA_FILE: (tmp / DATA_FILE).stat().st_size},
+            "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
+        }
+        if genai:
+            (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id), indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,115 @@
+"""`lmforge.load`: one object to generate with, whatever the source.
+
+A source that is not already an ONNX folder (known name, HF folder, GGUF file) is converted
+once into the cache folder, under a file lock so concurrent runs convert it only once.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.chat import render, template_from_folder
+from lmforge.export.targets import DEFAULT_TARGET, get_target
+from lmforge.generate import GenerationResponse, stream_generate
+from lmforge.registry import cache_dir, resolve
+from lmforge.runtime.ort import OrtEngine, is_onnx_folder
+from lmforge.sampling import make_logits_processors, make_sampler
+from lmforge.tokenizer import Tokenizer
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_onnx(model: str | os.PathLike, target: str = DEFAULT_TARGET, progress: bool | None = None) -> Path:
+    """The ONNX folder for MODEL: MODEL itself if lmforge wrote it, else a cached conversion."""
+    from lmforge.export.convert import FORMAT_VERSION, convert
+
+    path = resolve(model)
+    if is_onnx_folder(path):
+        return path
+    get_target(target)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{target}|{FORMAT_VERSION}".encode())
+    out = cache_dir() / "onnx" / f"{path.stem}-{target}-{key.hexdigest()[:12]}"
+    with _locked(out.with_name(out.name + ".lock")):
+        if not is_onnx_folder(out):
+            convert(path, out, target=target, force=True, progress=progress)
+    return out
+
+
+class Model:
+    """A loaded model: `generate`, `stream` and `chat` with sampling options.
+
+    Options: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+    and raw=True to skip the chat template."""
+
+    def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.eos_token_ids = tuple(dict.fromkeys([*engine.eos_token_ids, *tokenizer.eos_ids]))
+        self.last: GenerationResponse | None = None
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False) -> list[int]:
+        """Token ids for a prompt (through the chat template unless raw) or a conversation."""
+        tok = self.tokenizer
+        if messages is None and (raw or not self.chat_template):
+            return tok.encode(prompt, add_special=True)
+        messages = messages if messages is not None else [{"role": "user", "content": prompt}]
+        if not self.chat_template:
+            from lmforge.errors import ChatTemplateError
+
+            raise ChatTemplateError("this model has no chat template; pass raw=True (or --raw) with a plain prompt")
+        name = tok.id_to_token
+        text = render(self.chat_template, messages, add_generation_prompt=True,
+                      bos_token=name(tok.bos_id) if tok.bos_id is not None else "",
+                      eos_token=name(tok.eos_ids[0]) if tok.eos_ids else "")
+        return tok.encode(text, parse_special=True)
+
+    def _stream(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                stop=()) -> Iterator[GenerationResponse]:
+        sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
+        for r in stream_generate(self.engine, self.tokenizer, ids, max_tokens, sampler,
+                                 make_logits_processors(repetition_penalty), stop, self.eos_token_ids):
+            self.last = r
+            yield r
+
+    def stream(self, prompt: str, raw: bool = False, **options) -> Iterator[str]:
+        """Yield one text piece per generated token (possibly empty while a character is incomplete)."""
+        for r in self._stream(self.prompt_ids(prompt, raw=raw), **options):
+            if r.token is not None and r.token not in self.eos_token_ids or r.text:
+                yield r.text
+
+    def generate(self, prompt: str, raw: bool = False, **options) -> str:
+        """The completion of `prompt` as one string."""
+        return "".join(r.text for r in self._stream(self.prompt_ids(prompt, raw=raw), **options))
+
+    def chat(self, messages: list[dict], **options) -> str:
+        """The assistant's reply to an OpenAI-style list of messages."""
+        return "".join(r.text for r in self._stream(self.prompt_ids(messages=messages), **options))
+
+
+def load(model: str | os.PathLike, device: str = "cpu", target: str | None = None, threads: int | None = None,
+         progress: bool | None = None) -> Model:
+    """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
+
+    Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting
+    (default: cpu-fp32 for the CPU, cuda-fp16 for CUDA); ONNX Runtime threads; progress bar.
+    Returns a `Model`."""
+    target = target or ("cuda-fp16" if device == "cuda" else DEFAULT_TARGET)
+    folder = cached_onnx(model, target, progress)
+    engine = OrtEngine(folder, device=device, threads=threads)
+    return Model(engine, Tokenizer.from_folder(folder), template_from_folder(folder))

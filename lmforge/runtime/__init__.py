@@ -1,0 +1,1 @@
+"""Engines: one per backend, behind the same prefill/decode interface."""

@@ -1,0 +1,160 @@
+"""ONNX Runtime engine over a folder lmforge wrote.
+
+The KV cache is one buffer per layer and per K/V of shape (batch, kv_heads, capacity, head_dim),
+bound with I/O binding as both GroupQueryAttention's past input and its present output, so the
+op writes new keys in place (past/present buffer sharing). Capacity is sized to the request
+(prompt + max tokens) and grows geometrically if a row outruns it; nothing is allocated for the
+full context up front. Rows are right-aligned at position 0; each keeps its own length.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import LmforgeError
+
+META_FILE = "lmforge.json"
+# --device -> (execution provider, the pip package that brings it)
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu"),
+    "dml": ("DmlExecutionProvider", "onnxruntime-directml"),
+}
+
+
+def is_onnx_folder(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).exists()
+
+
+def provider_for(device: str) -> str:
+    """The execution provider name for `device`, or a user error naming the package to install."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise LmforgeError(f"unknown device {device!r}; choose one of: {', '.join(PROVIDERS)}")
+    provider, package = PROVIDERS[device]
+    if provider not in ort.get_available_providers():
+        raise LmforgeError(f"device {device!r} needs ONNX Runtime's {provider}, which this install lacks; "
+                           f"run: pip install {package} (in place of onnxruntime)")
+    return provider
+
+
+class KVCache:
+    """Per-layer K/V buffers (batch, kv_heads, capacity, head_dim) and each row's length."""
+
+    def __init__(self, engine: "OrtEngine", batch_size: int, capacity: int):
+        self.engine = engine
+        self.batch_size = batch_size
+        self.lengths = np.zeros(batch_size, dtype=np.int64)
+        self.capacity = 0
+        self.buffers: list = []
+        self._grow(max(1, capacity))
+
+    def _grow(self, capacity: int) -> None:
+        import onnxruntime as ort
+
+        e = self.engine
+        shape = (self.batch_size, e.n_kv_heads, capacity, e.head_dim)
+        new = []
+        for i in range(2 * e.n_layers):
+            arr = np.zeros(shape, dtype=e.np_dtype)
+            if self.capacity:
+                arr[:, :, : self.capacity] = self.buffers[i].numpy()
+            new.append(ort.OrtValue.ortvalue_from_numpy(arr, e.ort_device, 0))
+        self.buffers, self.capacity = new, capacity
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` positions per row, doubling as needed."""
+        if total > self.engine.context_length:
+            raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
+                               f"{self.engine.context_length}; shorten the prompt or lower max tokens")
+        if total > self.capacity:
+            self._grow(min(max(total, 2 * self.capacity), self.engine.context_length))
+
+
+class OrtEngine:
+    """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
+
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.exists():
+            raise LmforgeError(f"{folder} is not an ONNX folder lmforge wrote (no {META_FILE}); convert the model first")
+        meta = json.loads(meta_path.read_text())
+        for name, size in meta.get("files", {}).items():
+            path = folder / name
+            if not path.exists():
+                raise LmforgeError(f"{folder} lacks {name}; the folder is incomplete: convert the model again")
+            if path.stat().st_size != size:
+                raise LmforgeError(f"{path} has {path.stat().st_size} bytes, expected {size}; convert the model again")
+        self.folder, self.meta, self.device = folder, meta, device
+        self.n_layers, self.n_kv_heads, self.head_dim = meta["n_layers"], meta["n_kv_heads"], meta["head_dim"]
+        self.vocab_size = meta["vocab_size"]
+        self.context_length = min(meta["context_length"], meta.get("max_positions") or meta["context_length"])
+        self.eos_token_ids = tuple(meta["eos_token_ids"])
+        self.full_logits = meta["full_logits"]
+        self.np_dtype = np.float16 if meta["dtype"] == "float16" else np.float32
+        self.ort_device = "cuda" if device == "cuda" else "cpu"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=[provider_for(device)])
+        except LmforgeError:
+            raise
+        except Exception as e:
+            raise LmforgeError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
+        self.io = self.session.io_binding()
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+        """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
+        return KVCache(self, batch_size, min(capacity, self.context_length))
+
+    def _run(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded)."""
+        totals = cache.lengths + new_lengths
+        cache.reserve(int(totals.max()))
+        mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
+        io = self.io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+        for i in range(self.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                buf = cache.buffers[2 * i + j]
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+                io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()                                            # (B, S|1, V)
+        cache.lengths = totals
+        if self.full_logits:
+            logits = logits[np.arange(len(new_lengths)), np.maximum(new_lengths - 1, 0)]
+        else:
+            logits = logits[:, -1]
+        return logits.astype(np.float32, copy=False)
+
+    def prefill(self, cache: KVCache, token_ids: list[list[int]]) -> np.ndarray:
+        """Append each row's prompt; returns (batch, vocab) logits of each row's last token."""
+        if len(token_ids) != cache.batch_size:
+            raise ValueError("one token list per cache row")
+        n = np.array([len(t) for t in token_ids], dtype=np.int64)
+        if (n == 0).any():
+            raise LmforgeError("empty prompt: give at least one token")
+        ids = np.zeros((len(token_ids), int(n.max())), dtype=np.int64)
+        for r, t in enumerate(token_ids):
+            ids[r, : len(t)] = t
+        return self._run(cache, ids, n)
+
+    def decode(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
+        """Append one token per row; returns (batch, vocab) logits."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        return self._run(cache, ids, np.ones(len(ids), dtype=np.int64))

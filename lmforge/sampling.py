@@ -14,32 +14,42 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> np.ndarray:
+    """logits / temperature with every token outside the top_k, the top_p nucleus and the min_p
+    band set to -inf (applied in that order, as transformers' warpers are). Float64."""
+    z = logits.astype(np.float64) / temperature
+    vocab = z.shape[-1]
+    if top_k and 0 < top_k < vocab:
+        kth = np.partition(z, vocab - top_k)[vocab - top_k]
+        z = np.where(z < kth, -np.inf, z)
+    if top_p < 1.0 or min_p > 0.0:
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        if top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
+            drop = order[before >= top_p]
+            z[drop] = -np.inf
+            probs[drop] = 0.0
+        if min_p > 0.0:
+            z = np.where(probs < min_p * probs.max(), -np.inf, z)
+    return z
+
+
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: int | None = None) -> Sampler:
-    """A function logits -> token id.
-
-    temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_k
-    tokens, the smallest set whose mass reaches top_p, and tokens whose probability is at least
-    min_p times the most likely one. The same seed gives the same draws."""
+    """A function logits -> token id: greedy at temperature 0, else a draw from the softmax of
+    `filter_logits`. The same seed gives the same draws."""
     if temperature <= 0:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
-        scaled = logits.astype(np.float64) / temperature
-        order = np.argsort(-scaled, kind="stable")
-        if top_k and top_k > 0:
-            order = order[:top_k]
-        z = scaled[order]
-        probs = np.exp(z - z[0])
-        probs /= probs.sum()
-        keep = len(order)
-        if top_p < 1.0:
-            keep = min(keep, int(np.searchsorted(np.cumsum(probs), top_p) + 1))
-        if min_p > 0.0:
-            keep = min(keep, max(1, int((probs >= min_p * probs[0]).sum())))
-        probs = probs[:keep] / probs[:keep].sum()
-        return int(order[rng.choice(keep, p=probs)])
+        z = filter_logits(logits, temperature, top_k, top_p, min_p)
+        probs = np.exp(z - z.max())
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
     return sample
 

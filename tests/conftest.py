@@ -74,15 +74,15 @@ def tokenizer_folders(tmp_path_factory, default_model_path, spm_model) -> dict[s
     (bpe / "tokenizer_config.json").write_text(json.dumps(cfg))
     # Qwen2's regex over SmolLM2's vocabulary: transformers' Qwen2 tokenizer class applies its
     # own pre-tokenizer, so the qwen2 checkpoint needs a tokenizer.json that agrees with it.
-    from lmforge.checkpoint.gguf import open_reader, read_metadata
+    from lmforge.checkpoint.gguf import read_metadata
     from lmforge.tokenizer import Tokenizer
     from tests.gguf_ref import bpe_vocab_meta, write_vocab_only
 
-    meta = read_metadata(open_reader(default_model_path))
+    meta = read_metadata(default_model_path)
     relabelled = write_vocab_only(root / "qwen2.gguf", bpe_vocab_meta(meta, "qwen2"), 49152)
     qwen2 = root / "qwen2"
     qwen2.mkdir()
-    Tokenizer.from_gguf_metadata(read_metadata(open_reader(relabelled))).save(qwen2)
+    Tokenizer.from_gguf_metadata(read_metadata(relabelled)).save(qwen2)
     (qwen2 / "tokenizer_config.json").write_text(json.dumps(cfg))
     spm = root / "spm"
     hf = tiny.spm_hf_tokenizer(spm_model, root / "spm-src")

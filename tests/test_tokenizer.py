@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lmforge.checkpoint import open_checkpoint
-from lmforge.checkpoint.gguf import open_reader, read_metadata
+from lmforge.checkpoint.gguf import read_metadata
 from lmforge.tokenizer import Tokenizer
 from tests import gguf_ref
 
@@ -40,9 +40,9 @@ def test_default_model_matches_llamacpp_on_wikitext(default_model_path, wikitext
 def test_bpe_pre_tokenizers_match_llamacpp(pre, default_model_path, wikitext, tmp_path):
     """SmolLM2's vocabulary relabelled with other `tokenizer.ggml.pre` values: each regex set
     must split text exactly as llama.cpp does."""
-    base = read_metadata(open_reader(default_model_path))
+    base = read_metadata(default_model_path)
     path = gguf_ref.write_vocab_only(tmp_path / "vocab.gguf", gguf_ref.bpe_vocab_meta(base, pre), 49152)
-    ours_tok = Tokenizer.from_gguf_metadata(read_metadata(open_reader(path)))
+    ours_tok = Tokenizer.from_gguf_metadata(read_metadata(path))
     text = wikitext + EDGE
     ref = llamacpp_vocab(path).tokenize(text.encode(), add_bos=False, special=False)
     assert_same_tokens(ours_tok.encode(text), ref)
@@ -52,7 +52,7 @@ def test_spm_gguf_matches_llamacpp_and_sentencepiece(spm_model, wikitext, tmp_pa
     import sentencepiece as spm
 
     path = gguf_ref.write_vocab_only(tmp_path / "spm.gguf", gguf_ref.spm_vocab_meta(spm_model), 2000)
-    tok = Tokenizer.from_gguf_metadata(read_metadata(open_reader(path)))
+    tok = Tokenizer.from_gguf_metadata(read_metadata(path))
     text = wikitext + EDGE
     ours = tok.encode(text)
     ref = llamacpp_vocab(path).tokenize(text.encode(), add_bos=False, special=False)

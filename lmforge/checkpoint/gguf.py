@@ -14,11 +14,12 @@ import numpy as np
 
 from lmforge.arch import get_gguf_arch
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
+from lmforge.checkpoint.gguf_format import parse
 from lmforge.checkpoint.spec import ModelSpec, RopeScaling
 from lmforge.errors import CheckpointError
 
-GGUF_MAGIC = b"GGUF"
 # Tensors that carry hyper-parameters rather than weights.
+DEQUANT_ROWS = 2048  # rows dequantized at a time
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
@@ -52,42 +53,17 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def open_reader(path: Path):
-    """A `gguf.GGUFReader` over `path`, with every failure turned into a one-line user error."""
-    import gguf
-
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise CheckpointError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises many types on corrupt input
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({e.__class__.__name__}); re-download or re-convert it") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{path} is truncated (tensor {t.name} runs past the end); re-download it")
-    return reader
-
-
-def read_metadata(reader) -> dict:
-    """GGUF key-value pairs as plain Python values (arrays as lists)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            raise CheckpointError(f"GGUF metadata key {key!r} is corrupt; re-download or re-convert the file") from None
+def read_metadata(path: Path) -> dict:
+    """A GGUF file's key-value metadata as plain Python values (arrays as lists)."""
+    meta, _, mm = parse(Path(path))
+    mm.close()
     return meta
 
 
-def spec_from_gguf(meta: dict, arch, tensors: dict) -> ModelSpec:
-    """ModelSpec from GGUF metadata; `tensors` maps GGUF names to reader tensors (for rope factors
-    and for what llama.cpp infers from the tensor list: tied output, biases, q/k norms)."""
+def spec_from_gguf(meta: dict, arch, tensors: dict, floats) -> ModelSpec:
+    """ModelSpec from GGUF metadata; `tensors` maps GGUF names to entries (llama.cpp infers the
+    tied output, biases and q/k norms from the tensor list) and `floats(name)` reads a small
+    float tensor (rope factors)."""
     a = meta.get("general.architecture")
 
     def g(key, default=None):
@@ -105,22 +81,22 @@ def spec_from_gguf(meta: dict, arch, tensors: dict) -> ModelSpec:
     rotary = int(g("rope.dimension_count", head_dim))
     tokens = meta.get("tokenizer.ggml.tokens")
     embed = tensors.get("token_embd.weight")
-    vocab = g("vocab_size") or (len(tokens) if tokens else int(embed.shape[-1]))
+    vocab = g("vocab_size") or (len(tokens) if tokens else int(embed.shape[0]))
     context = int(g("context_length", 2048))
 
     scaling = None
     kind = g("rope.scaling.type")
     if "rope_factors_long.weight" in tensors:
         orig = int(g("rope.scaling.original_context_length", context))
-        long_f = tuple(float(x) for x in tensors["rope_factors_long.weight"].data)
-        short_f = tuple(float(x) for x in tensors["rope_factors_short.weight"].data)
+        long_f = tuple(floats("rope_factors_long.weight").tolist())
+        short_f = tuple(floats("rope_factors_short.weight").tolist())
         attn = g("rope.scaling.attn_factor")
         scaling = RopeScaling("longrope", factor=context / orig, original_context_length=orig,
                               short_factor=short_f, long_factor=long_f,
                               attention_factor=_f32(attn) if attn is not None else None)
     elif "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
         scaling = RopeScaling("freq_factors",
-                              long_factor=tuple(float(x) for x in tensors["rope_freqs.weight"].data))
+                              long_factor=tuple(floats("rope_freqs.weight").tolist()))
     elif kind == "linear":
         scaling = RopeScaling("linear", factor=_f32(g("rope.scaling.factor")))
     elif kind == "yarn":
@@ -177,29 +153,47 @@ class GGUFCheckpoint(Checkpoint):
     format = "gguf"
 
     def __init__(self, path: Path):
+        import gguf
+
         self.path = path
         self.file_bytes = path.stat().st_size
-        self.reader = open_reader(path)
-        self.meta = read_metadata(self.reader)
+        self.meta, entries, self._mm = parse(path)
         gguf_arch = self.meta.get("general.architecture")
         if not gguf_arch:
             raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
         self.arch = get_gguf_arch(gguf_arch)
-        by_name = {t.name: t for t in self.reader.tensors}
-        self.spec = spec_from_gguf(self.meta, self.arch, by_name)
+        by_name = {e.name: e for e in entries}
+        self.spec = spec_from_gguf(self.meta, self.arch, by_name, lambda n: self._dequantize(by_name[n]))
         match = self.arch.matcher("gguf")
-        self._tensors = {}
+        self._entries = {}
         self.infos = []
-        for t in self.reader.tensors:
-            if t.name in ROPE_TENSORS:
+        for e in entries:
+            if e.name in ROPE_TENSORS:
                 continue
-            name = match(t.name)
+            name = match(e.name)
             if name is None:
                 raise CheckpointError(
-                    f"tensor {t.name!r} has no place in lmforge's {gguf_arch} table; this GGUF variant is not supported")
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            self._tensors[name] = t
-            self.infos.append(TensorInfo(name, t.name, shape, t.tensor_type.name, int(t.n_bytes)))
+                    f"tensor {e.name!r} has no place in lmforge's {gguf_arch} table; this GGUF variant is not supported")
+            self._entries[name] = e
+            qtype = gguf.GGMLQuantizationType(e.qtype).name
+            self.infos.append(TensorInfo(name, e.name, e.shape, qtype, e.nbytes))
+
+    def _rows(self, e) -> np.ndarray:
+        """The stored bytes of a tensor as (rows, bytes_per_row) uint8, memory-mapped."""
+        buf = np.frombuffer(self._mm, dtype=np.uint8, count=e.nbytes, offset=e.offset)
+        return buf.reshape(e.shape[0] if len(e.shape) > 1 else 1, -1)
+
+    def _dequantize(self, e) -> np.ndarray:
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType(e.qtype)
+        rows = self._rows(e)
+        out = np.empty((rows.shape[0], int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1
+                        else e.shape[0]), dtype=np.float32)
+        # row chunks bound gguf-py's temporaries to a few MB instead of several tensor copies
+        for r in range(0, rows.shape[0], DEQUANT_ROWS):
+            out[r:r + DEQUANT_ROWS] = gguf.quants.dequantize(rows[r:r + DEQUANT_ROWS], qtype)
+        return out.reshape(e.shape)
 
     def _heads_for(self, name: str) -> int | None:
         """Number of heads to un-permute by, when `name` is a permuted q/k tensor."""
@@ -210,11 +204,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def read(self, name: str) -> np.ndarray:
         """One tensor by canonical name, dequantized to float32, in HF order and values."""
-        import gguf
-
-        t = self._tensors[name]
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        arr = self._dequantize(self._entries[name])
         heads = self._heads_for(name)
         if heads:
             arr = unpermute_qk(arr, heads)
@@ -224,13 +214,14 @@ class GGUFCheckpoint(Checkpoint):
 
     def read_raw(self, name: str) -> QuantizedTensor:
         """One tensor's stored blocks (rows un-permuted for q/k), for lossless transcoding."""
-        t = self._tensors[name]
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        blocks = np.asarray(t.data).reshape(shape[0] if len(shape) > 1 else 1, -1).view(np.uint8)
+        import gguf
+
+        e = self._entries[name]
+        blocks = self._rows(e)
         heads = self._heads_for(name)
         if heads:
             blocks = unpermute_qk(blocks, heads)
-        return QuantizedTensor(t.tensor_type.name, shape, blocks)
+        return QuantizedTensor(gguf.GGMLQuantizationType(e.qtype).name, e.shape, blocks)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for info in self.infos:

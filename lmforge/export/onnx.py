@@ -54,17 +54,17 @@ class WeightFile:
         pad = (-self.offset) % ALIGN
         self.file.write(b"\0" * pad)
         self.offset += pad
-        data = array.tobytes()
-        self.file.write(data)
+        self.file.write(memoryview(array).cast("B"))  # no bytes copy of a large tensor
+        length = array.nbytes
         t = TensorProto()
         t.name = name
         t.data_type = NP_TO_ONNX[array.dtype]
         t.dims.extend(array.shape)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += len(data)
+        self.offset += length
         return t
 
     def close(self):
@@ -92,7 +92,7 @@ class Graph:
     def weight(self, name: str, array: np.ndarray, cast: bool = True) -> str:
         """An external initializer; float weights take the graph's dtype."""
         if cast and array.dtype.kind == "f":
-            array = array.astype(self.dtype)
+            array = array.astype(self.dtype, copy=False)
         self.initializers.append(self.weights.add(name, array))
         return name
 
@@ -120,7 +120,7 @@ class _Layers:
         self.offset = np.float32(ckpt.spec.norm_offset)
 
     def get(self, name: str) -> np.ndarray | None:
-        return self.ckpt.read(name).astype(np.float32) if name in self.names else None
+        return self.ckpt.read(name).astype(np.float32, copy=False) if name in self.names else None
 
     def norm(self, name: str) -> np.ndarray:
         return self.get(name) + self.offset  # Gemma's RMSNorm scales by (1 + w)

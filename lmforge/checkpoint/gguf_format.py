@@ -1,0 +1,125 @@
+"""A lean GGUF header parser (ggml's docs/gguf.md): metadata and tensor infos, read with struct
+from a memory map; tensor data stays on disk until asked for.
+
+gguf-py's reader builds a numpy array per metadata string (~170 MB for a 49k-token vocabulary);
+this one keeps plain Python values. Dequantization still uses gguf-py's codecs.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import CheckpointError
+
+MAGIC = b"GGUF"
+# GGUFValueType -> (struct format, numpy dtype) for scalar types
+SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
+           4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
+           10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64)}
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor info: GGUF name, numpy-order shape (rows first), ggml type, absolute offset, size."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: int
+    offset: int
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise IndexError("string past end of file")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in SCALARS:
+            return self.unpack(SCALARS[vtype][0])
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            etype, n = self.unpack("<I"), self.unpack("<Q")
+            if etype in SCALARS:
+                dtype = np.dtype(SCALARS[etype][1]).newbyteorder("<")
+                end = self.pos + n * dtype.itemsize
+                if end > len(self.buf):
+                    raise IndexError("array past end of file")
+                arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
+                self.pos = end
+                return arr.tolist()
+            return [self.value(etype) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
+    """(metadata, tensor entries, the file's memory map); corrupt or truncated files raise
+    CheckpointError with a one-line message."""
+    import gguf
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) != MAGIC:
+            f.seek(0)
+            raise CheckpointError(f"{path} is not a GGUF file (magic {f.read(4)!r}, expected b'GGUF')")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    c = _Cursor(memoryview(mm))
+    c.pos = 4
+    try:
+        version = c.unpack("<I")
+        if version not in (2, 3):
+            raise CheckpointError(f"{path} is GGUF version {version}; lmforge reads versions 2 and 3")
+        n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
+        if n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise ValueError("implausible counts")
+        meta = {}
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            n_dims = c.unpack("<I")
+            if n_dims > 8:
+                raise ValueError("implausible tensor rank")
+            dims = [c.unpack("<Q") for _ in range(n_dims)]
+            qtype, offset = c.unpack("<I"), c.unpack("<Q")
+            infos.append((name, dims, qtype, offset))
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
+        c.buf.release()
+        raise CheckpointError(f"{path} is truncated or corrupt ({e.__class__.__name__} in its header); "
+                              "re-download or re-convert it") from None
+    c.buf.release()
+    align = int(meta.get("general.alignment", 32))
+    data_start = (c.pos + align - 1) // align * align
+    entries = []
+    for name, dims, qtype, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"tensor {name!r} in {path} has unknown ggml type {qtype}") from None
+        n = int(np.prod(dims, dtype=np.int64))
+        nbytes = n // block * type_size
+        start = data_start + offset
+        if start + nbytes > size:
+            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
+        entries.append(TensorEntry(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
+    return meta, entries, mm

@@ -1,0 +1,137 @@
+"""End to end on the real default model: greedy text against transformers and onnxruntime-genai,
+the CLI, the Python API, stop strings."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lmforge.export.convert import convert
+from lmforge.generate import greedy_tokens, stream_generate
+from lmforge.model import load
+from lmforge.runtime.ort import OrtEngine
+from lmforge.sampling import make_sampler
+from lmforge.tokenizer import Tokenizer
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory):
+    """The default model as cpu-fp32, built for onnxruntime-genai too (full logits)."""
+    return convert("smollm2-135m", tmp_path_factory.mktemp("default") / "cpu-fp32", genai=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_fast(tmp_path_factory):
+    """The default model as lmforge's own cpu-fp32 graph (last-position logits)."""
+    return convert("smollm2-135m", tmp_path_factory.mktemp("default") / "fast", progress=False)
+
+
+def hf_greedy(model, ids, n):
+    import torch
+
+    out, past, tokens = None, None, []
+    inp = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(inp, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            inp = torch.tensor([[tokens[-1]]])
+    return tokens
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_on_default_model(default_model_path, default_fast):
+    """transformers dequantizes the GGUF itself (its own loader): 3 prompts x 32 greedy tokens."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_model_path.parent), gguf_file=default_model_path.name, torch_dtype=torch.float32).eval()
+    engine = OrtEngine(default_fast)
+    tok = Tokenizer.from_folder(default_fast)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        assert greedy_tokens(engine, ids, 32) == hf_greedy(hf, ids, 32), prompt
+
+
+def test_onnxruntime_genai_runs_the_folder_with_the_same_tokens(default_onnx):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(default_onnx))
+    og_tok = og.Tokenizer(model)
+    engine = OrtEngine(default_onnx)
+    tok = Tokenizer.from_folder(default_onnx)
+    for prompt in PROMPTS[:2]:
+        ids = [int(i) for i in og_tok.encode(prompt)]
+        assert ids == tok.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        theirs = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            theirs.append(int(gen.get_next_tokens()[0]))
+        ours = greedy_tokens(engine, ids, len(theirs))
+        assert ours == theirs
+        # and the full-logits graph agrees with the last-position graph's tokens
+        assert ours[:5] == theirs[:5]
+
+
+def test_cli_run_answers_the_capital(tmp_path):
+    env = dict(os.environ, LMFORGE_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "time to first token" in r.stderr
+    cached = list((tmp_path / "home" / "onnx").iterdir())
+    assert any(p.is_dir() for p in cached)
+    # second run reuses the cached conversion
+    r2 = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?"],
+                        capture_output=True, text=True, env=env)
+    assert r2.stdout == r.stdout and sorted((tmp_path / "home" / "onnx").iterdir()) == sorted(cached)
+
+
+def test_python_api_stream_generate_chat(default_fast):
+    model = load(default_fast)
+    pieces = list(model.stream("The capital of France is", raw=True, max_tokens=12))
+    assert len(pieces) == model.last.generation_tokens == 12 and model.last.finish_reason == "length"
+    assert "".join(pieces) == model.generate("The capital of France is", raw=True, max_tokens=12)
+    reply = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=30)
+    assert "Paris" in reply and model.last.finish_reason == "stop"
+    a = model.generate("Tell me a story.", temperature=0.9, top_p=0.95, seed=11, max_tokens=24)
+    b = model.generate("Tell me a story.", temperature=0.9, top_p=0.95, seed=11, max_tokens=24)
+    c = model.generate("Tell me a story.", temperature=0.9, top_p=0.95, seed=12, max_tokens=24)
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_the_text(default_fast):
+    engine = OrtEngine(default_fast)
+    tok = Tokenizer.from_folder(default_fast)
+    ids = tok.encode("Count: 1, 2, 3, 4, 5,")
+    full = "".join(r.text for r in stream_generate(engine, tok, ids, 24, make_sampler()))
+    assert " 7" in full
+    stop = full[full.index(" 7"):full.index(" 7") + 3]
+    rs = list(stream_generate(engine, tok, ids, 24, make_sampler(), stop=[stop]))
+    text = "".join(r.text for r in rs)
+    assert text == full[: full.index(stop)] and rs[-1].finish_reason == "stop"
+    assert all(stop not in r.text for r in rs)
+
+
+def test_prompt_longer_than_context_is_refused(tiny_factory, tmp_path):
+    folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "m", progress=False)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "run", str(folder), "--raw", "-p", "word " * 300],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "context is 256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_engine_timings_are_reported(default_fast):
+    engine = OrtEngine(default_fast)
+    tok = Tokenizer.from_folder(default_fast)
+    last = list(stream_generate(engine, tok, tok.encode("Hello"), 8, make_sampler()))[-1]
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and 0 < last.ttft < 10
+    assert np.isfinite(last.logprob)

@@ -29,7 +29,7 @@ $(VENV)/.test-stamp: pyproject.toml | $(PY)
 venv: $(VENV)/.test-stamp
 
 run: $(VENV)/.run-stamp
-	$(VENV)/bin/lmforge inspect smollm2-135m
+	$(VENV)/bin/lmforge run smollm2-135m -p "What is the capital of France?"
 
 test: $(VENV)/.test-stamp
 	$(PY) -m pytest -q

@@ -68,6 +68,11 @@ def cmd_convert(args) -> int:
         return 0
     if not args.source or not args.output:
         raise LmforgeError("give SOURCE and -o OUT (or --list-targets)")
+    if args.hf:
+        from lmforge.export.hf import convert_to_hf
+
+        print(convert_to_hf(args.source, args.output, force=args.force))
+        return 0
     from lmforge.export.convert import convert
 
     out = convert(args.source, args.output, target=args.target, force=args.force, genai=args.genai,
@@ -179,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--genai", action="store_true", help="also loadable by onnxruntime-genai (full logits + genai_config.json)")
     p.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation)")
+    p.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")
     p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_convert)
 

@@ -135,3 +135,50 @@ def test_engine_timings_are_reported(default_fast):
     last = list(stream_generate(engine, tok, tok.encode("Hello"), 8, make_sampler()))[-1]
     assert last.prompt_tps > 0 and last.generation_tps > 0 and 0 < last.ttft < 10
     assert np.isfinite(last.logprob)
+
+
+@pytest.mark.slow
+def test_runs_onnxruntime_genai_builder_folder(tmp_path):
+    """onnxruntime-genai's own builder output (from an HF folder lmforge writes from the GGUF) runs
+    in lmforge's engine with the same greedy tokens as in onnxruntime-genai."""
+    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    from lmforge.export.hf import convert_to_hf
+
+    hf = convert_to_hf("smollm2-135m", tmp_path / "hf")
+    out = tmp_path / "genai-int4"
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = load(out)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    og_model = og.Model(str(out))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(ids)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert greedy_tokens(model.engine, ids, len(theirs)) == theirs
+
+
+def test_hf_export_loads_in_transformers(tiny_factory, tmp_path, default_fast):
+    """GGUF -> HF folder: transformers loads it, its tensors equal the GGUF's, and its greedy
+    tokens on the default model equal lmforge's."""
+    import torch
+    import transformers
+
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.export.hf import convert_to_hf
+
+    out = convert_to_hf("smollm2-135m", tmp_path / "hf")
+    src, dst = open_checkpoint("smollm2-135m"), open_checkpoint(out)
+    assert src.spec == dst.spec
+    for name in ("embed", "layers.0.q", "layers.7.k", "layers.29.down", "norm"):
+        np.testing.assert_array_equal(src.read(name), dst.read(name))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok(PROMPTS[1], add_special_tokens=False).input_ids
+    assert hf_greedy(hf, ids, 16) == greedy_tokens(OrtEngine(default_fast), ids, 16)

@@ -121,3 +121,27 @@ def test_cache_grows_past_its_first_capacity(onnx_factory):
         a, b = engine.decode(small, [t]), engine.decode(big, [t])
         assert rel_err(a[0], b[0]) <= 1e-6
     assert small.capacity >= 30 and small.capacity < 64 and big.capacity == 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_fp16_target_graph(arch, tiny_factory, tmp_path):
+    """cuda-fp16: fp16 weights, I/O and KV cache. ONNX Runtime's CPU provider runs it too, so its
+    logits are checked here against transformers (fp16 rounding: 1e-2 of the max logit)."""
+    import onnx
+    import torch
+
+    src = tiny_factory((arch, "float32", False, None))
+    folder = convert(src, tmp_path / "fp16", target="cuda-fp16", progress=False)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    f16 = onnx.TensorProto.FLOAT16
+    assert graph.output[0].type.tensor_type.elem_type == f16
+    assert all(i.type.tensor_type.elem_type == f16 for i in graph.input if i.name.startswith("past_"))
+    engine = OrtEngine(folder)
+    ids = prompt_ids(24, engine.vocab_size, 5)
+    cache = engine.new_cache(1, 32)
+    ours = engine.prefill(cache, [ids])[0]
+    with torch.no_grad():
+        ref = hf_model(src)(torch.tensor([ids])).logits[0, -1].numpy()
+    assert rel_err(ours, ref) <= 1e-2
+    assert (folder / "model.onnx.data").stat().st_size < 0.6 * sum(
+        f.stat().st_size for f in src.glob("*.safetensors"))

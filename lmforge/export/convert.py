@@ -42,7 +42,7 @@ def _clean_stale(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_tokenizer(ckpt, folder: Path) -> None:
+def write_tokenizer(ckpt, folder: Path) -> None:
     """The model's tokenizer files (copied from an HF folder, rebuilt from GGUF metadata)."""
     if ckpt.format == "hf":
         for name in TOKENIZER_FILES:
@@ -137,7 +137,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         finally:
             close()
         onnx.save_model(model, tmp / "model.onnx")
-        _write_tokenizer(ckpt, tmp)
+        write_tokenizer(ckpt, tmp)
         tok = ckpt.tokenizer()
         eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
         meta = {

@@ -8,6 +8,7 @@ full context up front. Rows are right-aligned at position 0; each keeps its own 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -25,8 +26,27 @@ PROVIDERS = {
 }
 
 
+GENAI_FILE = "genai_config.json"
+
+
 def is_onnx_folder(path: Path) -> bool:
-    return path.is_dir() and (path / META_FILE).exists()
+    """A folder lmforge wrote, or one made for onnxruntime-genai (which lmforge also runs)."""
+    return path.is_dir() and ((path / META_FILE).exists() or (path / GENAI_FILE).exists())
+
+
+def meta_from_genai(folder: Path) -> dict:
+    """lmforge's folder metadata derived from onnxruntime-genai's genai_config.json and graph."""
+    import onnx
+
+    cfg = json.loads((folder / GENAI_FILE).read_text())["model"]
+    dec = cfg["decoder"]
+    graph = onnx.load(str(folder / dec["filename"]), load_external_data=False).graph
+    past = next(i for i in graph.input if i.name.startswith("past_key_values"))
+    dtype = "float16" if past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
+    eos = cfg["eos_token_id"]
+    return {"model_file": dec["filename"], "n_layers": dec["num_hidden_layers"], "n_kv_heads": dec["num_key_value_heads"],
+            "head_dim": dec["head_size"], "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
+            "eos_token_ids": eos if isinstance(eos, list) else [eos], "full_logits": True, "dtype": dtype, "files": {}}
 
 
 def provider_for(device: str) -> str:
@@ -40,6 +60,9 @@ def provider_for(device: str) -> str:
         raise LmforgeError(f"device {device!r} needs ONNX Runtime's {provider}, which this install lacks; "
                            f"run: pip install {package} (in place of onnxruntime)")
     return provider
+
+
+_CACHE_KEYS = itertools.count()
 
 
 class KVCache:
@@ -59,6 +82,7 @@ class KVCache:
         e = self.engine
         shape = (self.batch_size, e.n_kv_heads, capacity, e.head_dim)
         new = []
+        self.key = next(_CACHE_KEYS)  # a fresh identity whenever the buffers change
         for i in range(2 * e.n_layers):
             arr = np.zeros(shape, dtype=e.np_dtype)
             if self.capacity:
@@ -83,9 +107,12 @@ class OrtEngine:
 
         folder = Path(folder)
         meta_path = folder / META_FILE
-        if not meta_path.exists():
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+        elif (folder / GENAI_FILE).exists():
+            meta = meta_from_genai(folder)
+        else:
             raise LmforgeError(f"{folder} is not an ONNX folder lmforge wrote (no {META_FILE}); convert the model first")
-        meta = json.loads(meta_path.read_text())
         for name, size in meta.get("files", {}).items():
             path = folder / name
             if not path.exists():
@@ -106,12 +133,14 @@ class OrtEngine:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=[provider_for(device)])
+            model_file = str(folder / meta.get("model_file", "model.onnx"))
+            self.session = ort.InferenceSession(model_file, options, providers=[provider_for(device)])
         except LmforgeError:
             raise
         except Exception as e:
             raise LmforgeError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
         self.io = self.session.io_binding()
+        self._bound = None  # key of the cache whose buffers the binding holds
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
@@ -123,16 +152,20 @@ class OrtEngine:
         cache.reserve(int(totals.max()))
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
         io = self.io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        if self._bound != cache.key:  # KV buffers change only when a cache grows
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+            for i in range(self.n_layers):
+                for j, kv in enumerate(("key", "value")):
+                    buf = cache.buffers[2 * i + j]
+                    io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+                    io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+            self._bound = cache.key
+        else:
+            io.bind_output("logits", "cpu")
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", mask)
-        io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
-        for i in range(self.n_layers):
-            for j, kv in enumerate(("key", "value")):
-                buf = cache.buffers[2 * i + j]
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
-                io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()                                            # (B, S|1, V)
         cache.lengths = totals

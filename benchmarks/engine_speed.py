@@ -113,7 +113,7 @@ def build_graphs(work: Path) -> dict[str, Path]:
     else:
         print("onnxruntime-genai's builder failed:", r.stderr.strip().splitlines()[-1:], file=sys.stderr)
     graphs["lmforge cpu-fp32"] = convert("smollm2-135m", work / "fp32", progress=False)
-    graphs["lmforge cpu-fp32 --genai"] = convert("smollm2-135m", work / "fp32-genai", genai=True, progress=False)
+
     return graphs
 
 

@@ -75,8 +75,9 @@ def cmd_convert(args) -> int:
         return 0
     from lmforge.export.convert import convert
 
-    out = convert(args.source, args.output, target=args.target, force=args.force, genai=args.genai,
-                  full_logits=args.full_logits)
+    out = convert(args.source, args.output, target=args.target, force=args.force, quant=args.quant,
+                  block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
+                  requantize=args.requantize or None, calibration=args.calibration)
     print(out)
     return 0
 
@@ -182,8 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output folder (written atomically)")
     p.add_argument("--target", default="cpu-fp32", help="preset (see --list-targets)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--genai", action="store_true", help="also loadable by onnxruntime-genai (full logits + genai_config.json)")
-    p.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation)")
+    p.add_argument("--quant", choices=["rtn", "awq"], help="override the preset's quantization (adds it to a float preset)")
+    p.add_argument("--block-size", type=int, help="quantization block size: a power of two >= 16")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="codes around an implicit zero point")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="an integer zero point per block (default)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)")
+    p.add_argument("--requantize", action="store_true", help="GGUF input: dequantize and quantize again instead of exact transcoding")
+    p.add_argument("--calibration", help="AWQ calibration text file (default: Python's own documentation)")
     p.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")
     p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_convert)

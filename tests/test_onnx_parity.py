@@ -16,12 +16,12 @@ TOL = 1e-3
 def onnx_factory(tmp_path_factory, tiny_factory):
     built = {}
 
-    def get(arch, variant=None, full_logits=False, dtype="float32"):
-        key = (arch, variant, full_logits)
+    def get(arch, variant=None, dtype="float32"):
+        key = (arch, variant)
         if key not in built:
             src = tiny_factory((arch, dtype, False, variant))
-            out = tmp_path_factory.mktemp("onnx") / f"{arch}-{variant}-{full_logits}"
-            built[key] = (src, convert(src, out, full_logits=full_logits, progress=False))
+            out = tmp_path_factory.mktemp("onnx") / f"{arch}-{variant}"
+            built[key] = (src, convert(src, out, progress=False))
         return built[key]
 
     return get
@@ -65,17 +65,16 @@ def test_prefill_and_decode_match_transformers(arch, variant, n, onnx_factory):
 
 
 @pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))
-def test_full_logits_build_matches_every_position(arch, variant, n, onnx_factory):
+def test_full_logits_graph_matches_every_position(arch, variant, n, onnx_factory):
+    """model.genai.onnx (every position's logits, for onnxruntime-genai and evaluation)."""
     import torch
 
-    src, folder = onnx_factory(arch, variant, full_logits=True)
-    engine = OrtEngine(folder)
+    src, folder = onnx_factory(arch, variant)
+    engine = OrtEngine(folder, full_logits=True)
     ids = prompt_ids(n, engine.vocab_size, seed=1)
-    cache = engine.new_cache(1, n)
-    engine.prefill(cache, [ids])  # warms the cache; below: every position through the session
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(folder / "model.onnx"))
+    sess = ort.InferenceSession(str(folder / "model.genai.onnx"))
     feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, n), np.int64)}
     for i in range(engine.n_layers):
         for kv in ("key", "value"):
@@ -85,6 +84,8 @@ def test_full_logits_build_matches_every_position(arch, variant, n, onnx_factory
         ref = hf_model(src)(torch.tensor([ids])).logits[0].numpy()
     assert ours.shape == ref.shape
     assert rel_err(ours, ref) <= TOL
+    cache = engine.new_cache(1, n)
+    assert rel_err(engine.prefill(cache, [ids])[0], ref[-1]) <= TOL
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])

@@ -6,6 +6,7 @@ removes the leftovers of dead conversions and starts again.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,9 +18,12 @@ import onnx
 from lmforge.checkpoint import open_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.onnx import DATA_FILE, GraphOptions, build
-from lmforge.export.targets import get_target
+from lmforge.export.targets import get_target, with_overrides
+from lmforge.export.weights import WeightSource
 
 META_FILE = "lmforge.json"
+MODEL_FILE = "model.onnx"         # last-position logits: lmforge's engine
+FULL_FILE = "model.genai.onnx"    # every position's logits: onnxruntime-genai and evaluation
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -69,7 +73,7 @@ def genai_config(spec, target, eos_ids, bos_id) -> dict:
             "context_length": spec.context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
-                "filename": "model.onnx",
+                "filename": FULL_FILE,
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
@@ -108,16 +112,20 @@ def _progress(enabled: bool):
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cpu-fp32", force: bool = False,
-            genai: bool = False, full_logits: bool = False, max_positions: int | None = None,
-            progress: bool | None = None) -> Path:
+            quant: str | None = None, block_size: int | None = None, symmetric: bool | None = None,
+            accuracy_level: int | None = None, requantize: bool | None = None, max_positions: int | None = None,
+            calibration: str | None = None, progress: bool | None = None) -> Path:
     """Convert SOURCE (known name, HF folder, GGUF file) into an ONNX folder OUT for TARGET.
 
-    Args: source; output folder; target preset name; replace an existing OUT; build for
-    onnxruntime-genai (full logits + genai_config.json); full logits without genai; rotary table
-    length (default: the model's context); progress bar (default: when stderr is a terminal).
-    Returns the output folder.
+    Args: source; output folder; target preset name; replace an existing OUT; quantization
+    overrides of the preset (rtn|awq, block size, symmetric, accuracy level, requantize GGUF
+    blocks instead of transcoding them); rotary table length (default: the model's context);
+    AWQ calibration text file (default: Python's documentation); progress bar (default: when
+    stderr is a terminal). Returns the output folder, which holds model.onnx (last-position
+    logits), model.genai.onnx (every position, for onnxruntime-genai and evaluation) over one
+    weights file, the tokenizer, genai_config.json and lmforge.json.
     """
-    t = get_target(target)
+    t = with_overrides(get_target(target), quant, block_size, symmetric, accuracy_level, requantize)
     out = Path(out)
     if out.exists() and not force:
         raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
@@ -130,28 +138,42 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     tmp.mkdir()
     started = time.time()
     try:
-        options = GraphOptions(dtype=t.dtype, full_logits=full_logits or genai, max_positions=max_positions)
-        update, close = _progress(os.isatty(2) if progress is None else progress)
+        options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions)
+        show = os.isatty(2) if progress is None else progress
+        awq = None
+        if t.quant is not None and t.quant.method == "awq":
+            from lmforge.quant.awq import compute_awq_scales
+
+            awq = compute_awq_scales(ckpt, t.quant, calibration=calibration, progress=show)
+        src = WeightSource(ckpt, t.quant, awq)
+        update, close = _progress(show)
         try:
-            model = build(ckpt, tmp, options, progress=update)
+            graphs = build(ckpt, tmp, options, src, progress=update)
         finally:
             close()
-        onnx.save_model(model, tmp / "model.onnx")
+        if t.quant is not None:
+            src.report()
+        onnx.save_model(graphs["last"], tmp / MODEL_FILE)
+        onnx.save_model(graphs["full"], tmp / FULL_FILE)
+        if t.ort_format:
+            _write_ort_format(tmp)
         write_tokenizer(ckpt, tmp)
         tok = ckpt.tokenizer()
         eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
+        files = sorted(p.name for p in tmp.iterdir() if p.name.endswith((".onnx", ".data", ".ort")))
         meta = {
             "format": "lmforge-onnx", "version": FORMAT_VERSION, "target": t.name, "dtype": t.dtype,
-            "provider": t.provider, "full_logits": options.full_logits, "arch": ckpt.spec.arch,
+            "provider": t.provider, "quant": dataclasses.asdict(t.quant) if t.quant else None,
+            "transcoded": sorted(src.transcoded), "requantized": sorted(src.requantized),
+            "model_file": MODEL_FILE, "full_file": FULL_FILE, "arch": ckpt.spec.arch,
             "n_layers": ckpt.spec.n_layers, "n_kv_heads": ckpt.spec.n_kv_heads, "head_dim": ckpt.spec.head_dim,
             "vocab_size": ckpt.spec.vocab_size, "context_length": ckpt.spec.context_length,
             "max_positions": max_positions or ckpt.spec.context_length,
             "eos_token_ids": eos, "bos_token_id": tok.bos_id, "add_bos": tok.add_bos,
-            "files": {"model.onnx": (tmp / "model.onnx").stat().st_size, DATA_FILE: (tmp / DATA_FILE).stat().st_size},
+            "files": {name: (tmp / name).stat().st_size for name in files},
             "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
         }
-        if genai:
-            (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id), indent=2))
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -160,3 +182,11 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_ort_format(folder: Path) -> None:
+    """model.ort: the graph in ONNX Runtime's flatbuffer format, for ONNX Runtime Mobile."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    convert_onnx_models_to_ort(folder / MODEL_FILE, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed],
+                               enable_type_reduction=False)

@@ -21,6 +21,8 @@ from lmforge.checkpoint.base import Checkpoint
 from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.rope import rope_tables
+from lmforge.export.weights import QuantOptions, WeightSource
+from lmforge.quant.nbits import NBits
 
 MS = "com.microsoft"
 DATA_FILE = "model.onnx.data"
@@ -32,12 +34,11 @@ NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Ten
 
 @dataclass(frozen=True)
 class GraphOptions:
-    """dtype: "float32" or "float16" (weights, activations, I/O, KV cache).
-    full_logits: logits for every position (evaluation, onnxruntime-genai); otherwise only
-    the last valid position of each row, which spares prefill a prompt x vocabulary product."""
+    """dtype: "float32" or "float16" (weights, activations, I/O, KV cache); quant: None for
+    float weights, else how linear layers become MatMulNBits; max_positions: rotary table length."""
 
     dtype: str = "float32"
-    full_logits: bool = False
+    quant: QuantOptions | None = None
     max_positions: int | None = None
 
 
@@ -103,42 +104,24 @@ class Graph:
         return name
 
 
-def _linear(g: Graph, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-    """x @ w.T (+ bias); w is (out, in) as in HF, stored transposed for MatMul."""
-    y = g.node("MatMul", [x, g.weight(name, np.ascontiguousarray(w.T))])
+def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
+    """x @ W.T (+ bias) for W (out, in) as in HF: MatMul on W.T, or MatMulNBits on its codes."""
+    if isinstance(w, NBits):
+        inputs = [x, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales)]
+        zp = w.packed_zero_points()
+        if zp is not None:
+            inputs.append(g.weight(name + ".zero_points", zp))
+        y = g.node("MatMulNBits", inputs, domain=MS, K=w.K, N=w.N, bits=w.bits, block_size=w.block_size,
+                   accuracy_level=accuracy_level)
+        if w.offsets is not None:  # + sum over each block of x, times that block's offset
+            sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])],
+                          keepdims=0)                                                                  # (B, S, n_blocks)
+            y = g.node("Add", [y, g.node("MatMul", [sums, g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T))])])
+    else:
+        y = g.node("MatMul", [x, g.weight(name, np.ascontiguousarray(w.T))])
     if bias is not None:
         y = g.node("Add", [y, g.weight(name + ".bias", bias)])
     return y
-
-
-class _Layers:
-    """Reads one layer's tensors from the checkpoint on demand, with the arch's layout folded in."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.names = {t.name for t in ckpt.infos}
-        self.offset = np.float32(ckpt.spec.norm_offset)
-
-    def get(self, name: str) -> np.ndarray | None:
-        return self.ckpt.read(name).astype(np.float32, copy=False) if name in self.names else None
-
-    def norm(self, name: str) -> np.ndarray:
-        return self.get(name) + self.offset  # Gemma's RMSNorm scales by (1 + w)
-
-    def qkv(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Packed (q; k; v) rows and biases."""
-        fused = self.get(f"layers.{i}.qkv")
-        if fused is not None:
-            return fused, self.get(f"layers.{i}.qkv.bias")
-        w = np.concatenate([self.get(f"layers.{i}.{p}") for p in "qkv"])
-        biases = [self.get(f"layers.{i}.{p}.bias") for p in "qkv"]
-        return w, (np.concatenate(biases) if biases[0] is not None else None)
-
-    def gate_up(self, i: int) -> np.ndarray:
-        fused = self.get(f"layers.{i}.gate_up")
-        if fused is not None:
-            return fused
-        return np.concatenate([self.get(f"layers.{i}.gate"), self.get(f"layers.{i}.up")])
 
 
 def window_size(spec: ModelSpec, i: int) -> int:
@@ -149,14 +132,69 @@ def window_size(spec: ModelSpec, i: int) -> int:
     return -1
 
 
-def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, progress=None) -> onnx.ModelProto:
-    """Write `folder/model.onnx.data` and return the graph (not yet saved)."""
+def _nbits_weights(g: Graph, w: NBits, name: str) -> tuple:
+    zp = w.packed_zero_points()
+    return ("nbits", w, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales),
+            g.weight(name + ".zero_points", zp) if zp is not None else None,
+            g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None)
+
+
+def _embedding(g: Graph, src: WeightSource, options: GraphOptions):
+    """The embedded tokens (B, S, H) and the output head: written now when the embedding shares
+    it, else a function that writes it once after the layers (holding nothing meanwhile).
+
+    A tied, quantized embedding is stored once: GatherBlockQuantized reads the head's
+    MatMulNBits codes through a Reshape (integer zero points only; float ones need a float table)."""
+    spec, quant = src.spec, options.quant
+    if not spec.tied_embeddings:
+        table = g.weight("embed", src.get("embed"))
+
+        def untied():
+            w = src.matrix(["lm_head"])
+            return _nbits_weights(g, w, "lm_head") if isinstance(w, NBits) else ("float", g.weight("lm_head", w))
+
+        return g.node("Gather", [table, "input_ids"]), untied
+    head = src.matrix(["embed"]) if quant and quant.share_tied else src.get("embed")
+    if isinstance(head, NBits) and head.zp_kind != "float" and head.offsets is None:
+        desc = _nbits_weights(g, head, "lm_head")
+        _, w, qweight, scales, zp, _ = desc
+        table = g.node("Reshape", [qweight, g.const([w.N, -1])])                                     # (V, H*bits/8)
+        x = g.node("GatherBlockQuantized", [table, "input_ids", scales] + ([zp] if zp else []), domain=MS,
+                   bits=w.bits, block_size=w.block_size, quantize_axis=1, gather_axis=0)
+        return x, lambda: desc
+    table = g.weight("embed", head.dequantize() if isinstance(head, NBits) else head)
+    x = g.node("Gather", [table, "input_ids"])
+    if isinstance(head, NBits):
+        return x, lambda: _nbits_weights(g, head, "lm_head")
+    return x, lambda: ("float", table)
+
+
+def _head(g: Graph, h: str, desc: tuple, spec: ModelSpec, accuracy_level: int) -> str:
+    """Logits (B, S, V) from hidden states (B, S, H)."""
+    if desc[0] == "nbits":
+        _, w, qweight, scales, zp, offsets = desc
+        y = g.node("MatMulNBits", [h, qweight, scales] + ([zp] if zp else []), domain=MS, K=w.K, N=w.N,
+                   bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+        if offsets:
+            sums = g.node("ReduceSum", [g.node("Reshape", [h, g.const([0, 0, -1, w.block_size])]), g.const([-1])], keepdims=0)
+            y = g.node("Add", [y, g.node("MatMul", [sums, offsets])])
+        return y
+    flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), desc[1]], transB=1)
+    shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
+    return g.node("Reshape", [flat, shape])
+
+
+def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSource | None = None,
+          progress=None) -> dict[str, onnx.ModelProto]:
+    """Write `folder/model.onnx.data`; return {"last": graph with last-position logits,
+    "full": graph with every position's logits}, both over the same weights."""
     spec = ckpt.spec
     dtype = np.float16 if options.dtype == "float16" else np.float32
     onnx_dtype = NP_TO_ONNX[np.dtype(dtype)]
     weights = WeightFile(folder / DATA_FILE)
     g = Graph(weights, dtype)
-    src = _Layers(ckpt)
+    src = src or WeightSource(ckpt, options.quant)
+    level = options.quant.accuracy_level if options.quant else 0
     H, kv, hd = spec.hidden_size, spec.n_kv_heads, spec.head_dim
     if spec.rotary_dim % 16:
         raise LmforgeError(f"rotary dimension {spec.rotary_dim} is not a multiple of 16, which ONNX Runtime's "
@@ -181,9 +219,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, progress=None) 
             names = {"": tuple(g.node("Where", [is_long, names["long"][j], names["short"][j]]) for j in range(2))}
         caches[local] = names[""]
 
-    # embeddings (V, H)
-    embed = g.weight("embed", src.get("embed"))
-    x = g.node("Gather", [embed, "input_ids"])                                                       # (B, S, H)
+    x, head = _embedding(g, src, options)                                                          # (B, S, H)
     if spec.embedding_scale:
         x = g.node("Mul", [x, g.const(spec.embedding_scale, dtype)])
     eps = float(spec.norm_eps)
@@ -196,8 +232,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, progress=None) 
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         for name in (past_k, past_v):
             g.inputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "past_sequence_length", hd]))
-        w_qkv, b_qkv = src.qkv(i)                                                                    # (q+2kv)*hd, H
-        qkv = _linear(g, h, w_qkv, f"{p}.qkv", b_qkv)
+        qkv = _linear(g, h, src.matrix(src.qkv_parts(i), f"{p}.qkv"), f"{p}.qkv", src.qkv_bias(i), level)
         cos, sin = caches[spec.layer_types[i] == "sliding" and bool(spec.rope_local_theta)]
         if spec.qk_norm:  # per-head RMSNorm on q and k before rotary: unpack, norm, hand over separately
             q, k, v = g.node("Split", [qkv, g.const([spec.n_heads * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
@@ -215,18 +250,18 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, progress=None) 
         for out, name in ((present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")):
             g.nodes.append(helper.make_node("Identity", [out], [name]))
             g.outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]))
-        o = _linear(g, attn, src.get(f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"))
+        o = _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
         if spec.qk_norm:  # Gemma 3's sandwich norms
             o = g.node("SimplifiedLayerNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm"))],
                                    n_out=4, domain=MS, epsilon=eps)
-        gate, up = g.node("Split", [_linear(g, h, src.gate_up(i), f"{p}.gate_up"),
-                                    g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
+        gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
+        gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
         act = g.node("FastGelu", [gate], domain=MS) if spec.activation == "gelu_tanh" \
             else g.node("Mul", [gate, g.node("Sigmoid", [gate])])
-        m = _linear(g, g.node("Mul", [act, up]), src.get(f"{p}.down"), f"{p}.down")
+        m = _linear(g, g.node("Mul", [act, up]), src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
         if spec.qk_norm:
             m = g.node("SimplifiedLayerNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
@@ -235,23 +270,26 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, progress=None) 
                                    [residual, m, g.weight(nxt, src.norm(nxt))], n_out=4, domain=MS, epsilon=eps)
         if progress:
             progress(i + 1, spec.n_layers)
-
-    if not options.full_logits:  # the last valid position of each (right-padded) row only
-        seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
-        idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])                     # (B,)
-        idx = g.node("Expand", [g.node("Reshape", [idx, g.const([-1, 1, 1])]),
-                                g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, H])], axis=0)])
-        h = g.node("GatherElements", [h, idx], axis=1)                                               # (B, 1, H)
-    head = embed if spec.tied_embeddings else g.weight("lm_head", src.get("lm_head"))                # (V, H)
-    logits = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, H])]), head], transB=1)              # (B*S, V)
-    out_shape = g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([-1, spec.vocab_size])], axis=0)
-    g.nodes.append(helper.make_node("Reshape", [logits, out_shape], ["logits"]))                   # (B, S|1, V)
-    g.outputs.insert(0, helper.make_tensor_value_info(
-        "logits", onnx_dtype, ["batch_size", "sequence_length" if options.full_logits else 1, spec.vocab_size]))
+    head = head()  # write the output head's weights once; both graph variants read them
+    common_nodes, common_inits = list(g.nodes), list(g.initializers)
+    graphs = {}
+    for variant in ("full", "last"):
+        g.nodes, g.initializers = list(common_nodes), list(common_inits)
+        hv = h
+        if variant == "last":  # the last valid position of each (right-padded) row only
+            seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
+            idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])                  # (B,)
+            idx = g.node("Expand", [g.node("Reshape", [idx, g.const([-1, 1, 1])]),
+                                    g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, H])], axis=0)])
+            hv = g.node("GatherElements", [h, idx], axis=1)                                           # (B, 1, H)
+        logits = _head(g, hv, head, spec, level)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        out = helper.make_tensor_value_info("logits", onnx_dtype,
+                                            ["batch_size", "sequence_length" if variant == "full" else 1, spec.vocab_size])
+        graph = helper.make_graph(g.nodes, "lmforge", g.inputs, [out] + g.outputs, g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                                  producer_name="lmforge")
+        model.ir_version = 10
+        graphs[variant] = model
     weights.close()
-
-    graph = helper.make_graph(g.nodes, "lmforge", g.inputs, g.outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
-                              producer_name="lmforge")
-    model.ir_version = 10
-    return model
+    return graphs

@@ -102,7 +102,10 @@ class KVCache:
 class OrtEngine:
     """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
 
-    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 full_logits: bool = False):
+        """Open `folder` on `device` with `threads` intra-op threads; `full_logits` picks the graph
+        that returns every position's logits (evaluation) instead of the last position's."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -124,7 +127,10 @@ class OrtEngine:
         self.vocab_size = meta["vocab_size"]
         self.context_length = min(meta["context_length"], meta.get("max_positions") or meta["context_length"])
         self.eos_token_ids = tuple(meta["eos_token_ids"])
-        self.full_logits = meta["full_logits"]
+        model_file = meta.get("model_file", "model.onnx")
+        if full_logits or meta.get("full_logits"):
+            model_file = meta.get("full_file", model_file)
+        self.full_logits = full_logits or bool(meta.get("full_logits"))
         self.np_dtype = np.float16 if meta["dtype"] == "float16" else np.float32
         self.ort_device = "cuda" if device == "cuda" else "cpu"
         options = ort.SessionOptions()
@@ -133,8 +139,7 @@ class OrtEngine:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:
-            model_file = str(folder / meta.get("model_file", "model.onnx"))
-            self.session = ort.InferenceSession(model_file, options, providers=[provider_for(device)])
+            self.session = ort.InferenceSession(str(folder / model_file), options, providers=[provider_for(device)])
         except LmforgeError:
             raise
         except Exception as e:

@@ -146,6 +146,23 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_eval_ppl(args) -> int:
+    from lmforge.evaluate import perplexity
+
+    rows = []
+    for m in args.models:
+        r = perplexity(m, data=args.data, ctx=args.ctx, chunks=args.chunks, target=args.target, threads=args.threads)
+        rows.append({"model": m, **r.to_dict()})
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+    else:
+        width = max(len(r["model"]) for r in rows)
+        print(f"{'model':<{width}}  {'ppl':>9}  tokens scored  chunks  seconds")
+        for r in rows:
+            print(f"{r['model']:<{width}}  {r['ppl']:9.4f}  {r['tokens_scored']:>13}  {r['chunks']:>6}  {r['seconds']:>7}")
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -186,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["rtn", "awq"], help="override the preset's quantization (adds it to a float preset)")
     p.add_argument("--block-size", type=int, help="quantization block size: a power of two >= 16")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="codes around an implicit zero point")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="an integer zero point per block (default)")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="codes around an implicit zero point (default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="an integer zero point per block")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)")
     p.add_argument("--requantize", action="store_true", help="GGUF input: dequantize and quantize again instead of exact transcoding")
     p.add_argument("--calibration", help="AWQ calibration text file (default: Python's own documentation)")
@@ -200,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="measure quality")
+    ev = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    p = ev.add_parser("ppl", help="perplexity with llama.cpp's llama-perplexity protocol")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    p.add_argument("--chunks", type=int, help="score at most this many windows")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
 
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)

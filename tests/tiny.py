@@ -26,6 +26,9 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
     ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, vocab_size=vocab_size)
     if arch == "llama":
         extra = {}
+        if variant == "k256":  # rows of 256: llama.cpp's K-quants apply without fallback
+            return T.LlamaConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 512}, **ids,
+                                 rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
         if variant == "llama3":
             extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

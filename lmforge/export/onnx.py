@@ -40,6 +40,7 @@ class GraphOptions:
     dtype: str = "float32"
     quant: QuantOptions | None = None
     max_positions: int | None = None
+    taps: bool = False  # also output each linear group's input ("tap.layers.{i}.qkv", ...) for AWQ
 
 
 class WeightFile:
@@ -79,6 +80,7 @@ class Graph:
         self.weights = weights
         self.dtype = np.dtype(dtype)
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.taps: dict[str, str] = {}  # linear group -> the tensor feeding it
         self._count = 0
 
     def name(self, base: str) -> str:
@@ -142,28 +144,36 @@ def _nbits_weights(g: Graph, w: NBits, name: str) -> tuple:
 def _embedding(g: Graph, src: WeightSource, options: GraphOptions):
     """The embedded tokens (B, S, H) and the output head: written now when the embedding shares
     it, else a function that writes it once after the layers (holding nothing meanwhile).
+    When quantizing, an untied embedding table is stored quantized too (head_bits).
 
     A tied, quantized embedding is stored once: GatherBlockQuantized reads the head's
-    MatMulNBits codes through a Reshape (integer zero points only; float ones need a float table)."""
+    MatMulNBits codes through a Reshape (integer zero points, no block offsets, and whole blocks
+    per row; otherwise the input side gets a float table)."""
     spec, quant = src.spec, options.quant
+    if spec.tied_embeddings:
+        head = src.matrix(["embed"]) if quant and quant.share_tied else src.get("embed")
+    else:
+        head = src.matrix(["embed"]) if quant else src.get("embed")  # the input table alone
+    if isinstance(head, NBits) and head.zp_kind != "float" and head.offsets is None and head.K % head.block_size == 0:
+        name = "lm_head" if spec.tied_embeddings else "embed"
+        desc = _nbits_weights(g, head, name)
+        _, w, qweight, scales, zp, _ = desc
+        table = g.node("Reshape", [qweight, g.const([w.N, -1])])                                     # (V, H*bits/8)
+        x = g.node("GatherBlockQuantized", [table, "input_ids", scales] + ([zp] if zp else []), domain=MS,
+                   bits=w.bits, block_size=w.block_size, quantize_axis=1, gather_axis=0)
+    else:
+        desc = None
+        table = g.weight("embed", head.dequantize() if isinstance(head, NBits) else head)
+        x = g.node("Gather", [table, "input_ids"])
     if not spec.tied_embeddings:
-        table = g.weight("embed", src.get("embed"))
 
         def untied():
             w = src.matrix(["lm_head"])
             return _nbits_weights(g, w, "lm_head") if isinstance(w, NBits) else ("float", g.weight("lm_head", w))
 
-        return g.node("Gather", [table, "input_ids"]), untied
-    head = src.matrix(["embed"]) if quant and quant.share_tied else src.get("embed")
-    if isinstance(head, NBits) and head.zp_kind != "float" and head.offsets is None:
-        desc = _nbits_weights(g, head, "lm_head")
-        _, w, qweight, scales, zp, _ = desc
-        table = g.node("Reshape", [qweight, g.const([w.N, -1])])                                     # (V, H*bits/8)
-        x = g.node("GatherBlockQuantized", [table, "input_ids", scales] + ([zp] if zp else []), domain=MS,
-                   bits=w.bits, block_size=w.block_size, quantize_axis=1, gather_axis=0)
+        return x, untied
+    if desc is not None:
         return x, lambda: desc
-    table = g.weight("embed", head.dequantize() if isinstance(head, NBits) else head)
-    x = g.node("Gather", [table, "input_ids"])
     if isinstance(head, NBits):
         return x, lambda: _nbits_weights(g, head, "lm_head")
     return x, lambda: ("float", table)
@@ -232,6 +242,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         for name in (past_k, past_v):
             g.inputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "past_sequence_length", hd]))
+        g.taps[f"{p}.qkv"] = h
         qkv = _linear(g, h, src.matrix(src.qkv_parts(i), f"{p}.qkv"), f"{p}.qkv", src.qkv_bias(i), level)
         cos, sin = caches[spec.layer_types[i] == "sliding" and bool(spec.rope_local_theta)]
         if spec.qk_norm:  # per-head RMSNorm on q and k before rotary: unpack, norm, hand over separately
@@ -250,6 +261,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         for out, name in ((present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")):
             g.nodes.append(helper.make_node("Identity", [out], [name]))
             g.outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]))
+        g.taps[f"{p}.o"] = attn
         o = _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
         if spec.qk_norm:  # Gemma 3's sandwich norms
             o = g.node("SimplifiedLayerNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
@@ -257,11 +269,13 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm"))],
                                    n_out=4, domain=MS, epsilon=eps)
+        g.taps[f"{p}.gate_up"] = h
         gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
         gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
         act = g.node("FastGelu", [gate], domain=MS) if spec.activation == "gelu_tanh" \
             else g.node("Mul", [gate, g.node("Sigmoid", [gate])])
-        m = _linear(g, g.node("Mul", [act, up]), src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
+        g.taps[f"{p}.down"] = g.node("Mul", [act, up])
+        m = _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
         if spec.qk_norm:
             m = g.node("SimplifiedLayerNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
@@ -271,6 +285,10 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         if progress:
             progress(i + 1, spec.n_layers)
     head = head()  # write the output head's weights once; both graph variants read them
+    taps = []
+    for name, tensor in (g.taps.items() if options.taps else ()):
+        g.nodes.append(helper.make_node("Identity", [tensor], [f"tap.{name}"]))
+        taps.append(helper.make_tensor_value_info(f"tap.{name}", onnx_dtype, None))
     common_nodes, common_inits = list(g.nodes), list(g.initializers)
     graphs = {}
     for variant in ("full", "last"):
@@ -286,7 +304,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         out = helper.make_tensor_value_info("logits", onnx_dtype,
                                             ["batch_size", "sequence_length" if variant == "full" else 1, spec.vocab_size])
-        graph = helper.make_graph(g.nodes, "lmforge", g.inputs, [out] + g.outputs, g.initializers)
+        graph = helper.make_graph(g.nodes, "lmforge", g.inputs, [out] + g.outputs + taps, g.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                                   producer_name="lmforge")
         model.ir_version = 10

@@ -128,8 +128,10 @@ class OrtEngine:
         self.context_length = min(meta["context_length"], meta.get("max_positions") or meta["context_length"])
         self.eos_token_ids = tuple(meta["eos_token_ids"])
         model_file = meta.get("model_file", "model.onnx")
-        if full_logits or meta.get("full_logits"):
-            model_file = meta.get("full_file", model_file)
+        if full_logits and not meta.get("full_logits"):
+            if "full_file" not in meta:
+                raise LmforgeError(f"{folder} has no graph with every position's logits; convert the model again")
+            model_file = meta["full_file"]
         self.full_logits = full_logits or bool(meta.get("full_logits"))
         self.np_dtype = np.float16 if meta["dtype"] == "float16" else np.float32
         self.ort_device = "cuda" if device == "cuda" else "cpu"
@@ -191,6 +193,29 @@ class OrtEngine:
         for r, t in enumerate(token_ids):
             ids[r, : len(t)] = t
         return self._run(cache, ids, n)
+
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Logits (S, vocab) at every position of one sequence, from an empty cache; needs the
+        full-logits graph (OrtEngine(..., full_logits=True))."""
+        if not self.full_logits:
+            raise ValueError("score() needs the engine opened with full_logits=True")
+        cache = self.new_cache(1, len(token_ids))
+        ids = np.asarray([token_ids], dtype=np.int64)
+        cache.reserve(len(token_ids))
+        io = self.io
+        self._bound = None
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", np.ones_like(ids))
+        io.bind_output("logits", "cpu")
+        for i in range(self.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                buf = cache.buffers[2 * i + j]
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+                io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
 
     def decode(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
         """Append one token per row; returns (batch, vocab) logits."""

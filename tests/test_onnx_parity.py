@@ -146,3 +146,51 @@ def test_cuda_fp16_target_graph(arch, tiny_factory, tmp_path):
     assert rel_err(ours, ref) <= 1e-2
     assert (folder / "model.onnx.data").stat().st_size < 0.6 * sum(
         f.stat().st_size for f in src.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))
+def test_directml_graph_form_matches_transformers(arch, variant, n, tiny_factory, tmp_path):
+    """DirectML's form (q/k/v projections apart, RotaryEmbedding nodes fed by position_ids, no fused
+    rotary in GroupQueryAttention) gives transformers' logits too, prefill and cached decode."""
+    import onnx
+    import torch
+
+    src = tiny_factory((arch, "float32", False, variant))
+    folder = convert(src, tmp_path / "dml", separate_rotary=True, progress=False)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert "position_ids" in {i.name for i in graph.input}
+    assert any(nd.op_type == "RotaryEmbedding" for nd in graph.node)
+    assert all(not any(a.name == "do_rotary" and a.i for a in nd.attribute) for nd in graph.node)
+    engine = OrtEngine(folder)
+    ids = prompt_ids(n, engine.vocab_size, 11)
+    cache = engine.new_cache(1, n + 4)
+    ours = engine.prefill(cache, [ids])[0]
+    model = hf_model(src)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        ref, past = out.logits[0, -1].numpy(), out.past_key_values
+        assert rel_err(ours, ref) <= TOL
+        for _ in range(4):
+            token = int(ref.argmax())
+            ours = engine.decode(cache, [token])[0]
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            ref, past = out.logits[0, -1].numpy(), out.past_key_values
+            assert rel_err(ours, ref) <= TOL
+
+
+def test_dml_int4_awq_target_runs_on_the_cpu_provider(tiny_factory, tmp_path):
+    """The dml-int4-awq folder passes onnx.checker, loads in ONNX Runtime's CPU provider and stays
+    near fp32 (fp16 I/O, int4 AWQ weights)."""
+    import onnx
+
+    src = tiny_factory(("llama", "float32", False, None))
+    folder = convert(src, tmp_path / "dml", target="dml-int4-awq", progress=False)
+    onnx.checker.check_model(str(folder / "model.onnx"))
+    meta = __import__("json").loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    assert meta["inputs"]["position_ids"] == "position_ids" and meta["session_options"]["provider_options"] == [{"dml": {}}]
+    engine = OrtEngine(folder)
+    fp32 = OrtEngine(convert(src, tmp_path / "fp32", progress=False))
+    ids = prompt_ids(24, engine.vocab_size, 12)
+    a = engine.prefill(engine.new_cache(1, 24), [ids])[0]
+    b = fp32.prefill(fp32.new_cache(1, 24), [ids])[0]
+    assert rel_err(a, b) <= 0.25

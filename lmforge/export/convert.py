@@ -77,7 +77,8 @@ def genai_config(spec, target, eos_ids, bos_id) -> dict:
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                           **({"position_ids": "position_ids"} if target.separate_rotary else {})},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": spec.n_heads,
@@ -114,18 +115,21 @@ def _progress(enabled: bool):
 def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cpu-fp32", force: bool = False,
             quant: str | None = None, block_size: int | None = None, symmetric: bool | None = None,
             accuracy_level: int | None = None, requantize: bool | None = None, max_positions: int | None = None,
-            calibration: str | None = None, progress: bool | None = None) -> Path:
+            calibration: str | None = None, separate_rotary: bool | None = None,
+            progress: bool | None = None) -> Path:
     """Convert SOURCE (known name, HF folder, GGUF file) into an ONNX folder OUT for TARGET.
 
     Args: source; output folder; target preset name; replace an existing OUT; quantization
     overrides of the preset (rtn|awq, block size, symmetric, accuracy level, requantize GGUF
     blocks instead of transcoding them); rotary table length (default: the model's context);
-    AWQ calibration text file (default: Python's documentation); progress bar (default: when
-    stderr is a terminal). Returns the output folder, which holds model.onnx (last-position
+    AWQ calibration text file (default: Python's documentation); DirectML's graph form (q/k/v
+    apart, RotaryEmbedding nodes) on any target; progress bar (default: when stderr is a terminal). Returns the output folder, which holds model.onnx (last-position
     logits), model.genai.onnx (every position, for onnxruntime-genai and evaluation) over one
     weights file, the tokenizer, genai_config.json and lmforge.json.
     """
     t = with_overrides(get_target(target), quant, block_size, symmetric, accuracy_level, requantize)
+    if separate_rotary is not None:
+        t = dataclasses.replace(t, separate_rotary=separate_rotary)
     out = Path(out)
     if out.exists() and not force:
         raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
@@ -138,7 +142,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     tmp.mkdir()
     started = time.time()
     try:
-        options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions)
+        options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions,
+                               separate_rotary=t.separate_rotary)
         show = os.isatty(2) if progress is None else progress
         awq = None
         if t.quant is not None and t.quant.method == "awq":

@@ -41,6 +41,7 @@ class GraphOptions:
     quant: QuantOptions | None = None
     max_positions: int | None = None
     taps: bool = False  # also output each linear group's input ("tap.layers.{i}.qkv", ...) for AWQ
+    separate_rotary: bool = False  # DirectML: q/k/v projections apart, RotaryEmbedding with position_ids
 
 
 class WeightFile:
@@ -124,6 +125,20 @@ def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accu
     if bias is not None:
         y = g.node("Add", [y, g.weight(name + ".bias", bias)])
     return y
+
+
+def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions, level: int) -> tuple[str, str, str]:
+    """q, k, v for layer i: one packed projection (GroupQueryAttention unpacks it when k and v are
+    empty), unpacked with Split when q/k need norms, or three projections for DirectML."""
+    spec, p = src.spec, f"layers.{i}"
+    if options.separate_rotary and not src.qkv_parts(i) == [f"{p}.qkv"]:
+        return tuple(_linear(g, h, src.matrix([f"{p}.{t}"], f"{p}.qkv"), f"{p}.{t}", src.get(f"{p}.{t}.bias"), level)
+                     for t in "qkv")
+    qkv = _linear(g, h, src.matrix(src.qkv_parts(i), f"{p}.qkv"), f"{p}.qkv", src.qkv_bias(i), level)
+    if spec.qk_norm or options.separate_rotary:
+        sizes = [spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim]
+        return tuple(g.node("Split", [qkv, g.const(sizes)], n_out=3, axis=-1))
+    return qkv, "", ""
 
 
 def window_size(spec: ModelSpec, i: int) -> int:
@@ -212,6 +227,8 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
 
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    if options.separate_rotary:
+        g.inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
     mask_sum = g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0)                    # (B,)
     seqlens_k = g.node("Cast", [g.node("Sub", [mask_sum, g.const(1)])], to=TensorProto.INT32)        # (B,)
     total_len = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)])],
@@ -233,7 +250,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
     if spec.embedding_scale:
         x = g.node("Mul", [x, g.const(spec.embedding_scale, dtype)])
     eps = float(spec.norm_eps)
-    h = g.node("SimplifiedLayerNormalization", [x, g.weight("layers.0.attn_norm", src.norm("layers.0.attn_norm"))],
+    h = g.node("RMSNormalization", [x, g.weight("layers.0.attn_norm", src.norm("layers.0.attn_norm"))],
                axis=-1, epsilon=eps, stash_type=1)
     residual = x
     scale = 1.0 / math.sqrt(spec.query_pre_attn_scalar) if spec.query_pre_attn_scalar else 1.0 / math.sqrt(hd)
@@ -243,28 +260,29 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         for name in (past_k, past_v):
             g.inputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "past_sequence_length", hd]))
         g.taps[f"{p}.qkv"] = h
-        qkv = _linear(g, h, src.matrix(src.qkv_parts(i), f"{p}.qkv"), f"{p}.qkv", src.qkv_bias(i), level)
         cos, sin = caches[spec.layer_types[i] == "sliding" and bool(spec.rope_local_theta)]
-        if spec.qk_norm:  # per-head RMSNorm on q and k before rotary: unpack, norm, hand over separately
-            q, k, v = g.node("Split", [qkv, g.const([spec.n_heads * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
-            q, k = (g.node("Reshape", [g.node("SimplifiedLayerNormalization", [
+        q, k, v = _qkv(g, h, src, i, options, level)
+        if spec.qk_norm:  # per-head RMSNorm on q and k before rotary
+            q, k = (g.node("Reshape", [g.node("RMSNormalization", [
                         g.node("Reshape", [t, g.const([0, 0, -1, hd])]), g.weight(f"{p}.{n}_norm", src.norm(f"{p}.{n}_norm"))],
                         axis=-1, epsilon=eps, stash_type=1), g.const([0, 0, -1])])
                     for t, n in ((q, "q"), (k, "k")))
-            attn_in = [q, k, v]
-        else:
-            attn_in = [qkv, "", ""]
+        if options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
+            rot = {"rotary_embedding_dim": spec.rotary_dim} if spec.rotary_dim != hd else {}
+            q, k = (g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0,
+                           num_heads=n, **rot) for t, n in ((q, spec.n_heads), (k, kv)))
+        rotary = {} if options.separate_rotary else {"do_rotary": 1, "rotary_interleaved": 0}
         attn, present_k, present_v = g.node(
-            "GroupQueryAttention", attn_in + [past_k, past_v, seqlens_k, total_len, cos, sin], n_out=3, domain=MS,
-            num_heads=spec.n_heads, kv_num_heads=kv, scale=scale, do_rotary=1, rotary_interleaved=0,
-            local_window_size=window_size(spec, i))
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len] + ([] if options.separate_rotary else [cos, sin]),
+            n_out=3, domain=MS, num_heads=spec.n_heads, kv_num_heads=kv, scale=scale,
+            local_window_size=window_size(spec, i), **rotary)
         for out, name in ((present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")):
             g.nodes.append(helper.make_node("Identity", [out], [name]))
             g.outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]))
         g.taps[f"{p}.o"] = attn
         o = _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
         if spec.qk_norm:  # Gemma 3's sandwich norms
-            o = g.node("SimplifiedLayerNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
+            o = g.node("RMSNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm"))],
@@ -277,7 +295,7 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         g.taps[f"{p}.down"] = g.node("Mul", [act, up])
         m = _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
         if spec.qk_norm:
-            m = g.node("SimplifiedLayerNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
+            m = g.node("RMSNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         nxt = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
@@ -305,9 +323,9 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         out = helper.make_tensor_value_info("logits", onnx_dtype,
                                             ["batch_size", "sequence_length" if variant == "full" else 1, spec.vocab_size])
         graph = helper.make_graph(g.nodes, "lmforge", g.inputs, [out] + g.outputs + taps, g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)],
                                   producer_name="lmforge")
-        model.ir_version = 10
+        model.ir_version = 11  # opset 23: RMSNormalization
         graphs[variant] = model
     weights.close()
     return graphs

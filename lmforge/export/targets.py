@@ -20,6 +20,7 @@ class Target:
     quant: QuantOptions | None
     description: str
     ort_format: bool = False
+    separate_rotary: bool = False  # q/k/v apart and RotaryEmbedding nodes (DirectML lacks the fused forms)
 
 
 TARGETS = {t.name: t for t in (
@@ -30,7 +31,7 @@ TARGETS = {t.name: t for t in (
     Target("cuda-int4", "float16", "cuda", QuantOptions("rtn", 4, 32, accuracy_level=4),
            "int4 RTN, block 32, fp16 I/O and KV cache"),
     Target("dml-int4-awq", "float16", "dml", QuantOptions("awq", 4, 128, accuracy_level=4),
-           "int4 AWQ, block 128, fp16 I/O"),
+           "int4 AWQ, block 128, fp16 I/O, separate q/k/v and RotaryEmbedding for DirectML", separate_rotary=True),
     Target("mobile-int4", "float32", "cpu", QuantOptions("rtn", 4, 32, accuracy_level=4),
            "cpu-int4 plus an .ort file for ONNX Runtime Mobile", ort_format=True),
 )}

@@ -147,6 +147,7 @@ class OrtEngine:
         except Exception as e:
             raise LmforgeError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
         self.io = self.session.io_binding()
+        self.needs_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
         self._bound = None  # key of the cache whose buffers the binding holds
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
@@ -173,6 +174,9 @@ class OrtEngine:
             io.bind_output("logits", "cpu")
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", mask)
+        if self.needs_positions:  # rows continue from their own lengths; padding repeats the last one
+            pos = cache.lengths[:, None] + np.minimum(np.arange(input_ids.shape[1])[None, :], new_lengths[:, None] - 1)
+            io.bind_cpu_input("position_ids", pos.astype(np.int64))
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()                                            # (B, S|1, V)
         cache.lengths = totals
@@ -208,6 +212,8 @@ class OrtEngine:
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", np.ones_like(ids))
+        if self.needs_positions:
+            io.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None, :])
         io.bind_output("logits", "cpu")
         for i in range(self.n_layers):
             for j, kv in enumerate(("key", "value")):

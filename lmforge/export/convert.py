@@ -136,6 +136,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     if not out.parent.exists():
         raise LmforgeError(f"folder {out.parent} does not exist; create it first")
     ckpt = open_checkpoint(source)
+    tok = ckpt.tokenizer()  # fail before the long part when the tokenizer is missing
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,7 +164,6 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         if t.ort_format:
             _write_ort_format(tmp)
         write_tokenizer(ckpt, tmp)
-        tok = ckpt.tokenizer()
         eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
         files = sorted(p.name for p in tmp.iterdir() if p.name.endswith((".onnx", ".data", ".ort")))
         meta = {

@@ -101,14 +101,28 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, -1, block_size).astype(np.float32, copy=False)
 
 
-def rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> NBits:
+ROWS = 1024  # rows quantized at a time: bounds the float temporaries of a large matrix
+
+
+def rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False, fit_scale: bool = True) -> NBits:
+    """Round-to-nearest blockwise quantization of W (N, K), a slab of rows at a time; see
+    `_rtn_rows`."""
+    if w.shape[0] <= ROWS:
+        return _rtn_rows(w, bits, block_size, symmetric, fit_scale)
+    slabs = [_rtn_rows(w[r:r + ROWS], bits, block_size, symmetric, fit_scale) for r in range(0, w.shape[0], ROWS)]
+    zps = None if slabs[0].zero_points is None else np.concatenate([x.zero_points for x in slabs])
+    return NBits(np.concatenate([x.q for x in slabs]), np.concatenate([x.scales for x in slabs]), zps, bits, w.shape[1])
+
+
+def _rtn_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool, fit_scale: bool) -> NBits:
     """Round-to-nearest blockwise quantization of W (N, K).
 
-    symmetric: codes around the implicit zero point 2^(bits-1); the block's largest-magnitude
-    value maps to code 0 exactly (ggml's Q4_0 rule, rounding included). asymmetric: the block's
-    range (widened to include 0) spans all codes, with an integer zero point per block.
-    (A per-block search for the least-squared-error scale was tried and raised the default
-    model's perplexity: the largest weights matter more than the mean error.)"""
+    symmetric: codes around the implicit zero point 2^(bits-1), chosen by ggml's Q4_0 rule (the
+    block's largest-magnitude value maps to code 0, same rounding); with fit_scale the block's
+    scale is then refitted by least squares for those codes (default model, WikiText-2, 40
+    windows: 28.57 against 28.76 without the refit and 28.74 for llama.cpp's Q4_0). asymmetric:
+    the block's range (widened to include 0) spans all codes, with an integer zero point.
+    (Searching the scale before rounding, to minimise the mean error, raised perplexity instead.)"""
     x = _blocks(w, block_size)
     top = 2 ** bits - 1
     if symmetric:
@@ -118,6 +132,10 @@ def rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = Fa
         scale = (mx / -half).astype(np.float32)
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         q = np.clip(np.floor(x * inv[..., None] + (half + 0.5)), 0, top).astype(np.uint8)
+        if fit_scale:  # least-squares scale for these codes: sum(x c) / sum(c c), c = q - zero point
+            c = q.astype(np.float32) - half
+            den = (c * c).sum(axis=-1)
+            scale = np.where(den > 0, (x * c).sum(axis=-1) / np.maximum(den, 1e-30), scale).astype(np.float32)
         return NBits(q, scale, None, bits, w.shape[1])
     lo = np.minimum(x.min(axis=-1), 0.0)
     hi = np.maximum(x.max(axis=-1), 0.0)

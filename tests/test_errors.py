@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests import gguf_ref
 
@@ -69,12 +68,18 @@ def test_wrong_magic(tmp_path, tiny_factory):
     assert_user_error(run_cli("inspect", path), "not a GGUF file")
 
 
-def test_unknown_model_type(tmp_path, tiny_factory):
+def edited_copy(tiny_factory, tmp_path, file: str, **changes):
+    """A copy of the tiny llama checkpoint with `changes` applied to one of its JSON files."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_factory(("llama", "float32", False, None)), folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "gpt_bigcode_x"
-    (folder / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((folder / file).read_text())
+    cfg.update(changes)
+    (folder / file).write_text(json.dumps(cfg))
+    return folder
+
+
+def test_unknown_model_type(tmp_path, tiny_factory):
+    folder = edited_copy(tiny_factory, tmp_path, "config.json", model_type="gpt_bigcode_x")
     before = snapshot(folder)
     assert_user_error(run_cli("inspect", folder), "unknown model_type 'gpt_bigcode_x'", "llama")
     assert snapshot(folder) == before
@@ -103,11 +108,8 @@ def test_pickle_only_folder_is_refused_unopened(tmp_path, tiny_factory):
 
 
 def test_sandbox_escape_template(tmp_path, tiny_factory):
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_factory(("llama", "float32", False, None)), folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ cycler.__init__.__globals__.os.system('touch ESCAPED') }}"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    folder = edited_copy(tiny_factory, tmp_path, "tokenizer_config.json",
+                         chat_template="{{ cycler.__init__.__globals__.os.system('touch ESCAPED') }}")
     before = snapshot(tmp_path)
     r = run_cli("tokenize", folder, "--chat", "hi", cwd=tmp_path)
     assert_user_error(r, "sandbox")

@@ -23,6 +23,22 @@ def default_onnx(tmp_path_factory):
     return convert("smollm2-135m", tmp_path_factory.mktemp("default") / "cpu-fp32", progress=False)
 
 
+def genai_greedy(folder, ids, extra_tokens):
+    """Greedy tokens from onnxruntime-genai's own generator."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + extra_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
 def hf_greedy(model, ids, n):
     import torch
 
@@ -54,21 +70,13 @@ def test_greedy_matches_transformers_on_default_model(default_model_path, defaul
 
 def test_onnxruntime_genai_runs_the_folder_with_the_same_tokens(default_onnx):
     og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(default_onnx))
-    og_tok = og.Tokenizer(model)
+    og_tok = og.Tokenizer(og.Model(str(default_onnx)))
     engine = OrtEngine(default_onnx)
     tok = Tokenizer.from_folder(default_onnx)
     for prompt in PROMPTS[:2]:
         ids = [int(i) for i in og_tok.encode(prompt)]
         assert ids == tok.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        theirs = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            theirs.append(int(gen.get_next_tokens()[0]))
+        theirs = genai_greedy(default_onnx, ids, 24)
         assert greedy_tokens(engine, ids, len(theirs)) == theirs  # lmforge's last-position graph
 
 
@@ -132,7 +140,7 @@ def test_engine_timings_are_reported(default_onnx):
 def test_runs_onnxruntime_genai_builder_folder(tmp_path):
     """onnxruntime-genai's own builder output (from an HF folder lmforge writes from the GGUF) runs
     in lmforge's engine with the same greedy tokens as in onnxruntime-genai."""
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("onnx_ir")
     from lmforge.export.hf import convert_to_hf
 
@@ -143,15 +151,7 @@ def test_runs_onnxruntime_genai_builder_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     model = load(out)
     ids = model.tokenizer.encode(PROMPTS[0])
-    og_model = og.Model(str(out))
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
-    gen = og.Generator(og_model, params)
-    gen.append_tokens(ids)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(out, ids, 24)
     assert greedy_tokens(model.engine, ids, len(theirs)) == theirs
 
 

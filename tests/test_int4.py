@@ -191,12 +191,16 @@ def test_mobile_target_writes_an_ort_file(tiny_factory, tmp_path):
     assert {o.name for o in sess.get_outputs()} >= {"logits", "present.0.key"}
 
 
-def test_every_target_folder_has_genai_config(tiny_factory, tmp_path):
+def test_every_target_folder_has_genai_config_and_passes_the_checker(tiny_factory, tmp_path):
+    import onnx
+
     from lmforge.export.targets import TARGETS
 
     src = tiny_factory(("llama", "float32", False, None))
-    for name in ("cpu-int4", "cuda-int4"):
+    for name in ("cpu-fp32", "cpu-int4", "cuda-fp16", "cuda-int4"):
         out = convert(src, tmp_path / name, target=name, progress=False)
+        for graph in ("model.onnx", "model.genai.onnx"):
+            onnx.checker.check_model(str(out / graph))
         cfg = json.loads((out / "genai_config.json").read_text())
         options = cfg["model"]["decoder"]["session_options"]["provider_options"]
         assert (options == []) == (TARGETS[name].provider == "cpu")

@@ -7,7 +7,7 @@ from lmforge.sampling import filter_logits, make_logits_processors, make_sampler
 
 def hf_filtered(logits, temperature, top_k, top_p, min_p):
     import torch
-    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,  # noqa: F401
+    from transformers import (MinPLogitsWarper, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
 
     scores = torch.tensor(logits[None], dtype=torch.float64)

@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 
 from lmforge.checkpoint import open_checkpoint
-from lmforge.errors import LmforgeError
-from lmforge.export.onnx import DATA_FILE, GraphOptions, build
+from lmforge.export.atomic import atomic_folder, check_output
+from lmforge.export.onnx import GraphOptions, build
 from lmforge.export.targets import get_target, with_overrides
 from lmforge.export.weights import WeightSource
 
@@ -27,23 +27,6 @@ FULL_FILE = "model.genai.onnx"    # every position's logits: onnxruntime-genai a
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_tokenizer(ckpt, folder: Path) -> None:
@@ -131,18 +114,11 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     if separate_rotary is not None:
         t = dataclasses.replace(t, separate_rotary=separate_rotary)
     out = Path(out)
-    if out.exists() and not force:
-        raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
-    if not out.parent.exists():
-        raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    check_output(out, force)
     ckpt = open_checkpoint(source)
     tok = ckpt.tokenizer()  # fail before the long part when the tokenizer is missing
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     started = time.time()
-    try:
+    with atomic_folder(out) as tmp:
         options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions,
                                separate_rotary=t.separate_rotary)
         show = os.isatty(2) if progress is None else progress
@@ -180,12 +156,6 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         }
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -7,8 +7,6 @@ as GGUF, and feeds tools that only read HF folders.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import numpy as np
 from lmforge.checkpoint import open_checkpoint
 from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
+from lmforge.export.atomic import atomic_folder, check_output
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -66,26 +65,14 @@ def write_safetensors(path: Path, ckpt) -> None:
 
 def convert_to_hf(source, out, force: bool = False) -> Path:
     """Write SOURCE as an HF folder OUT (fp32 safetensors), atomically."""
+    from lmforge.export.convert import write_tokenizer
+
     out = Path(out)
-    if out.exists() and not force:
-        raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
-    if not out.parent.exists():
-        raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    check_output(out, force)
     ckpt = open_checkpoint(source)
     cfg = hf_config(ckpt.spec)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         write_safetensors(tmp / "model.safetensors", ckpt)
-        from lmforge.export.convert import write_tokenizer
-
         write_tokenizer(ckpt, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -85,6 +85,36 @@ def peak_rss_of(cmd: list[str]) -> tuple[int, float, int]:
     return r.returncode, wall, peak
 
 
+def folder_gib(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.iterdir()) / 2**30, 2)
+
+
+def decode_speed(folder: Path, n: int, genai: bool = False) -> float:
+    """Greedy decode tok/s after a 32-token prompt, 2 threads (onnxruntime-genai's API for its folder)."""
+    ids = list(range(1, 33))
+    if genai:
+        import onnxruntime_genai as og
+
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n + 1, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens(ids)
+        t = time.perf_counter()
+        for _ in range(n):
+            g.generate_next_token()
+        return round(n / (time.perf_counter() - t), 2)
+    from lmforge.runtime.ort import OrtEngine
+
+    engine = OrtEngine(folder, threads=2)
+    cache = engine.new_cache(1, 64)
+    logits = engine.prefill(cache, [ids])
+    t = time.perf_counter()
+    for _ in range(n):
+        logits = engine.decode(cache, [int(logits[0].argmax())])
+    return round(n / (time.perf_counter() - t), 2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work")
@@ -105,16 +135,7 @@ def main():
     row = {"tool": "lmforge convert --target cpu-int4", "exit": rc, "seconds": round(wall, 1),
            "peak_rss_gib": round(peak / 2**30, 2)}
     if rc == 0:
-        from lmforge.runtime.ort import OrtEngine
-
-        engine = OrtEngine(out, threads=2)
-        cache = engine.new_cache(1, 64)
-        logits = engine.prefill(cache, [list(range(1, 33))])
-        t = time.perf_counter()
-        for _ in range(args.decode_tokens):
-            logits = engine.decode(cache, [int(logits[0].argmax())])
-        row["decode_tok_s"] = round(args.decode_tokens / (time.perf_counter() - t), 2)
-        row["output_gib"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**30, 2)
+        row.update(decode_tok_s=decode_speed(out, args.decode_tokens), output_gib=folder_gib(out))
     rows.append(row)
     print(row, flush=True)
     if args.with_builder:
@@ -122,6 +143,9 @@ def main():
                                       str(work / "genai"), "-p", "int4", "-e", "cpu", "-c", str(work / "cache")])
         rows.append({"tool": "onnxruntime-genai builder -p int4 -e cpu", "exit": rc, "seconds": round(wall, 1),
                      "peak_rss_gib": round(peak / 2**30, 2)})
+        if rc == 0:
+            rows[-1].update(decode_tok_s=decode_speed(work / "genai", args.decode_tokens, genai=True),
+                            output_gib=folder_gib(work / "genai"))
         print(rows[-1], flush=True)
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)

@@ -52,16 +52,19 @@ def test_prefill_and_decode_match_transformers(arch, variant, n, onnx_factory):
     ids = prompt_ids(n, engine.vocab_size)
     cache = engine.new_cache(1, n + 8)
     ours = engine.prefill(cache, [ids])[0]
+    errors = []
     with torch.no_grad():
         out = model(torch.tensor([ids]), use_cache=True)
         ref, past = out.logits[0, -1].numpy(), out.past_key_values
-        assert rel_err(ours, ref) <= TOL, f"prefill {rel_err(ours, ref)}"
+        errors.append(rel_err(ours, ref))
         for step in range(8):
             token = int(ref.argmax())
             ours = engine.decode(cache, [token])[0]
             out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             ref, past = out.logits[0, -1].numpy(), out.past_key_values
-            assert rel_err(ours, ref) <= TOL, f"decode step {step}: {rel_err(ours, ref)}"
+            errors.append(rel_err(ours, ref))
+    print(f"{arch}-{variant}: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}")
+    assert max(errors) <= TOL, errors
 
 
 @pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))

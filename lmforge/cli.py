@@ -136,9 +136,9 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         reply = []
         try:
-            for r in model._stream(model.prompt_ids(messages=history), **_sampling(args)):
-                reply.append(r.text)
-                sys.stdout.write(r.text)
+            for piece in model.stream_chat(history, **_sampling(args)):
+                reply.append(piece)
+                sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")

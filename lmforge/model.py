@@ -97,6 +97,12 @@ class Model:
         """The completion of `prompt` as one string."""
         return "".join(r.text for r in self._stream(self.prompt_ids(prompt, raw=raw), **options))
 
+    def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
+        """Yield the assistant's reply to `messages` piece by piece (one per generated token)."""
+        for r in self._stream(self.prompt_ids(messages=messages), **options):
+            if r.token is not None and r.token not in self.eos_token_ids or r.text:
+                yield r.text
+
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's reply to an OpenAI-style list of messages."""
         return "".join(r.text for r in self._stream(self.prompt_ids(messages=messages), **options))

@@ -173,3 +173,12 @@ def test_hf_export_loads_in_transformers(tiny_factory, tmp_path, default_onnx):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok(PROMPTS[1], add_special_tokens=False).input_ids
     assert hf_greedy(hf, ids, 16) == greedy_tokens(OrtEngine(default_onnx), ids, 16)
+
+
+def test_cli_chat_keeps_history_and_resets(default_onnx):
+    script = "What is the capital of France?\nAnd of Italy? Answer with one word.\n/reset\n/exit\n"
+    r = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(default_onnx), "--max-tokens", "24"],
+                       input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "(conversation cleared)" in r.stdout
+    assert r.stdout.count(">>> ") == 4

@@ -24,7 +24,7 @@ from lmforge.export.weights import WeightSource
 META_FILE = "lmforge.json"
 MODEL_FILE = "model.onnx"         # last-position logits: lmforge's engine
 FULL_FILE = "model.genai.onnx"    # every position's logits: onnxruntime-genai and evaluation
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: two graphs per folder (model.onnx, model.genai.onnx)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 

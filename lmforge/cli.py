@@ -163,6 +163,19 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_kld(args) -> int:
+    from lmforge.evaluate import kl_divergence
+
+    r = kl_divergence(args.model, args.ref, data=args.data, ctx=args.ctx, chunks=args.chunks,
+                      target=args.target, threads=args.threads)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print(f"KL divergence: mean {r.mean:.6f}, 99th percentile {r.p99:.6f} | same top token {100 * r.same_top:.2f}% | "
+              f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks")
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -230,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = ev.add_parser("kld", help="KL divergence of MODEL's next-token distributions from REF's")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--ref", required=True, help="the reference model (e.g. the fp32 form)")
+    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int)
+    p.add_argument("--target", help="preset used when a model must be converted first (default: cpu-fp32)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_kld)
 
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)

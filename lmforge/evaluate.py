@@ -78,13 +78,13 @@ def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | Non
     from lmforge.runtime.ort import OrtEngine
     from lmforge.tokenizer import Tokenizer
 
+    text = read_text(data)  # a missing file fails before any conversion
     folder = cached_onnx(model, target or "cpu-fp32", progress)
     engine = OrtEngine(folder, threads=threads, full_logits=True)
     if ctx < 4 or ctx > engine.context_length:
         raise LmforgeError(f"--ctx {ctx} must be between 4 and the model's context ({engine.context_length})")
     tok = Tokenizer.from_folder(folder)
-    tokens = tok.encode(read_text(data))
-    wins = windows(tokens, ctx, chunks, tok.bos_id if tok.add_bos else None)
+    wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
     show = os.isatty(2) if progress is None else progress
     bar = None
     if show:
@@ -102,3 +102,59 @@ def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | Non
     if bar:
         bar.close()
     return PerplexityResult(math.exp(total / count), count, len(wins), ctx, time.perf_counter() - start)
+
+
+@dataclass
+class KLResult:
+    mean: float          # mean KL(P_ref || P_model) per scored token, nats
+    p99: float           # its 99th percentile
+    same_top: float      # share of scored tokens where both put the same token first
+    ppl: float
+    ref_ppl: float
+    tokens_scored: int
+    chunks: int
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def kl_of_window(logits: np.ndarray, ref_logits: np.ndarray, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per scored position (the window's second half): KL(P_ref || P) in nats and whether the
+    two distributions share their most likely token."""
+    first = len(window) // 2
+    a = logits[first:len(window) - 1].astype(np.float64)
+    b = ref_logits[first:len(window) - 1].astype(np.float64)
+    la = a - (np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)) + a.max(1, keepdims=True))
+    lb = b - (np.log(np.exp(b - b.max(1, keepdims=True)).sum(1, keepdims=True)) + b.max(1, keepdims=True))
+    kl = (np.exp(lb) * (lb - la)).sum(axis=1)
+    return kl, a.argmax(1) == b.argmax(1)
+
+
+def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: int | None = None,
+                  target: str | None = None, threads: int | None = None) -> KLResult:
+    """KL divergence of MODEL's next-token distributions from REF's on the same windows, as
+    llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token)."""
+    from lmforge.model import cached_onnx
+    from lmforge.runtime.ort import OrtEngine
+    from lmforge.tokenizer import Tokenizer
+
+    text = read_text(data)
+    folders = [cached_onnx(m, target or "cpu-fp32") for m in (model, ref)]
+    engines = [OrtEngine(f, threads=threads, full_logits=True) for f in folders]
+    if engines[0].vocab_size != engines[1].vocab_size:
+        raise LmforgeError(f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
+                           "KL divergence needs one vocabulary")
+    tok = Tokenizer.from_folder(folders[1])
+    wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
+    kls, same, nll, ref_nll = [], [], 0.0, 0.0
+    for w in wins:
+        logits, ref_logits = engines[0].score(w), engines[1].score(w)
+        kl, top = kl_of_window(logits, ref_logits, w)
+        kls.append(kl)
+        same.append(top)
+        nll += nll_of_window(logits, w)[0]
+        ref_nll += nll_of_window(ref_logits, w)[0]
+    kl = np.concatenate(kls)
+    n = len(kl)
+    return KLResult(float(kl.mean()), float(np.percentile(kl, 99)), float(np.concatenate(same).mean()),
+                    math.exp(nll / n), math.exp(ref_nll / n), n, len(wins))

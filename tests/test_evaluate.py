@@ -1,0 +1,74 @@
+"""Perplexity and KL divergence against llama.cpp and PyTorch."""
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.evaluate import kl_of_window, nll_of_window, perplexity, windows
+from tests.test_errors import assert_user_error, run_cli
+
+
+def test_window_scoring_matches_torch_cross_entropy():
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 50)).astype(np.float32) * 3
+    w = rng.integers(0, 50, 64).tolist()
+    nll, n = nll_of_window(logits, w)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits[32:63], dtype=torch.float64),
+                                            torch.tensor(w[33:]), reduction="sum")
+    assert n == 31 and abs(nll - float(ref)) < 1e-9
+    other = logits + rng.standard_normal(logits.shape).astype(np.float32)
+    kl, same = kl_of_window(other, logits, w)
+    ref_kl = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(other[32:63], dtype=torch.float64), -1),
+                                        torch.log_softmax(torch.tensor(logits[32:63], dtype=torch.float64), -1),
+                                        log_target=True, reduction="none").sum(-1).numpy()
+    np.testing.assert_allclose(kl, ref_kl, rtol=1e-9)
+    assert kl_of_window(logits, logits, w)[0].max() < 1e-12 and kl_of_window(logits, logits, w)[1].all()
+
+
+def test_windows_follow_llama_perplexity():
+    toks = list(range(10, 110))
+    ws = windows(toks, 32, None, bos_id=1)
+    assert len(ws) == 3 and ws[0][0] == 1 and ws[0][1:] == toks[1:32] and ws[2][1:] == toks[65:96]
+    assert windows(toks, 32, 2, None)[1] == toks[32:64]
+
+
+def test_perplexity_matches_llamacpp_on_the_same_weights(default_model_path, tmp_path):
+    """3 windows: lmforge's cpu-fp32 against llama.cpp on an F32 GGUF of the same weights."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.evaluate import read_text
+    from lmforge.export.convert import convert
+    from lmforge.tokenizer import Tokenizer
+    from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity
+
+    folder = convert("smollm2-135m", tmp_path / "fp32", progress=False)
+    ours = perplexity(folder, chunks=3, progress=False)
+    tok = Tokenizer.from_folder(folder)
+    ws = windows(tok.encode(read_text(None)), 512, 3, None)
+    ref, n = llamacpp_perplexity(dequantized_gguf(default_model_path, tmp_path / "f32.gguf"), ws)
+    assert n == ours.tokens_scored == 3 * 255
+    assert abs(ours.ppl - ref) / ref < 1e-3, (ours.ppl, ref)
+
+
+def test_cli_ppl_and_kld(tiny_factory, tmp_path):
+    from lmforge.export.convert import convert
+
+    src = tiny_factory(("llama", "float32", False, None))
+    fp32 = convert(src, tmp_path / "fp32", progress=False)
+    int4 = convert(src, tmp_path / "int4", target="cpu-int4", progress=False)
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 120)
+    r = run_cli("eval", "ppl", fp32, "--data", data, "--ctx", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens_scored"] == out["chunks"] * 31 and out["ppl"] > 1
+    r = run_cli("eval", "kld", int4, "--ref", fp32, "--data", data, "--ctx", "64", "--json")
+    kld = json.loads(r.stdout)
+    assert kld["mean"] > 0 and 0.5 < kld["same_top"] <= 1 and kld["p99"] >= kld["mean"]
+    r = run_cli("eval", "kld", fp32, "--ref", fp32, "--data", data, "--ctx", "64", "--json")
+    assert json.loads(r.stdout)["mean"] < 1e-9
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert_user_error(run_cli("eval", "ppl", fp32, "--data", short, "--ctx", "64"), "fewer than one window")
+    assert_user_error(run_cli("eval", "ppl", fp32, "--data", tmp_path / "missing.txt"), "pass --data")

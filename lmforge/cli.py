@@ -176,6 +176,14 @@ def cmd_eval_kld(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    from lmforge.devices import describe, devices
+
+    info = devices()
+    print(json.dumps(info) if args.json else describe(info))
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -254,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_kld)
+
+    p = sub.add_parser("devices", help="execution providers, GPUs, CPU features, memory, llama.cpp")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)

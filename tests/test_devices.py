@@ -1,0 +1,27 @@
+"""`lmforge devices` against what ONNX Runtime, numpy's CPU dispatch and llama.cpp report."""
+import json
+import os
+
+from tests.test_errors import run_cli
+
+
+def test_devices_json_agrees_with_the_libraries():
+    import onnxruntime as ort
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_cpu
+
+    r = run_cli("devices", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["onnxruntime"]["providers"] == ort.get_available_providers()
+    assert info["cpu"]["logical_cores"] == os.cpu_count()
+    features = set(info["cpu"]["features"])
+    for ours, theirs in (("avx2", "AVX2"), ("avx512f", "AVX512F"), ("fma", "FMA3"), ("avx512bw", "AVX512BW")):
+        if theirs in numpy_cpu:
+            assert (ours in features) == numpy_cpu[theirs], ours
+    assert info["memory_bytes"] > info["available_bytes"] > 0
+    if info["llama_cpp"] is not None:
+        import llama_cpp
+
+        assert info["llama_cpp"]["gpu_offload"] == bool(llama_cpp.llama_supports_gpu_offload())
+    text = run_cli("devices").stdout
+    assert "ONNX Runtime" in text and "CPU:" in text and "RAM:" in text

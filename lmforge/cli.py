@@ -184,6 +184,21 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    from lmforge.recommend import recommend
+
+    r = recommend(args.model, args.memory, args.context)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"budget {r['budget_bytes'] / 2**30:.1f} GiB, context {r['context']} tokens")
+    for f in r["forms"]:
+        mark = "->" if f["target"] == r["recommended"] else ("  " if f["fits"] else " x")
+        print(f"{mark} {f['target']:<10} {f['memory_bytes'] / 2**30:6.2f} GiB  {f['speed']:<12} {f['quality']}")
+    print(r["command"])
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -266,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="execution providers, GPUs, CPU features, memory, llama.cpp")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("recommend", help="the form of MODEL that fits this machine, and the command to make it")
+    p.add_argument("model")
+    p.add_argument("--memory", type=float, help="memory budget in GiB (default: what is available now)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to plan for")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)

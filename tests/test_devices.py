@@ -25,3 +25,17 @@ def test_devices_json_agrees_with_the_libraries():
         assert info["llama_cpp"]["gpu_offload"] == bool(llama_cpp.llama_supports_gpu_offload())
     text = run_cli("devices").stdout
     assert "ONNX Runtime" in text and "CPU:" in text and "RAM:" in text
+
+
+def test_recommend_fits_the_budget(tiny_factory):
+    r = json.loads(run_cli("recommend", "smollm2-135m", "--memory", "0.6", "--json").stdout)
+    assert r["recommended"] == "cpu-int4"  # a Q4_1 GGUF: int4 loses nothing more
+    chosen = next(f for f in r["forms"] if f["target"] == "cpu-int4")
+    assert chosen["fits"] and chosen["memory_bytes"] <= 0.6 * 2**30
+    assert r["command"].startswith("lmforge convert smollm2-135m -o ") and r["command"].endswith("--target cpu-int4")
+    r = json.loads(run_cli("recommend", str(tiny_factory(("llama", "float32", False, None))), "--memory", "8",
+                           "--json").stdout)
+    assert r["recommended"] == "cpu-fp32"  # float source, room to spare: no quality cost
+    from tests.test_errors import assert_user_error
+
+    assert_user_error(run_cli("recommend", "smollm2-135m", "--memory", "0.2"), "fits in 0.2 GiB")

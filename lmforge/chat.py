@@ -63,6 +63,8 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Tr
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template is broken ({e.__class__.__name__}: {e}); fix or replace it") from None
+    except Exception as e:  # a template's own runtime errors (None + str, huge ranges, ...)
+        raise ChatTemplateError(f"chat template failed on these messages ({e.__class__.__name__}: {e})") from None
 
 
 def template_from_folder(folder: Path) -> str | None:
@@ -76,7 +78,10 @@ def template_from_folder(folder: Path) -> str | None:
         path = folder / name
         if not path.exists():
             continue
-        value = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ChatTemplateError(f"{path} is not valid JSON; fix or re-download it") from None
         if isinstance(value, list):
             named = {t.get("name"): t.get("template") for t in value}
             value = named.get("default") or next(iter(named.values()), None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lmforge.errors import LmforgeError
@@ -142,6 +143,10 @@ def cmd_chat(args) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        except LmforgeError as e:  # e.g. the history outgrew the context: keep the session
+            history.pop()
+            print(f"lmforge: error: {e} (/reset starts over)", file=sys.stderr)
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
 
@@ -167,7 +172,7 @@ def cmd_eval_kld(args) -> int:
     from lmforge.evaluate import kl_divergence
 
     r = kl_divergence(args.model, args.ref, data=args.data, ctx=args.ctx, chunks=args.chunks,
-                      target=args.target, threads=args.threads)
+                      target=args.target, threads=args.threads, ref_target=args.ref_target)
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
@@ -270,10 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("kld", help="KL divergence of MODEL's next-token distributions from REF's")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ref", required=True, help="the reference model (e.g. the fp32 form)")
+    p.add_argument("--ref-target", help="preset used when REF must be converted first (default: cpu-fp32)")
     p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int)
-    p.add_argument("--target", help="preset used when a model must be converted first (default: cpu-fp32)")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_kld)
@@ -316,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmforge run ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -37,8 +37,18 @@ def read_text(path: str | os.PathLike | None) -> str:
     path = Path(path) if path else DEFAULT_DATA
     if not path.exists():
         raise LmforgeError(f"no evaluation text at {path}; pass --data PATH")
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror}; pass a text file with --data") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path} is not UTF-8 text; pass a text file with --data") from None
+
+
+def check_ctx(ctx: int, engine) -> None:
+    if ctx < 4 or ctx > engine.context_length:
+        raise LmforgeError(f"--ctx {ctx} must be between 4 and the model's context ({engine.context_length})")
 
 
 def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
@@ -81,8 +91,7 @@ def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | Non
     text = read_text(data)  # a missing file fails before any conversion
     folder = cached_onnx(model, target or "cpu-fp32", progress)
     engine = OrtEngine(folder, threads=threads, full_logits=True)
-    if ctx < 4 or ctx > engine.context_length:
-        raise LmforgeError(f"--ctx {ctx} must be between 4 and the model's context ({engine.context_length})")
+    check_ctx(ctx, engine)
     tok = Tokenizer.from_folder(folder)
     wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
     show = os.isatty(2) if progress is None else progress
@@ -131,16 +140,19 @@ def kl_of_window(logits: np.ndarray, ref_logits: np.ndarray, window: list[int]) 
 
 
 def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: int | None = None,
-                  target: str | None = None, threads: int | None = None) -> KLResult:
+                  target: str | None = None, threads: int | None = None, ref_target: str | None = None) -> KLResult:
     """KL divergence of MODEL's next-token distributions from REF's on the same windows, as
-    llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token)."""
+    llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token).
+    `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting."""
     from lmforge.model import cached_onnx
     from lmforge.runtime.ort import OrtEngine
     from lmforge.tokenizer import Tokenizer
 
     text = read_text(data)
-    folders = [cached_onnx(m, target or "cpu-fp32") for m in (model, ref)]
+    folders = [cached_onnx(model, target or "cpu-fp32"), cached_onnx(ref, ref_target or "cpu-fp32")]
     engines = [OrtEngine(f, threads=threads, full_logits=True) for f in folders]
+    for e in engines:
+        check_ctx(ctx, e)
     if engines[0].vocab_size != engines[1].vocab_size:
         raise LmforgeError(f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
                            "KL divergence needs one vocabulary")

@@ -40,8 +40,9 @@ def cached_onnx(model: str | os.PathLike, target: str = DEFAULT_TARGET, progress
     if is_onnx_folder(path):
         return path
     get_target(target)
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{target}|{FORMAT_VERSION}".encode())
+    files = sorted(path.iterdir()) if path.is_dir() else [path]  # a folder's files, not its own mtime
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    key = hashlib.sha256(f"{path.resolve()}|{stamp}|{target}|{FORMAT_VERSION}".encode())
     out = cache_dir() / "onnx" / f"{path.stem}-{target}-{key.hexdigest()[:12]}"
     with _locked(out.with_name(out.name + ".lock")):
         if not is_onnx_folder(out):

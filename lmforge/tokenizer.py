@@ -141,9 +141,15 @@ class Tokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.exists():
             raise TokenizerError(f"{folder} has no tokenizer.json; add the model's tokenizer files to the folder")
-        hf = HFTokenizer.from_file(str(path))
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise TokenizerError(f"{path} cannot be read ({str(e).splitlines()[0][:120]}); fix or re-download it") from None
         cfg_path = Path(folder) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TokenizerError(f"{cfg_path} is not valid JSON; fix or re-download it") from None
 
         def token_id(value):
             if isinstance(value, dict):

@@ -24,13 +24,29 @@ def test_unknown_target(tiny_llama, tmp_path):
 
 def test_existing_output_needs_force(tiny_llama, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run_cli("convert", tiny_llama, "-o", out).returncode == 0
+    (out / "keep.txt").write_text("stale")
     assert_user_error(run_cli("convert", tiny_llama, "-o", out), "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "keep.txt").read_text() == "stale"
     r = run_cli("convert", tiny_llama, "-o", out, "--force")
     assert r.returncode == 0, r.stderr
     assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+
+
+def test_force_never_replaces_what_lmforge_did_not_write(tiny_llama, tmp_path):
+    """--force replaces a previous output only: never a folder of the user's, the source, the
+    current folder or a file."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    assert_user_error(run_cli("convert", tiny_llama, "-o", mine, "--force"), "not a folder lmforge wrote")
+    assert (mine / "thesis.tex").read_text() == "precious"
+    assert_user_error(run_cli("convert", tiny_llama, "-o", ".", "--force", cwd=tmp_path), "current folder")
+    assert_user_error(run_cli("convert", tiny_llama, "-o", tiny_llama, "--force"), "the source")
+    assert_user_error(run_cli("convert", tiny_llama, "-o", tiny_llama.parent, "--force"), "the source")
+    (tmp_path / "file.onnx").write_text("x")
+    assert_user_error(run_cli("convert", tiny_llama, "-o", tmp_path / "file.onnx", "--force"), "is a file")
+    assert (tiny_llama / "config.json").exists() and (mine / "thesis.tex").exists()
 
 
 def test_output_parent_missing(tiny_llama, tmp_path):

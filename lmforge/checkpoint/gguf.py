@@ -115,7 +115,8 @@ def spec_from_gguf(meta: dict, arch, tensors: dict, floats) -> ModelSpec:
         else:
             layer_types = pattern_layer_types(n_layers, int(pattern) if pattern else 6)
         extra = dict(rope_local_theta=_f32(g("rope.freq_base_swa", 10000.0)),
-                     query_pre_attn_scalar=float(head_dim),  # llama.cpp scales by 1/sqrt(head_dim)
+                     # llama.cpp scales by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): hidden/heads
+                     query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else head_dim),
                      embedding_scale=math.sqrt(hidden), norm_offset=1.0)
     elif window:
         layer_types = ("sliding",) * n_layers

@@ -6,6 +6,7 @@ this one keeps plain Python values. Dequantization still uses gguf-py's codecs.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -73,14 +74,22 @@ class _Cursor:
 def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
     """(metadata, tensor entries, the file's memory map); corrupt or truncated files raise
     CheckpointError with a one-line message."""
-    import gguf
-
     size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(4) != MAGIC:
             f.seek(0)
             raise CheckpointError(f"{path} is not a GGUF file (magic {f.read(4)!r}, expected b'GGUF')")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(path, mm, size)
+    except BaseException:
+        mm.close()
+        raise
+
+
+def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry], mmap.mmap]:
+    import gguf
+
     c = _Cursor(memoryview(mm))
     c.pos = 4
     try:
@@ -104,11 +113,13 @@ def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
             qtype, offset = c.unpack("<I"), c.unpack("<Q")
             infos.append((name, dims, qtype, offset))
     except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
-        c.buf.release()
         raise CheckpointError(f"{path} is truncated or corrupt ({e.__class__.__name__} in its header); "
                               "re-download or re-convert it") from None
-    c.buf.release()
-    align = int(meta.get("general.alignment", 32))
+    finally:
+        c.buf.release()
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise CheckpointError(f"{path} has an invalid general.alignment ({align!r}); re-download or re-convert it")
     data_start = (c.pos + align - 1) // align * align
     entries = []
     for name, dims, qtype, offset in infos:
@@ -116,7 +127,9 @@ def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
             raise CheckpointError(f"tensor {name!r} in {path} has unknown ggml type {qtype}") from None
-        n = int(np.prod(dims, dtype=np.int64))
+        n = math.prod(dims)  # Python ints: corrupt dims cannot wrap around to a small size
+        if n == 0 or n % block or (dims and dims[0] % block):
+            raise CheckpointError(f"tensor {name!r} in {path} has impossible dimensions {dims}; the file is corrupt")
         nbytes = n // block * type_size
         start = data_start + offset
         if start + nbytes > size:

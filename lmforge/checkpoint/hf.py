@@ -58,7 +58,10 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise CheckpointError(f"{index} is not a valid shard index; fix or re-download it") from None
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -15,12 +15,29 @@ from typing import Iterator
 from lmforge.errors import LmforgeError
 
 
-def check_output(out: Path, force: bool) -> None:
-    """A user error unless OUT can be written: absent (or --force), in a folder that exists."""
-    if out.exists() and not force:
-        raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
+def check_output(out: Path, force: bool, marker: str, source: Path | None = None) -> Path:
+    """OUT resolved, or a user error: it must not exist (unless --force and it is a folder that
+    lmforge wrote, recognised by `marker`), must not hold the current folder or the source, and
+    its parent must exist."""
+    out = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise LmforgeError(f"-o {out} is the current folder or holds it; name a new folder")
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or out in src.parents:
+            raise LmforgeError(f"-o {out} is the source or holds it; name a new folder")
+    if out.exists():
+        if not force:
+            raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
+        if not out.is_dir():
+            raise LmforgeError(f"{out} is a file; choose another -o")
+        if any(out.iterdir()) and not (out / marker).exists():
+            raise LmforgeError(f"{out} is not a folder lmforge wrote (no {marker}); --force replaces only those: "
+                               "remove it yourself or choose another -o")
     if not out.parent.exists():
         raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    return out
 
 
 def _pid_alive(pid: int) -> bool:

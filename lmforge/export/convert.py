@@ -47,13 +47,17 @@ def write_tokenizer(ckpt, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def genai_config(spec, target, eos_ids, bos_id) -> dict:
+GENAI_TYPES = {"gemma3": "gemma3_text"}  # onnxruntime-genai's "gemma3" means the vision-language package
+
+
+def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> dict:
     """onnxruntime-genai's genai_config.json for a folder with full logits."""
+    context = context or spec.context_length
     provider_options = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}]}[target.provider]
     return {
         "model": {
             "bos_token_id": bos_id if bos_id is not None else eos_ids[0],
-            "context_length": spec.context_length,
+            "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
                 "filename": FULL_FILE,
@@ -70,11 +74,11 @@ def genai_config(spec, target, eos_ids, bos_id) -> dict:
             },
             "eos_token_id": list(eos_ids),
             "pad_token_id": eos_ids[0],
-            "type": spec.arch if spec.arch != "mistral" else "mistral",
+            "type": GENAI_TYPES.get(spec.arch, spec.arch),
             "vocab_size": spec.vocab_size,
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": spec.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
@@ -113,9 +117,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     t = with_overrides(get_target(target), quant, block_size, symmetric, accuracy_level, requantize)
     if separate_rotary is not None:
         t = dataclasses.replace(t, separate_rotary=separate_rotary)
-    out = Path(out)
-    check_output(out, force)
     ckpt = open_checkpoint(source)
+    out = check_output(Path(out), force, META_FILE, ckpt.path)
     tok = ckpt.tokenizer()  # fail before the long part when the tokenizer is missing
     started = time.time()
     with atomic_folder(out) as tmp:
@@ -154,7 +157,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
             "files": {name: (tmp / name).stat().st_size for name in files},
             "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
         }
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id), indent=2))
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

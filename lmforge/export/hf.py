@@ -67,9 +67,8 @@ def convert_to_hf(source, out, force: bool = False) -> Path:
     """Write SOURCE as an HF folder OUT (fp32 safetensors), atomically."""
     from lmforge.export.convert import write_tokenizer
 
-    out = Path(out)
-    check_output(out, force)
     ckpt = open_checkpoint(source)
+    out = check_output(Path(out), force, "model.safetensors", ckpt.path)
     cfg = hf_config(ckpt.spec)
     with atomic_folder(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))

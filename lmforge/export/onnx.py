@@ -215,15 +215,22 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
     "full": graph with every position's logits}, both over the same weights."""
     spec = ckpt.spec
     dtype = np.float16 if options.dtype == "float16" else np.float32
-    onnx_dtype = NP_TO_ONNX[np.dtype(dtype)]
-    weights = WeightFile(folder / DATA_FILE)
-    g = Graph(weights, dtype)
-    src = src or WeightSource(ckpt, options.quant)
-    level = options.quant.accuracy_level if options.quant else 0
-    H, kv, hd = spec.hidden_size, spec.n_kv_heads, spec.head_dim
     if spec.rotary_dim % 16:
         raise LmforgeError(f"rotary dimension {spec.rotary_dim} is not a multiple of 16, which ONNX Runtime's "
                            "GroupQueryAttention requires; this model cannot be exported to ONNX")
+    weights = WeightFile(folder / DATA_FILE)
+    try:
+        return _build(ckpt, options, src or WeightSource(ckpt, options.quant), Graph(weights, dtype), progress)
+    finally:
+        weights.close()
+
+
+def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph, progress) -> dict[str, onnx.ModelProto]:
+    spec = ckpt.spec
+    dtype = g.dtype.type
+    onnx_dtype = NP_TO_ONNX[g.dtype]
+    level = options.quant.accuracy_level if options.quant else 0
+    H, kv, hd = spec.hidden_size, spec.n_kv_heads, spec.head_dim
 
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
@@ -327,5 +334,4 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
                                   producer_name="lmforge")
         model.ir_version = 11  # opset 23: RMSNormalization
         graphs[variant] = model
-    weights.close()
     return graphs

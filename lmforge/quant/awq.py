@@ -33,14 +33,18 @@ def calibration_text(path: str | os.PathLike | None) -> str:
         return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise LmforgeError(f"cannot read calibration text {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"calibration text {path} is not UTF-8") from None
 
 
 def _groups(spec, i: int) -> list[tuple[str, str | None]]:
     """(group, tensor whose rows/values take 1/s) for layer i. The `o` group needs one v row per
-    input channel, so it is scaled only without grouped-query attention."""
-    groups = [(f"layers.{i}.qkv", f"layers.{i}.attn_norm"), (f"layers.{i}.gate_up", f"layers.{i}.mlp_norm"),
-              (f"layers.{i}.down", f"layers.{i}.up")]
-    if spec.n_heads == spec.n_kv_heads and not spec.qk_norm:
+    input channel, so it is scaled only without grouped-query attention; groups whose feeding
+    projection has a bias (v, up) are left alone, since the bias would need the 1/s too."""
+    groups = [(f"layers.{i}.qkv", f"layers.{i}.attn_norm"), (f"layers.{i}.gate_up", f"layers.{i}.mlp_norm")]
+    if not spec.mlp_bias:
+        groups.append((f"layers.{i}.down", f"layers.{i}.up"))
+    if spec.n_heads == spec.n_kv_heads and not spec.qk_norm and not spec.attention_bias:
         groups.append((f"layers.{i}.o", f"layers.{i}.v"))
     return groups
 

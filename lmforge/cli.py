@@ -204,6 +204,17 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from lmforge.bench import bench, plot, table
+
+    vs = tuple(v for v in (args.vs or "").split(",") if v)
+    rows = bench(args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target)
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -283,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_kld)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, load time, memory and size, beside peers")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repetitions", type=int, default=5)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--target", default="cpu-int4", help="preset for MODELs that must be converted first")
+    p.add_argument("--vs", help="peers measured on the first MODEL: llamacpp,ortgenai")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--md", action="store_true")
+    p.add_argument("--plot", metavar="PATH.png", help="bar chart of the table (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("devices", help="execution providers, GPUs, CPU features, memory, llama.cpp")
     p.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests import tiny
 # Tests never reach a hub: everything they load is built here or shipped in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# conversions that commands cache (run, eval, bench) go to a folder of the test session's own
+os.environ.setdefault("LMFORGE_HOME", tempfile.mkdtemp(prefix="lmforge-test-home-"))
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"

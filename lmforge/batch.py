@@ -1,0 +1,188 @@
+"""`lmforge batch`: JSONL in, JSONL out, resumable.
+
+Each input line `{"id": ..., "prompt" | "messages": ..., sampling fields}` gives one output line
+`{"id": ..., "text": ..., "finish_reason": ..., "usage": ...}`. Records are appended and flushed
+(fsync) as they finish, under a file lock; a rerun after a crash or `kill -9` reads what is there
+(dropping a torn last line), skips ids already done, and so never writes an id twice. A bad
+input line becomes an error record and the job goes on. With `ray`, the same job runs as a Ray
+Data pipeline with one engine per actor, on a local Ray or a cluster.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.errors import LmforgeError
+
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+
+
+@dataclass
+class Item:
+    """One input line: its number, its id (or None), the request, or why it cannot run."""
+
+    line: int
+    id: object = None
+    request: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.id) if self.id is not None else f"line:{self.line}"
+
+
+def parse_lines(path: Path) -> Iterator[Item]:
+    """Items of the input file; malformed lines come back with `error` set."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield Item(n, error=f"line {n} is not JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                yield Item(n, error=f"line {n} is not a JSON object")
+                continue
+            item = Item(n, obj.get("id"))
+            if item.id is None:
+                item.error = f"line {n} has no id"
+            elif ("prompt" in obj) == ("messages" in obj):
+                item.error = f"line {n} needs exactly one of prompt and messages"
+            elif "prompt" in obj and not isinstance(obj["prompt"], str):
+                item.error = f"line {n}: prompt must be a string"
+            elif "messages" in obj and not isinstance(obj["messages"], list):
+                item.error = f"line {n}: messages must be a list"
+            else:
+                item.request = {k: obj[k] for k in ("prompt", "messages", *SAMPLING) if k in obj}
+            yield item
+
+
+def done_keys(out: Path) -> set[str]:
+    """Keys of the records already in OUT; a torn last line (a kill mid-write) is cut off."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(end)
+    keys = set()
+    for raw in data[:end].splitlines():
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        keys.add(json.dumps(rec["id"]) if rec.get("id") is not None else f"line:{rec.get('line')}")
+    return keys
+
+
+class Writer:
+    """Appends one record per line, flushed to disk before the next, under an exclusive lock."""
+
+    def __init__(self, out: Path):
+        self.f = open(out, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        try:
+            self.f.write(line)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        finally:
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def error_record(item: Item) -> dict:
+    return {"id": item.id, "line": item.line, "error": item.error}
+
+
+def generate_record(model, item: Item) -> dict:
+    """Run one request through a loaded `lmforge.model.Model`."""
+    req = dict(item.request)
+    options = {k: req[k] for k in SAMPLING if k in req}
+    try:
+        ids = model.prompt_ids(messages=req["messages"]) if "messages" in req else model.prompt_ids(req["prompt"])
+        text = "".join(r.text for r in model._stream(ids, **options))
+    except LmforgeError as e:
+        return {"id": item.id, "line": item.line, "error": str(e)}
+    except (TypeError, ValueError) as e:
+        return {"id": item.id, "line": item.line, "error": f"bad request fields ({e})"}
+    last = model.last
+    n_out = last.generation_tokens if last else 0
+    return {"id": item.id, "text": text, "finish_reason": last.finish_reason if last else "length",
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+
+def plan(inp: Path, out: Path) -> tuple[list[Item], list[Item], list[Item], int]:
+    """(items to run, bad items to record, duplicates, records already done)."""
+    done = done_keys(out)
+    todo, bad, dups, seen = [], [], [], set()
+    for item in parse_lines(inp):
+        if item.key in seen:
+            dups.append(item)
+            continue
+        seen.add(item.key)
+        if item.key in done:
+            continue
+        (bad if item.error else todo).append(item)
+    return todo, bad, dups, len(done)
+
+
+def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target: str | None = None,
+              ray: str | bool | None = None, workers: int = 1, progress: bool | None = None) -> dict:
+    """Run every pending line of INP through MODEL into OUT; returns counts.
+
+    Args: the model (anything `lmforge.load` takes); input and output JSONL paths; target preset
+    when MODEL must be converted; `ray`: False for this process, True for a local Ray, or a
+    cluster address; Ray actors (engines) to start; progress bar (default: on a terminal)."""
+    inp, out = Path(inp), Path(out)
+    if not inp.exists():
+        raise LmforgeError(f"no input file {inp}; give a JSONL file with one request per line")
+    if not out.parent.exists():
+        raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    todo, bad, dups, n_done = plan(inp, out)
+    for d in dups:
+        print(f"lmforge: warning: id {d.id!r} on line {d.line} repeats an earlier line; it runs once",
+              file=sys.stderr)
+    writer = Writer(out)
+    try:
+        for item in bad:
+            writer.write(error_record(item))
+        if ray:
+            from lmforge.batch_ray import run_on_ray
+
+            run_on_ray(model, todo, writer, target, None if ray is True else ray, workers)
+        else:
+            from lmforge.model import load
+
+            m = load(model, target=target)
+            bar = _bar(len(todo), progress)
+            for item in todo:
+                writer.write(generate_record(m, item))
+                bar(1)
+    finally:
+        writer.close()
+    return {"ran": len(todo), "errors": len(bad), "duplicates": len(dups), "already_done": n_done}
+
+
+def _bar(total: int, enabled: bool | None):
+    if not (os.isatty(2) if enabled is None else enabled):
+        return lambda k: None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", desc="batch").update

@@ -39,3 +39,13 @@ def test_recommend_fits_the_budget(tiny_factory):
     from tests.test_errors import assert_user_error
 
     assert_user_error(run_cli("recommend", "smollm2-135m", "--memory", "0.2"), "fits in 0.2 GiB")
+
+
+def test_recommend_picks_a_smaller_form_for_a_smaller_budget(tiny_factory):
+    src = str(tiny_factory(("llama", "float32", False, None)))
+    roomy = json.loads(run_cli("recommend", src, "--memory", "8", "--json").stdout)
+    need = {f["target"]: f["memory_bytes"] for f in roomy["forms"]}
+    assert roomy["recommended"] == "cpu-fp32" and need["cpu-int4"] < need["cpu-fp32"]
+    between = (need["cpu-int4"] + need["cpu-fp32"]) / 2 / 2**30
+    tight = json.loads(run_cli("recommend", src, "--memory", f"{between:.6f}", "--json").stdout)
+    assert tight["recommended"] == "cpu-int4"

@@ -35,18 +35,17 @@ def prompt_ids(n: int) -> list[int]:
     return open_checkpoint("smollm2-135m").tokenizer().encode(text[:20000])[:n]
 
 
-def bench_lmforge(folder, ids, gen, threads):
-    from lmforge.runtime.ort import OrtEngine
+def _rates(runner, folder, ids, gen, threads):
+    """(prefill tok/s, decode tok/s) of one round of a `lmforge.bench` runner (load excluded)."""
+    _, once = runner(str(folder), ids, gen, 1, threads)
+    prefill_s, decode_s, _ = once()
+    return len(ids) / prefill_s, gen / decode_s
 
-    engine = OrtEngine(folder, threads=threads)
-    cache = engine.new_cache(1, len(ids) + gen + 1)
-    t0 = time.perf_counter()
-    logits = engine.prefill(cache, [ids])
-    t1 = time.perf_counter()
-    for _ in range(gen):
-        logits = engine.decode(cache, [int(logits[0].argmax())])
-    t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), gen / (t2 - t1)
+
+def bench_lmforge(folder, ids, gen, threads):
+    from lmforge.bench import RUNNERS
+
+    return _rates(RUNNERS["lmforge"], folder, ids, gen, threads)
 
 
 def bench_session(folder, ids, gen, threads):
@@ -82,21 +81,9 @@ def bench_session(folder, ids, gen, threads):
 
 
 def bench_genai(folder, ids, gen, threads):
-    import onnxruntime_genai as og
+    from lmforge.bench import RUNNERS
 
-    config = og.Config(str(folder))
-    config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + gen + 1, do_sample=False)
-    g = og.Generator(model, params)
-    t0 = time.perf_counter()
-    g.append_tokens(ids)
-    t1 = time.perf_counter()
-    for _ in range(gen):
-        g.generate_next_token()
-    t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), gen / (t2 - t1)
+    return _rates(RUNNERS["ortgenai"], folder, ids, gen, threads)
 
 
 def build_graphs(work: Path) -> dict[str, Path]:

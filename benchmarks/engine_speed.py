@@ -5,7 +5,7 @@ Peers, measured in the same process run, same prompt tokens, same thread count:
   feeds each step's presents back as numpy arrays (what a straightforward script does);
 - onnxruntime-genai's API (`append_tokens`, `generate_next_token`) on folders it can load.
 Graphs: onnxruntime-genai's own int4 build of the default model (its model builder, from an HF
-folder lmforge writes from the GGUF), lmforge's cpu-fp32, and lmforge's cpu-fp32 built for genai.
+folder lmforge writes from the GGUF) and lmforge's cpu-fp32 (whose model.genai.onnx onnxruntime-genai runs).
 
     python benchmarks/engine_speed.py [--prompt-tokens 256] [--gen-tokens 128] [--repetitions 3]
 
@@ -36,8 +36,10 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def _rates(runner, folder, ids, gen, threads):
-    """(prefill tok/s, decode tok/s) of one round of a `lmforge.bench` runner (load excluded)."""
+    """(prefill tok/s, decode tok/s) of a `lmforge.bench` runner's second round (load and its own
+    warm-up round excluded)."""
     _, once = runner(str(folder), ids, gen, 1, threads)
+    once()
     prefill_s, decode_s, _ = once()
     return len(ids) / prefill_s, gen / decode_s
 

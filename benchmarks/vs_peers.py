@@ -36,6 +36,8 @@ def main():
     for row, name in zip(rows, names):
         row["runner"] = name
     peers = [r for r in rows if not r["runner"].startswith("lmforge") and "error" not in r]
+    if not peers:
+        raise SystemExit(f"no peer could be measured: {[r.get('error') for r in rows[2:]]}")
     best_pre = max(r["prefill_mean"] for r in peers)
     best_dec = max(r["decode_mean"] for r in peers)
     lines = [f"# SmolLM2-135M int4 forms, {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens, "

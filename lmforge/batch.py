@@ -4,8 +4,10 @@ Each input line `{"id": ..., "prompt" | "messages": ..., sampling fields}` gives
 `{"id": ..., "text": ..., "finish_reason": ..., "usage": ...}`. Records are appended and flushed
 (fsync) as they finish, under a file lock; a rerun after a crash or `kill -9` reads what is there
 (dropping a torn last line), skips ids already done, and so never writes an id twice. A bad
-input line becomes an error record and the job goes on. With `ray`, the same job runs as a Ray
-Data pipeline with one engine per actor, on a local Ray or a cluster.
+input line becomes an error record and the job goes on (an error record is final for its id, like
+any record: fix the line and give it a new id to rerun it). One job writes an output at a time.
+With `ray`, the same job runs as a Ray Data pipeline with one engine per actor, on a local Ray or
+a cluster.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class Item:
 def parse_lines(path: Path) -> Iterator[Item]:
     """Items of the input file; malformed lines come back with `error` set."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise LmforgeError(f"cannot read {path}: {e.strerror}") from None
     with f:
@@ -47,7 +49,10 @@ def parse_lines(path: Path) -> Iterator[Item]:
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield Item(n, error=f"line {n} is not UTF-8")
+                continue
             except json.JSONDecodeError as e:
                 yield Item(n, error=f"line {n} is not JSON ({e.msg})")
                 continue
@@ -80,10 +85,12 @@ def done_keys(out: Path) -> set[str]:
     keys = set()
     for raw in data[:end].splitlines():
         try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        keys.add(json.dumps(rec["id"]) if rec.get("id") is not None else f"line:{rec.get('line')}")
+            rec = json.loads(raw.decode("utf-8"))
+        except ValueError:  # JSON or UTF-8
+            rec = None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise LmforgeError(f"{out} holds lines that are not lmforge batch records; choose another -o")
+        keys.add(json.dumps(rec["id"]) if rec["id"] is not None else f"line:{rec.get('line')}")
     return keys
 
 
@@ -92,6 +99,7 @@ class Writer:
 
     def __init__(self, out: Path):
         self.f = open(out, "a", encoding="utf-8")
+        self.job_lock = open(out.with_name(out.name + ".lock"), "w")  # held for a whole job
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -105,6 +113,7 @@ class Writer:
 
     def close(self) -> None:
         self.f.close()
+        self.job_lock.close()
 
 
 def error_record(item: Item) -> dict:
@@ -151,16 +160,24 @@ def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target
     when MODEL must be converted; `ray`: False for this process, True for a local Ray, or a
     cluster address; Ray actors (engines) to start; progress bar (default: on a terminal)."""
     inp, out = Path(inp), Path(out)
-    if not inp.exists():
+    if not inp.is_file():
         raise LmforgeError(f"no input file {inp}; give a JSONL file with one request per line")
+    if out.is_dir():
+        raise LmforgeError(f"-o {out} is a folder; give a .jsonl file path")
     if not out.parent.exists():
         raise LmforgeError(f"folder {out.parent} does not exist; create it first")
-    todo, bad, dups, n_done = plan(inp, out)
-    for d in dups:
-        print(f"lmforge: warning: id {d.id!r} on line {d.line} repeats an earlier line; it runs once",
-              file=sys.stderr)
+    if out.exists() and os.path.samefile(inp, out):
+        raise LmforgeError("-o must differ from the input file")
     writer = Writer(out)
     try:
+        try:  # one job per output file: a second one would plan the same ids
+            fcntl.flock(writer.job_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmforgeError(f"another lmforge batch is writing {out}; wait for it or choose another -o") from None
+        todo, bad, dups, n_done = plan(inp, out)
+        for d in dups:
+            print(f"lmforge: warning: id {d.id!r} on line {d.line} repeats an earlier line; it runs once",
+                  file=sys.stderr)
         for item in bad:
             writer.write(error_record(item))
         if ray:

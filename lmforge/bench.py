@@ -50,8 +50,8 @@ def _run_llamacpp(path: str, ids: list[int], gen: int, reps: int, threads: int |
     import numpy as np
 
     t = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads or os.cpu_count(),
-                          n_threads_batch=threads or os.cpu_count(), verbose=False)
+    llm = llama_cpp.Llama(path, n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
     load = time.perf_counter() - t
     n_vocab = llm.n_vocab()
 
@@ -77,6 +77,8 @@ def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int |
     t = time.perf_counter()
     config = og.Config(path)
     config.clear_providers()
+    if threads:  # the same thread count as the other runners
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     load = time.perf_counter() - t
 
@@ -137,7 +139,7 @@ def _measure(kind: str, label: str, path: Path, job: Path) -> dict:
     return row
 
 
-def _genai_folder(source: Path, threads: int | None) -> Path:
+def _genai_folder(source: Path) -> Path:
     """onnxruntime-genai's own int4 CPU build of SOURCE (an HF folder, or a GGUF made into one)."""
     from lmforge.export.hf import convert_to_hf
     from lmforge.registry import cache_dir
@@ -170,7 +172,13 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
         raise LmforgeError(f"unknown peer {unknown[0]!r}; --vs takes: {', '.join(PEERS)}")
     if prompt_tokens < 1 or gen_tokens < 1 or repetitions < 1:
         raise LmforgeError("--prompt-tokens, --gen-tokens and --repetitions must be at least 1")
+    threads = threads or os.cpu_count()  # one explicit count for every runner
     folders = [cached_onnx(m, target) for m in models]
+    metas = [json.loads((f / "lmforge.json").read_text()) if (f / "lmforge.json").exists() else {} for f in folders]
+    for f, meta in zip(folders, metas):
+        limit = min(meta.get("context_length", 1 << 30), meta.get("max_positions") or 1 << 30)
+        if prompt_tokens + gen_tokens + 1 > limit:
+            raise LmforgeError(f"--prompt-tokens + --gen-tokens exceed the context of {f} ({limit}); use fewer tokens")
     tok = Tokenizer.from_folder(folders[0])
     text = DEFAULT_DATA.read_text(encoding="utf-8") if DEFAULT_DATA.exists() else "The quick brown fox. " * 2000
     ids = tok.encode(text[: 12 * prompt_tokens])[:prompt_tokens]
@@ -184,12 +192,12 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
                 raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
             peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
         else:
-            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source, threads)))
+            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source)))
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"ids": ids, "gen": gen_tokens, "reps": repetitions, "threads": threads}))
-        rows = [_measure("lmforge", f"lmforge {m}" if len(models) > 1 else f"lmforge {target}", f, job)
-                for m, f in zip(models, folders)]
+        rows = [_measure("lmforge", f"lmforge {meta.get('target', 'onnx')}" + (f" {m}" if len(models) > 1 else ""), f, job)
+                for m, f, meta in zip(models, folders, metas)]
         rows += [_measure(kind, label, path, job) for kind, label, path in peers]
     base = rows[0]
     for r in rows:
@@ -217,7 +225,12 @@ def table(rows: list[dict], fmt: str = "text") -> str:
 
     grid = [[name for name, _ in cols]] + [[cell(r, k) if k != "runner" else r["runner"] for _, k in cols] for r in rows]
     if fmt == "csv":
-        return "\n".join(",".join(f'"{c}"' if "," in c else c for c in row) for row in grid)
+        import csv
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(grid)
+        return buf.getvalue().rstrip("\n")
     if fmt == "md":
         lines = ["| " + " | ".join(grid[0]) + " |", "|" + " --- |" * len(cols)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in grid[1:]])
@@ -242,7 +255,10 @@ def plot(rows: list[dict], path: str) -> None:
         ax.invert_yaxis()
     axes[1].set_yticklabels([])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise LmforgeError(f"cannot write the plot to {path}: {e.strerror}") from None
 
 
 if __name__ == "__main__":  # a runner measured in its own process: python -m lmforge.bench KIND PATH JOB

@@ -53,6 +53,15 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lmforge")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (what is wrong and where to look), exit code 2."""
 
@@ -207,11 +216,20 @@ def cmd_recommend(args) -> int:
 def cmd_bench(args) -> int:
     from lmforge.bench import bench, plot, table
 
+    from pathlib import Path
+
     vs = tuple(v for v in (args.vs or "").split(",") if v)
+    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise LmforgeError(f"the folder of --plot {args.plot} does not exist")
     rows = bench(args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target)
+    print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
+    sys.stdout.flush()
     if args.plot:
         plot(rows, args.plot)
-    print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
+    failed = [r["runner"] for r in rows if "error" in r]
+    if failed:
+        print(f"lmforge: error: {', '.join(failed)} could not be measured (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -241,6 +259,7 @@ def _add_generation_args(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmforge", description="Convert, run, serve and measure small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show a model's architecture, tensors and size")

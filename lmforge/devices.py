@@ -40,6 +40,14 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def _mib(text: str) -> int | None:
+    """nvidia-smi's MiB figure in bytes; None for "[N/A]" and the like."""
+    try:
+        return int(float(text)) << 20
+    except ValueError:
+        return None
+
+
 def _gpus() -> list[dict]:
     if not shutil.which("nvidia-smi"):
         return []
@@ -52,8 +60,7 @@ def _gpus() -> list[dict]:
     for line in r.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 3:
-            gpus.append({"name": parts[0], "memory_bytes": int(float(parts[1])) << 20,
-                         "free_bytes": int(float(parts[2])) << 20})
+            gpus.append({"name": parts[0], "memory_bytes": _mib(parts[1]), "free_bytes": _mib(parts[2])})
     return gpus
 
 
@@ -104,9 +111,12 @@ def describe(info: dict) -> str:
     cpu = info["cpu"]
     lines.append(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores, {' '.join(cpu['features']) or 'no SIMD flags read'}")
     if info["memory_bytes"]:
-        lines.append(f"RAM: {info['memory_bytes'] / gib:.1f} GiB, {info['available_bytes'] / gib:.1f} GiB available")
+        free = f", {info['available_bytes'] / gib:.1f} GiB available" if info["available_bytes"] else ""
+        lines.append(f"RAM: {info['memory_bytes'] / gib:.1f} GiB{free}")
     for g in info["gpus"] or []:
-        lines.append(f"GPU: {g['name']}, {g['memory_bytes'] / gib:.1f} GiB ({g['free_bytes'] / gib:.1f} free)")
+        size = f"{g['memory_bytes'] / gib:.1f} GiB" if g["memory_bytes"] else "memory not reported"
+        free = f" ({g['free_bytes'] / gib:.1f} free)" if g["free_bytes"] else ""
+        lines.append(f"GPU: {g['name']}, {size}{free}")
     if not info["gpus"]:
         lines.append("GPU: none visible (no nvidia-smi)")
     lc = info["llama_cpp"]

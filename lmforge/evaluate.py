@@ -53,6 +53,8 @@ def check_ctx(ctx: int, engine) -> None:
 
 def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
     """llama-perplexity's windows: non-overlapping, BOS replacing the first token when used."""
+    if chunks is not None and chunks < 1:
+        raise LmforgeError("--chunks must be at least 1")
     n = len(tokens) // ctx
     if n == 0:
         raise LmforgeError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}; use a smaller --ctx")

@@ -38,12 +38,19 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
     from lmforge.checkpoint import open_checkpoint
     from lmforge.devices import devices
 
+    if memory_gb is not None and memory_gb <= 0:
+        raise LmforgeError("--memory must be more than 0 GB")
+    if context < 1:
+        raise LmforgeError("--context must be at least 1")
     ckpt = open_checkpoint(model)
     spec = ckpt.spec
     info = devices()
-    budget = int(memory_gb * 2**30) if memory_gb else info["available_bytes"]
+    budget = int(memory_gb * 2**30) if memory_gb is not None else info["available_bytes"]
     if not budget:
         raise LmforgeError("cannot read this machine's memory; pass --memory GB")
+    # GPU forms live in GPU memory: without --memory, measure them against the freest GPU
+    gpu_budget = int(memory_gb * 2**30) if memory_gb is not None else \
+        max((g["free_bytes"] or 0 for g in info["gpus"]), default=0)
     providers = set(info["onnxruntime"]["providers"])
     quantized_source = ckpt.format == "gguf" and any(t.dtype not in ("F32", "F16", "BF16") for t in ckpt.infos)
     ctx = min(context, spec.context_length)
@@ -53,7 +60,8 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
         need = int(ckpt.n_params * f.bytes_per_param) + kv + OVERHEAD
         # a quantized GGUF already carries int4 weights: transcoding them loses nothing more
         rank = 0 if quantized_source and "int4" in f.target else f.rank
-        rows.append({"target": f.target, "memory_bytes": need, "fits": need <= budget and f.needs in providers,
+        room = gpu_budget if f.needs == "CUDAExecutionProvider" else budget
+        rows.append({"target": f.target, "memory_bytes": need, "fits": need <= room and f.needs in providers,
                      "provider": f.needs, "quality": f.quality, "speed": f.speed, "rank": rank})
     fitting = [r for r in rows if r["fits"]]
     if not fitting:

@@ -85,3 +85,29 @@ def test_ray_gives_the_same_texts(tiny_onnx, tmp_path):
     a = {rec["id"]: rec["text"] for rec in records(local)}
     b = {rec["id"]: rec["text"] for rec in records(on_ray)}
     assert len(b) == 20 and a == b
+
+
+def test_one_job_per_output_and_output_checks(tiny_onnx, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_requests(inp, 200)
+    first = subprocess.Popen([sys.executable, "-m", "lmforge", "batch", str(tiny_onnx), str(inp), "-o", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out.exists() and out.stat().st_size):
+            time.sleep(0.02)
+        assert_user_error(run_cli("batch", tiny_onnx, inp, "-o", out), "another lmforge batch is writing")
+    finally:
+        first.kill()
+        first.wait()
+    assert_user_error(run_cli("batch", tiny_onnx, inp, "-o", inp), "must differ from the input")
+    assert_user_error(run_cli("batch", tiny_onnx, inp, "-o", tmp_path), "is a folder")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_bytes(b'\xff\xfe{"id": 1}\n' + json.dumps({"id": 2, "prompt": "hi", "max_tokens": 2}).encode() + b"\n")
+    r = run_cli("batch", tiny_onnx, odd, "-o", tmp_path / "odd-out.jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = records(tmp_path / "odd-out.jsonl")
+    assert "not UTF-8" in recs[0]["error"] and recs[1]["id"] == 2
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("[1, 2]\n")
+    assert_user_error(run_cli("batch", tiny_onnx, odd, "-o", foreign), "not lmforge batch records")

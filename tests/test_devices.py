@@ -49,3 +49,11 @@ def test_recommend_picks_a_smaller_form_for_a_smaller_budget(tiny_factory):
     between = (need["cpu-int4"] + need["cpu-fp32"]) / 2 / 2**30
     tight = json.loads(run_cli("recommend", src, "--memory", f"{between:.6f}", "--json").stdout)
     assert tight["recommended"] == "cpu-int4"
+
+
+def test_recommend_and_eval_reject_bad_numbers():
+    from tests.test_errors import assert_user_error
+
+    assert_user_error(run_cli("recommend", "smollm2-135m", "--memory", "0"), "--memory must be more than 0")
+    assert_user_error(run_cli("recommend", "smollm2-135m", "--context", "-5"), "--context must be at least 1")
+    assert_user_error(run_cli("eval", "ppl", "smollm2-135m", "--chunks", "-1"), "--chunks must be at least 1")

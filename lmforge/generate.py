@@ -114,14 +114,6 @@ def stream_generate(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: in
         steps.close()
 
 
-def generate_text(engine, tokenizer, prompt_ids, **kwargs) -> tuple[str, GenerationResponse]:
-    """The whole completion and the last response (finish reason and statistics)."""
-    pieces, last = [], None
-    for last in stream_generate(engine, tokenizer, prompt_ids, **kwargs):
-        pieces.append(last.text)
-    return "".join(pieces), last
-
-
 def greedy_tokens(engine, prompt_ids, n: int) -> list[int]:
     """n greedy tokens (no EOS stop): a helper for parity checks."""
     return [t for t, _ in generate_step(engine, prompt_ids, make_sampler(), max_tokens=n)]

@@ -154,8 +154,9 @@ class OrtEngine:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
         return KVCache(self, batch_size, min(capacity, self.context_length))
 
-    def _run(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
-        """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded)."""
+    def _forward(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded);
+        returns the graph's logits (B, S|1, V)."""
         totals = cache.lengths + new_lengths
         cache.reserve(int(totals.max()))
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
@@ -178,8 +179,12 @@ class OrtEngine:
             pos = cache.lengths[:, None] + np.minimum(np.arange(input_ids.shape[1])[None, :], new_lengths[:, None] - 1)
             io.bind_cpu_input("position_ids", pos.astype(np.int64))
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()                                            # (B, S|1, V)
         cache.lengths = totals
+        return io.get_outputs()[0].numpy()
+
+    def _run(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """`_forward`, keeping each row's last new position: float32 (B, V)."""
+        logits = self._forward(cache, input_ids, new_lengths)
         if self.full_logits:
             logits = logits[np.arange(len(new_lengths)), np.maximum(new_lengths - 1, 0)]
         else:
@@ -203,25 +208,9 @@ class OrtEngine:
         full-logits graph (OrtEngine(..., full_logits=True))."""
         if not self.full_logits:
             raise ValueError("score() needs the engine opened with full_logits=True")
-        cache = self.new_cache(1, len(token_ids))
         ids = np.asarray([token_ids], dtype=np.int64)
-        cache.reserve(len(token_ids))
-        io = self.io
-        self._bound = None
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", np.ones_like(ids))
-        if self.needs_positions:
-            io.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None, :])
-        io.bind_output("logits", "cpu")
-        for i in range(self.n_layers):
-            for j, kv in enumerate(("key", "value")):
-                buf = cache.buffers[2 * i + j]
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
-                io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
-        self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+        logits = self._forward(self.new_cache(1, len(token_ids)), ids, np.array([len(token_ids)]))
+        return logits[0].astype(np.float32, copy=False)
 
     def decode(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
         """Append one token per row; returns (batch, vocab) logits."""

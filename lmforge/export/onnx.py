@@ -110,20 +110,31 @@ class Graph:
 def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
     """x @ W.T (+ bias) for W (out, in) as in HF: MatMul on W.T, or MatMulNBits on its codes."""
     if isinstance(w, NBits):
-        inputs = [x, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales)]
-        zp = w.packed_zero_points()
-        if zp is not None:
-            inputs.append(g.weight(name + ".zero_points", zp))
-        y = g.node("MatMulNBits", inputs, domain=MS, K=w.K, N=w.N, bits=w.bits, block_size=w.block_size,
-                   accuracy_level=accuracy_level)
-        if w.offsets is not None:  # + sum over each block of x, times that block's offset
-            sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])],
-                          keepdims=0)                                                                  # (B, S, n_blocks)
-            y = g.node("Add", [y, g.node("MatMul", [sums, g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T))])])
+        y = _matmul_nbits(g, x, _nbits_weights(g, w, name), accuracy_level)
     else:
         y = g.node("MatMul", [x, g.weight(name, np.ascontiguousarray(w.T))])
     if bias is not None:
         y = g.node("Add", [y, g.weight(name + ".bias", bias)])
+    return y
+
+
+def _nbits_weights(g: Graph, w: NBits, name: str) -> tuple:
+    """Write W's codes once; returns ("nbits", W, qweight, scales, zero points, offsets) names."""
+    zp = w.packed_zero_points()
+    return ("nbits", w, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales),
+            g.weight(name + ".zero_points", zp) if zp is not None else None,
+            g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None)
+
+
+def _matmul_nbits(g: Graph, x: str, desc: tuple, accuracy_level: int) -> str:
+    """MatMulNBits over written codes, plus each block's offset times that block's input sum."""
+    _, w, qweight, scales, zp, offsets = desc
+    y = g.node("MatMulNBits", [x, qweight, scales] + ([zp] if zp else []), domain=MS, K=w.K, N=w.N,
+               bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+    if offsets:
+        sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])],
+                      keepdims=0)                                                                      # (B, S, n_blocks)
+        y = g.node("Add", [y, g.node("MatMul", [sums, offsets])])
     return y
 
 
@@ -147,13 +158,6 @@ def window_size(spec: ModelSpec, i: int) -> int:
     if spec.layer_types[i] == "sliding" and spec.sliding_window:
         return spec.sliding_window
     return -1
-
-
-def _nbits_weights(g: Graph, w: NBits, name: str) -> tuple:
-    zp = w.packed_zero_points()
-    return ("nbits", w, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales),
-            g.weight(name + ".zero_points", zp) if zp is not None else None,
-            g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None)
 
 
 def _embedding(g: Graph, src: WeightSource, options: GraphOptions):
@@ -197,13 +201,7 @@ def _embedding(g: Graph, src: WeightSource, options: GraphOptions):
 def _head(g: Graph, h: str, desc: tuple, spec: ModelSpec, accuracy_level: int) -> str:
     """Logits (B, S, V) from hidden states (B, S, H)."""
     if desc[0] == "nbits":
-        _, w, qweight, scales, zp, offsets = desc
-        y = g.node("MatMulNBits", [h, qweight, scales] + ([zp] if zp else []), domain=MS, K=w.K, N=w.N,
-                   bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
-        if offsets:
-            sums = g.node("ReduceSum", [g.node("Reshape", [h, g.const([0, 0, -1, w.block_size])]), g.const([-1])], keepdims=0)
-            y = g.node("Add", [y, g.node("MatMul", [sums, offsets])])
-        return y
+        return _matmul_nbits(g, h, desc, accuracy_level)
     flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), desc[1]], transB=1)
     shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
     return g.node("Reshape", [flat, shape])

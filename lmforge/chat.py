@@ -90,13 +90,17 @@ def template_from_folder(folder: Path) -> str | None:
     return None
 
 
+def render_with(template: str, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render `messages` with `template` and the BOS/EOS strings of `tokenizer`."""
+    name = tokenizer.id_to_token
+    return render(template, messages, add_generation_prompt,
+                  bos_token=name(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
+                  eos_token=name(tokenizer.eos_ids[0]) if tokenizer.eos_ids else "")
+
+
 def render_for(checkpoint, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render `messages` with `checkpoint`'s own template and special-token strings."""
     template = checkpoint.chat_template()
     if not template:
         raise ChatTemplateError(f"{checkpoint.path} carries no chat template; use a raw prompt instead")
-    tok = checkpoint.tokenizer()
-    name = tok.id_to_token
-    return render(template, messages, add_generation_prompt,
-                  bos_token=name(tok.bos_id) if tok.bos_id is not None else "",
-                  eos_token=name(tok.eos_ids[0]) if tok.eos_ids else "")
+    return render_with(template, checkpoint.tokenizer(), messages, add_generation_prompt)

@@ -256,6 +256,15 @@ def _add_generation_args(p) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
+def _add_eval_args(p) -> None:
+    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    p.add_argument("--chunks", type=int, help="score at most this many windows")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmforge", description="Convert, run, serve and measure small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -303,24 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
     p = ev.add_parser("ppl", help="perplexity with llama.cpp's llama-perplexity protocol")
     p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
-    p.add_argument("--chunks", type=int, help="score at most this many windows")
-    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
+    _add_eval_args(p)
     p.set_defaults(func=cmd_eval_ppl)
 
     p = ev.add_parser("kld", help="KL divergence of MODEL's next-token distributions from REF's")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ref", required=True, help="the reference model (e.g. the fp32 form)")
     p.add_argument("--ref-target", help="preset used when REF must be converted first (default: cpu-fp32)")
-    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int)
-    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
+    _add_eval_args(p)
     p.set_defaults(func=cmd_eval_kld)
 
     p = sub.add_parser("bench", help="prefill/decode speed, load time, memory and size, beside peers")

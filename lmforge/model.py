@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from lmforge.chat import render, template_from_folder
+from lmforge.chat import render_with, template_from_folder
 from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
 from lmforge.registry import cache_dir, resolve
@@ -73,11 +73,7 @@ class Model:
             from lmforge.errors import ChatTemplateError
 
             raise ChatTemplateError("this model has no chat template; pass raw=True (or --raw) with a plain prompt")
-        name = tok.id_to_token
-        text = render(self.chat_template, messages, add_generation_prompt=True,
-                      bos_token=name(tok.bos_id) if tok.bos_id is not None else "",
-                      eos_token=name(tok.eos_ids[0]) if tok.eos_ids else "")
-        return tok.encode(text, parse_special=True)
+        return tok.encode(render_with(self.chat_template, tok, messages), parse_special=True)
 
     def _stream(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -88,11 +84,16 @@ class Model:
             self.last = r
             yield r
 
-    def stream(self, prompt: str, raw: bool = False, **options) -> Iterator[str]:
-        """Yield one text piece per generated token (possibly empty while a character is incomplete)."""
-        for r in self._stream(self.prompt_ids(prompt, raw=raw), **options):
+    def _pieces(self, ids: list[int], **options) -> Iterator[str]:
+        """One text piece per generated token (possibly empty while a character is incomplete);
+        the EOS step yields only text still held back."""
+        for r in self._stream(ids, **options):
             if r.token is not None and r.token not in self.eos_token_ids or r.text:
                 yield r.text
+
+    def stream(self, prompt: str, raw: bool = False, **options) -> Iterator[str]:
+        """Yield one text piece per generated token of the completion of `prompt`."""
+        return self._pieces(self.prompt_ids(prompt, raw=raw), **options)
 
     def generate(self, prompt: str, raw: bool = False, **options) -> str:
         """The completion of `prompt` as one string."""
@@ -100,9 +101,7 @@ class Model:
 
     def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
         """Yield the assistant's reply to `messages` piece by piece (one per generated token)."""
-        for r in self._stream(self.prompt_ids(messages=messages), **options):
-            if r.token is not None and r.token not in self.eos_token_ids or r.text:
-                yield r.text
+        return self._pieces(self.prompt_ids(messages=messages), **options)
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's reply to an OpenAI-style list of messages."""

@@ -4,11 +4,12 @@ from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 
-def load(model, device: str = "cpu", target: str | None = None, threads: int | None = None, progress=None):
+def load(model, device: str = "cpu", target: str | None = None, threads: int | None = None, progress=None,
+         engine: str = "auto"):
     """Load MODEL for generation; see `lmforge.model.load`."""
     from lmforge.model import load as _load
 
-    return _load(model, device=device, target=target, threads=threads, progress=progress)
+    return _load(model, device=device, target=target, threads=threads, progress=progress, engine=engine)
 
 
 def convert(source, out, target: str = "cpu-fp32", **options):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.chat import render_with, template_from_folder
+from lmforge.errors import LmforgeError
 from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
 from lmforge.registry import cache_dir, resolve
@@ -108,14 +109,45 @@ class Model:
         return "".join(r.text for r in self._stream(self.prompt_ids(messages=messages), **options))
 
 
+ENGINES = ("auto", "ort", "llamacpp")
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: str | None = None) -> str:
+    """"ort" or "llamacpp" for a resolved model path: `auto` takes llama.cpp for a GGUF file when
+    llama-cpp-python is installed (and no ONNX target or DirectML was asked for), else ONNX Runtime."""
+    from importlib.util import find_spec
+
+    if engine not in ENGINES:
+        raise LmforgeError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "auto":
+        gguf_ok = _is_gguf(path) and target is None and device in ("cpu", "cuda")
+        return "llamacpp" if gguf_ok and find_spec("llama_cpp") is not None else "ort"
+    if engine == "llamacpp" and not _is_gguf(path):
+        raise LmforgeError(f"the llama.cpp engine runs .gguf files and {path} is not one; "
+                           f"write one first (lmforge convert {path} -o model.gguf --gguf q8_0) or use --engine ort")
+    return engine
+
+
 def load(model: str | os.PathLike, device: str = "cpu", target: str | None = None, threads: int | None = None,
-         progress: bool | None = None) -> Model:
+         progress: bool | None = None, engine: str = "auto") -> Model:
     """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
 
-    Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting
-    (default: cpu-fp32 for the CPU, cuda-fp16 for CUDA); ONNX Runtime threads; progress bar.
+    Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting to ONNX
+    (default: cpu-fp32 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
+    auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed).
     Returns a `Model`."""
+    path = resolve(model)
+    if pick_engine(path, engine, device, target) == "llamacpp":
+        from lmforge.checkpoint import open_checkpoint
+        from lmforge.runtime.llamacpp import LlamaCppEngine
+
+        ckpt = open_checkpoint(path)
+        return Model(LlamaCppEngine(path, device=device, threads=threads), ckpt.tokenizer(), ckpt.chat_template())
     target = target or ("cuda-fp16" if device == "cuda" else DEFAULT_TARGET)
     folder = cached_onnx(model, target, progress)
-    engine = OrtEngine(folder, device=device, threads=threads)
-    return Model(engine, Tokenizer.from_folder(folder), template_from_folder(folder))
+    ort_engine = OrtEngine(folder, device=device, threads=threads)
+    return Model(ort_engine, Tokenizer.from_folder(folder), template_from_folder(folder))

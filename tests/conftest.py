@@ -49,6 +49,14 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory):
+    """The default model as cpu-fp32: model.onnx for lmforge, model.genai.onnx for onnxruntime-genai."""
+    from lmforge.export.convert import convert
+
+    return convert("smollm2-135m", tmp_path_factory.mktemp("default") / "cpu-fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
 def wikitext() -> str:
     # newline="" keeps the file's CRLF line endings: they change tokenization.
     with open(WIKITEXT, encoding="utf-8", newline="") as f:

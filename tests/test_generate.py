@@ -17,12 +17,6 @@ from lmforge.tokenizer import Tokenizer
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
-@pytest.fixture(scope="session")
-def default_onnx(tmp_path_factory):
-    """The default model as cpu-fp32: model.onnx for lmforge, model.genai.onnx for onnxruntime-genai."""
-    return convert("smollm2-135m", tmp_path_factory.mktemp("default") / "cpu-fp32", progress=False)
-
-
 def genai_greedy(folder, ids, extra_tokens):
     """Greedy tokens from onnxruntime-genai's own generator."""
     import onnxruntime_genai as og
@@ -82,7 +76,8 @@ def test_onnxruntime_genai_runs_the_folder_with_the_same_tokens(default_onnx):
 
 def test_cli_run_answers_the_capital(tmp_path):
     env = dict(os.environ, LMFORGE_HOME=str(tmp_path / "home"))
-    r = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?"],
+    r = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?",
+                        "--engine", "ort"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
@@ -90,7 +85,8 @@ def test_cli_run_answers_the_capital(tmp_path):
     cached = list((tmp_path / "home" / "onnx").iterdir())
     assert any(p.is_dir() for p in cached)
     # second run reuses the cached conversion
-    r2 = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?"],
+    r2 = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?",
+                         "--engine", "ort"],
                         capture_output=True, text=True, env=env)
     assert r2.stdout == r.stdout and sorted((tmp_path / "home" / "onnx").iterdir()) == sorted(cached)
 

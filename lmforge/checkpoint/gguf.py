@@ -123,7 +123,8 @@ def spec_from_gguf(meta: dict, arch, tensors: dict, floats) -> ModelSpec:
 
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelSpec(
-        arch=a,
+        # llama.cpp writes Mistral as `llama`; a window (which only lmforge's files keep) tells it apart
+        arch="mistral" if a == "llama" and window else a,
         hidden_size=hidden,
         n_layers=n_layers,
         n_heads=n_heads,
@@ -223,6 +224,14 @@ class GGUFCheckpoint(Checkpoint):
         if heads:
             blocks = unpermute_qk(blocks, heads)
         return QuantizedTensor(gguf.GGMLQuantizationType(e.qtype).name, e.shape, blocks)
+
+    @property
+    def infos_by_name(self) -> dict[str, TensorInfo]:
+        return {i.name: i for i in self.infos}
+
+    def stored_blocks(self, name: str) -> np.ndarray:
+        """One tensor's bytes exactly as stored (llama.cpp's row order), for copying into a GGUF."""
+        return self._rows(self._entries[name])
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for info in self.infos:

@@ -1,0 +1,233 @@
+"""GGUF files for llama.cpp from any source lmforge reads (HF folder, GGUF, known name).
+
+Metadata follows llama.cpp's converter per architecture (Mistral is written as `llama`); the
+q/k rows of Llama-family attention are interleaved for llama.cpp's rotary layout, Gemma norms
+stored as 1 + w, Phi-3's longrope factors written as tensors. The file is streamed: every
+tensor info first (types are decided from names and shapes), then the data one tensor at a time
+into a hidden temporary file beside OUT, renamed into place when complete.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.checkpoint import open_checkpoint
+from lmforge.checkpoint.gguf import permute_qk
+from lmforge.checkpoint.spec import ModelSpec
+from lmforge.errors import LmforgeError
+from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
+from lmforge.export.gguf_vocab import gguf_vocab, hf_vocab
+
+QUANTIZATION_VERSION = 2
+
+
+def _arch_metadata(spec: ModelSpec, gguf_arch: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """`{arch}.*` hyper-parameters (key -> (value, type)) and hyper-parameter tensors."""
+    a = gguf_arch
+    meta = {
+        f"{a}.context_length": (spec.context_length, "uint32"),
+        f"{a}.embedding_length": (spec.hidden_size, "uint32"),
+        f"{a}.block_count": (spec.n_layers, "uint32"),
+        f"{a}.feed_forward_length": (spec.intermediate_size, "uint32"),
+        f"{a}.attention.head_count": (spec.n_heads, "uint32"),
+        f"{a}.attention.head_count_kv": (spec.n_kv_heads, "uint32"),
+        f"{a}.attention.key_length": (spec.head_dim, "uint32"),
+        f"{a}.attention.value_length": (spec.head_dim, "uint32"),
+        f"{a}.attention.layer_norm_rms_epsilon": (spec.norm_eps, "float32"),
+        f"{a}.rope.dimension_count": (spec.rotary_dim, "uint32"),
+        f"{a}.rope.freq_base": (spec.rope_theta, "float32"),
+        f"{a}.vocab_size": (spec.vocab_size, "uint32"),
+    }
+    tensors: dict[str, np.ndarray] = {}
+    rs = spec.rope_scaling
+    if rs is not None:
+        if rs.kind == "linear":
+            meta[f"{a}.rope.scaling.type"] = ("linear", "string")
+            meta[f"{a}.rope.scaling.factor"] = (rs.factor, "float32")
+        elif rs.kind == "yarn":
+            meta[f"{a}.rope.scaling.type"] = ("yarn", "string")
+            meta[f"{a}.rope.scaling.factor"] = (rs.factor, "float32")
+            meta[f"{a}.rope.scaling.original_context_length"] = (rs.original_context_length, "uint32")
+        elif rs.kind == "longrope":
+            meta[f"{a}.rope.scaling.original_context_length"] = (rs.original_context_length, "uint32")
+            meta[f"{a}.rope.scaling.attn_factor"] = (rs.attention_factor or 1.0, "float32")
+            tensors["rope_factors_long.weight"] = np.asarray(rs.long_factor, dtype=np.float32)
+            tensors["rope_factors_short.weight"] = np.asarray(rs.short_factor, dtype=np.float32)
+        elif rs.kind == "llama3":
+            tensors["rope_freqs.weight"] = llama3_freq_factors(spec)
+        elif rs.kind == "freq_factors":
+            tensors["rope_freqs.weight"] = np.asarray(rs.long_factor, dtype=np.float32)
+        else:
+            raise LmforgeError(f"writing GGUF for rope scaling {rs.kind!r} is not supported")
+    if spec.arch == "gemma3":
+        meta[f"{a}.attention.sliding_window"] = (spec.sliding_window or spec.context_length, "uint32")
+        meta[f"{a}.attention.sliding_window_pattern"] = ([t == "sliding" for t in spec.layer_types], "array")
+        meta[f"{a}.rope.freq_base_swa"] = (spec.rope_local_theta or 10000.0, "float32")
+    elif spec.sliding_window:
+        meta[f"{a}.attention.sliding_window"] = (spec.sliding_window, "uint32")
+    if spec.sliding_window and spec.arch == "mistral":  # written as `llama`, which has no window in llama.cpp
+        print(f"lmforge: warning: llama.cpp's {a} architecture has no sliding window; this model's window of "
+              f"{spec.sliding_window} tokens is dropped, so outputs differ once a sequence is longer", file=sys.stderr)
+    return meta, tensors
+
+
+def llama3_freq_factors(spec: ModelSpec) -> np.ndarray:
+    """Llama 3 rope scaling as llama.cpp stores it: one divisor per rotary frequency."""
+    rs = spec.rope_scaling
+    inv = 1.0 / spec.rope_theta ** (np.arange(0, spec.rotary_dim, 2, dtype=np.float64) / spec.rotary_dim)
+    wavelen = 2 * math.pi / inv
+    low = rs.original_context_length / rs.low_freq_factor
+    high = rs.original_context_length / rs.high_freq_factor
+    smooth = (rs.original_context_length / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, rs.factor, 1.0 / ((1 - smooth) / rs.factor + smooth)))
+    return factors.astype(np.float32)
+
+
+def _add(writer, key: str, value, kind: str) -> None:
+    import gguf
+
+    T = gguf.GGUFValueType
+    if kind == "array":
+        first = value[0] if len(value) else ""
+        sub = T.STRING if isinstance(first, str) else T.BOOL if isinstance(first, bool) else \
+            T.INT32 if isinstance(first, (int, np.integer)) else T.FLOAT32
+        writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)
+    else:
+        writer.add_key_value(key, value, {"uint32": T.UINT32, "float32": T.FLOAT32, "string": T.STRING,
+                                          "bool": T.BOOL}[kind])
+
+
+class _Plan:
+    """The tensors of the output in order: GGUF name, numpy shape, ggml type, and how to get the data."""
+
+    def __init__(self, ckpt, ft: FileType, extra: dict[str, np.ndarray]):
+        spec, arch = ckpt.spec, ckpt.arch
+        self.items: list[tuple[str, tuple[int, ...], object, str | None]] = []
+        self.notes: list[str] = []
+        names = [i for i in ckpt.infos if not (spec.tied_embeddings and i.name == "lm_head")]
+        has_output = any(i.name == "lm_head" for i in names)
+        for info in names:
+            gname = arch.source_name(info.name, "gguf")
+            if gname is None:
+                raise LmforgeError(f"tensor {info.name!r} has no GGUF name for {spec.arch}; this model cannot be written as GGUF")
+            qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
+            if note:
+                self.notes.append(note)
+            self.items.append((gname, tuple(info.shape), qtype, info.name))
+        for gname, arr in extra.items():
+            self.items.append((gname, arr.shape, tensor_type(gname, arr.shape, ft, spec.n_layers, has_output)[0], None))
+
+
+def _encode(arr: np.ndarray, qtype) -> np.ndarray:
+    """`arr` in ggml type `qtype`: float arrays for F32/F16, uint8 blocks (rows, bytes) otherwise."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return np.ascontiguousarray(arr, dtype=np.float16)
+    from lmforge.quant.ggml import quantize
+
+    return quantize(np.ascontiguousarray(arr, dtype=np.float32).reshape(arr.shape[0], -1), qtype)
+
+
+def _transform(ckpt, canonical: str, arr: np.ndarray) -> np.ndarray:
+    """HF order and values -> llama.cpp's: q/k rows interleaved, Gemma norms as 1 + w."""
+    spec, arch = ckpt.spec, ckpt.arch
+    parts = canonical.split(".")
+    if arch.permute_qk and len(parts) >= 3 and parts[0] == "layers" and parts[2] in ("q", "k"):
+        arr = permute_qk(arr, spec.n_heads if parts[2] == "q" else spec.n_kv_heads)
+    if arch.gguf_norm_offset and canonical.endswith("norm"):
+        arr = arr + np.float32(arch.gguf_norm_offset)
+    return arr
+
+
+def _model_name(name: str, vocab: dict) -> str:
+    """general.name; llama.cpp sets token attributes of Phi-3 models by name and stops loading
+    when a name containing "phi3" meets a vocabulary without those tokens."""
+    tokens = set(vocab.get("tokenizer.ggml.tokens", ([], ""))[0])
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= tokens:
+        return name.lower().replace("phi-3", "phi").replace("phi3", "phi")
+    return name
+
+
+def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, progress: bool | None = None) -> Path:
+    """Write SOURCE (known name, HF folder, GGUF file) as a GGUF file OUT of type `gguf_type`
+    (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m q5_k_m q6_k). From a GGUF source, tensors whose
+    type does not change are copied block for block. Returns OUT."""
+    import gguf
+
+    ft = get_file_type(gguf_type)
+    ckpt = open_checkpoint(source)
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not force or not out.is_file()):
+        raise LmforgeError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise LmforgeError(f"folder {out.parent} does not exist; create it first")
+    if ckpt.path.resolve() == out:
+        raise LmforgeError(f"-o {out} is the source; name a new file")
+    spec = ckpt.spec
+    if ckpt.format == "gguf":
+        vocab = gguf_vocab(ckpt.meta)
+    else:
+        vocab = hf_vocab(ckpt.path, spec.vocab_size)
+    meta, extra = _arch_metadata(spec, ckpt.arch.gguf_arch)
+    plan = _Plan(ckpt, ft, extra)
+    if plan.notes:  # one line per kind of fallback, as a summary
+        print(f"lmforge: {len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
+              f"{', ...' if len(plan.notes) > 1 else ''})", file=sys.stderr)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
+    try:
+        general = {k: v for k, v in getattr(ckpt, "meta", {}).items() if k.startswith("general.")
+                   and k not in ("general.architecture", "general.file_type", "general.quantization_version",
+                                 "general.alignment")}
+        if "general.name" not in general:
+            writer.add_name(_model_name(ckpt.path.stem, vocab))
+        for key, value in general.items():  # a GGUF source's model card: name, license, ...
+            _add(writer, key, value, "array" if isinstance(value, list) else "string" if isinstance(value, str)
+                 else "bool" if isinstance(value, bool) else "uint32" if isinstance(value, int) else "float32")
+        writer.add_file_type(int(ft.ftype))
+        writer.add_quantization_version(QUANTIZATION_VERSION)
+        for key, (value, kind) in {**meta, **vocab}.items():
+            _add(writer, key, value, kind)
+        template = ckpt.chat_template()
+        if template and "tokenizer.chat_template" not in vocab:
+            writer.add_chat_template(template)
+        for gname, shape, qtype, _ in plan.items:
+            nbytes = math.prod(shape) // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]
+            writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = _bar(len(plan.items), progress)
+        for gname, shape, qtype, canonical in plan.items:
+            if canonical is None:
+                data = _encode(extra[gname], qtype)
+            elif ckpt.format == "gguf" and ckpt.infos_by_name[canonical].dtype == qtype.name:
+                data = ckpt.stored_blocks(canonical)  # same type: the stored bytes, untouched
+            else:
+                data = _encode(_transform(ckpt, canonical, ckpt.read(canonical)), qtype)
+            writer.write_tensor_data(data)
+            bar()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _bar(total: int, enabled: bool | None):
+    if not (os.isatty(2) if enabled is None else enabled):
+        return lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tensor", desc="gguf", leave=False)
+    return lambda: (bar.update(1), bar.n == total and bar.close())

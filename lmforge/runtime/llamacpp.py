@@ -1,0 +1,200 @@
+"""llama.cpp engine over llama-cpp-python's low-level C API (extra `llamacpp`).
+
+Same protocol as the ONNX Runtime engine: `new_cache` / `prefill` / `decode`, logits out, and
+sampling stays in lmforge (`generate_step`). Cache rows are llama.cpp sequence ids in one
+context; the context is sized to the request (rows x capacity) and reused while big enough.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import LmforgeError
+
+DEVICES = ("cpu", "cuda")
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
+_quiet_logger = None  # keeps the ctypes callback alive while llama.cpp holds it
+
+
+def _import():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LmforgeError("the llama.cpp engine needs llama-cpp-python; run: pip install 'lmforge[llamacpp]'") from None
+    return llama_cpp
+
+
+def _silence(llama_cpp) -> None:
+    """Route llama.cpp's log lines to nowhere (its loader prints hundreds on stderr)."""
+    global _quiet_logger
+    if _quiet_logger is None:
+        _quiet_logger = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        llama_cpp.llama_log_set(_quiet_logger, ctypes.c_void_p(0))
+
+
+class LlamaCppCache:
+    """Rows of one llama.cpp context (sequence ids 0..batch_size-1) and each row's length."""
+
+    def __init__(self, engine: "LlamaCppEngine", batch_size: int, capacity: int):
+        self.engine = engine
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.lengths = np.zeros(batch_size, dtype=np.int64)
+        self.generation = engine._generation
+
+
+class LlamaCppEngine:
+    """A GGUF file in llama.cpp. One cache is live at a time: `new_cache` clears the context."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 n_gpu_layers: int | None = None, n_batch: int = 512, kv_type: str = "f16"):
+        """Open the GGUF at `path`; `device` cuda offloads `n_gpu_layers` (default all) to the
+        GPU of a CUDA build of llama.cpp; `threads` for prompt and generation (default: all cores);
+        `kv_type` f16 (llama.cpp's default), f32 (exact comparisons: also turns flash attention
+        off, whose CPU kernel rounds to f16) or q8_0 for the KV cache."""
+        llama_cpp = _import()
+        self._lib = llama_cpp
+        if device not in DEVICES:
+            raise LmforgeError(f"the llama.cpp engine runs on {' or '.join(DEVICES)}, not {device!r}; "
+                               "use --engine ort for other devices")
+        if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+            raise LmforgeError("this llama-cpp-python was built without GPU support; reinstall it with "
+                               "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python --no-binary llama-cpp-python")
+        if kv_type not in KV_TYPES:
+            raise LmforgeError(f"unknown KV cache type {kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
+        self.kv_type = KV_TYPES[kv_type]
+        path = Path(path)
+        if not path.is_file():
+            raise LmforgeError(f"{path} does not exist; give a .gguf file")
+        _silence(llama_cpp)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = (n_gpu_layers if n_gpu_layers is not None else 999) if device == "cuda" else 0
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise LmforgeError(f"llama.cpp cannot load {path}; is it a complete GGUF file of a supported model?")
+        self.path, self.device = path, device
+        self.threads = threads or os.cpu_count() or 1
+        self.n_batch = n_batch
+        vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.context_length = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        eos = [llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)]
+        self.eos_token_ids = tuple(dict.fromkeys(int(t) for t in eos if t >= 0))
+        self.ctx = None
+        self._ctx_rows = self._ctx_capacity = 0
+        self._generation = 0
+        self._batch = None
+        self._batch_size = 0
+
+    # ---- context and batch management ---------------------------------------------------------
+    def _context(self, rows: int, capacity: int) -> None:
+        """Make the context hold `rows` sequences of `capacity` positions each (recreated if smaller)."""
+        lib = self._lib
+        if self.ctx is not None and rows <= self._ctx_rows and capacity <= self._ctx_capacity:
+            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            return
+        if self.ctx is not None:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        capacity = min(self.context_length, -(-capacity // 256) * 256)  # whole pages, fewer re-creations
+        params = lib.llama_context_default_params()
+        params.n_ctx = rows * capacity
+        params.n_seq_max = rows
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads = params.n_threads_batch = self.threads
+        params.kv_unified = True
+        params.type_k = params.type_v = self.kv_type
+        if self.kv_type == KV_TYPES["f32"]:
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise LmforgeError(f"llama.cpp cannot make a context of {rows} x {capacity} tokens; ask for fewer tokens")
+        self._ctx_rows, self._ctx_capacity = rows, capacity
+
+    def _llama_batch(self, n: int):
+        lib = self._lib
+        if n > self._batch_size:
+            if self._batch is not None:
+                lib.llama_batch_free(self._batch)
+            self._batch = lib.llama_batch_init(n, 0, max(1, self._ctx_rows))
+            self._batch_size = n
+        return self._batch
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> LlamaCppCache:
+        """An empty cache of `batch_size` rows for `capacity` positions each; earlier caches die."""
+        capacity = min(capacity, self.context_length)
+        self._context(batch_size, capacity)
+        self._generation += 1
+        return LlamaCppCache(self, batch_size, self._ctx_capacity)
+
+    def _run(self, cache: LlamaCppCache, rows: list[list[int]]) -> np.ndarray:
+        """Append each row's tokens (llama.cpp batches of at most n_batch tokens); returns the
+        float32 logits (rows, vocab) of each row's last token."""
+        lib = self._lib
+        if cache.generation != self._generation:
+            raise LmforgeError("this cache belongs to an earlier request; make a new one with new_cache()")
+        totals = cache.lengths + np.array([len(r) for r in rows])
+        if totals.max() > cache.capacity:
+            raise LmforgeError(f"sequence of {int(totals.max())} tokens exceeds this cache's {cache.capacity} positions; "
+                               "make the cache with a larger capacity")
+        flat = [(r, i, t) for r, ids in enumerate(rows) for i, t in enumerate(ids)]
+        out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start:start + self.n_batch]
+            batch = self._llama_batch(len(chunk))
+            batch.n_tokens = len(chunk)
+            last = {}
+            for k, (r, i, t) in enumerate(chunk):
+                batch.token[k] = t
+                batch.pos[k] = int(cache.lengths[r]) + i
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = r
+                is_last = i == len(rows[r]) - 1
+                batch.logits[k] = is_last
+                if is_last:
+                    last[r] = k
+            rc = lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}); the context may be full")
+            for r, k in last.items():
+                ptr = lib.llama_get_logits_ith(self.ctx, k)
+                out[r] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+        cache.lengths = totals
+        return out
+
+    def prefill(self, cache: LlamaCppCache, token_ids: list[list[int]]) -> np.ndarray:
+        """Append each row's prompt; returns (batch, vocab) logits of each row's last token."""
+        if len(token_ids) != cache.batch_size:
+            raise ValueError("one token list per cache row")
+        if any(len(t) == 0 for t in token_ids):
+            raise LmforgeError("empty prompt: give at least one token")
+        return self._run(cache, [list(map(int, t)) for t in token_ids])
+
+    def decode(self, cache: LlamaCppCache, token_ids: list[int]) -> np.ndarray:
+        """Append one token per row; returns (batch, vocab) logits."""
+        return self._run(cache, [[int(t)] for t in token_ids])
+
+    def close(self) -> None:
+        """Free the context, batch and model (also done when the engine is collected)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx is not None:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass

@@ -1,8 +1,6 @@
 """GGUF writer + llama.cpp engine against the outside references: transformers' forward pass,
 llama.cpp's loader and tokenizer, and llama.cpp's own quantizer's choice of types."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ pytest.importorskip("llama_cpp")
 
 from lmforge.export.gguf import convert_to_gguf  # noqa: E402
 from lmforge.runtime.llamacpp import LlamaCppEngine  # noqa: E402
-from tests.test_onnx_parity import PARITY_CASES, hf_model, prompt_ids, rel_err  # noqa: E402
+from tests.test_onnx_parity import PARITY_CASES, hf_model, parity_errors, prompt_ids, rel_err  # noqa: E402
 
 TOL = 1e-3
 
@@ -40,25 +38,9 @@ CASES = [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="llama.cpp
 @pytest.mark.parametrize("arch,variant,n", CASES, ids=lambda x: str(x))
 def test_llamacpp_on_our_f32_gguf_matches_transformers(arch, variant, n, gguf_factory):
     """HF -> GGUF f32 -> llama.cpp: prefill and 8 cached decode steps match transformers."""
-    import torch
-
     src, path = gguf_factory(arch, variant)
-    model = hf_model(src)
     engine = LlamaCppEngine(path, threads=2, kv_type="f32")  # f32 weights and cache: no rounding of ours
-    ids = prompt_ids(n, engine.vocab_size)
-    cache = engine.new_cache(1, n + 8)
-    ours = engine.prefill(cache, [ids])[0]
-    errors = []
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
-        ref, past = out.logits[0, -1].numpy(), out.past_key_values
-        errors.append(rel_err(ours, ref))
-        for _ in range(8):
-            token = int(ref.argmax())
-            ours = engine.decode(cache, [token])[0]
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            ref, past = out.logits[0, -1].numpy(), out.past_key_values
-            errors.append(rel_err(ours, ref))
+    errors = parity_errors(engine, src, prompt_ids(n, engine.vocab_size))
     print(f"{arch}-{variant}: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}")
     assert max(errors) <= TOL, errors
 
@@ -154,6 +136,7 @@ def test_default_model_types_and_blocks_equal_llamacpps_quantizer(kind, default_
     """Our file of the default model's F32 weights holds the same type per tensor (the _m mix,
     its fallback for rows of 576) and the same bytes as llama.cpp's own quantizer makes."""
     ours = _same_as_llamacpp(default_f32_gguf, kind, tmp_path)
+    assert _load_log(tmp_path / f"ours-{kind}.gguf") == []
     if kind == "q4_k_m":  # rows of 576 fall back (Q4_K -> Q5_0, Q6_K -> Q8_0); ffn_down's 1536 do not
         assert {t for t, _ in ours.values()} == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
 
@@ -247,3 +230,33 @@ def test_cli_run_engines_on_a_gguf(tmp_path, default_model_path):
         assert r.stdout == theirs + "\n", engine
     r = run_cli("run", default_model_path, "--raw", "-p", prompt, "--max-tokens", "12", "--engine", "ort")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+
+
+def _load_log(path) -> list[str]:
+    """llama.cpp's own log lines while it loads `path` (a vocab and weights load)."""
+    import ctypes
+
+    import llama_cpp
+
+    from lmforge.runtime import llamacpp as ours
+
+    lines = []
+    catch = llama_cpp.llama_log_callback(lambda level, text, user: lines.append((level, text.decode(errors="replace"))))
+    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        assert model, "".join(t for _, t in lines)
+        llama_cpp.llama_model_free(model)
+    finally:
+        ours._quiet_logger = None
+        ours._silence(llama_cpp)
+    assert len(lines) > 20  # the capture works: llama.cpp logs every key it reads
+    warn, error = 3, 4  # enum ggml_log_level
+    return [t for level, t in lines if level in (warn, error) or "warn" in t.lower()]
+
+
+@pytest.mark.parametrize("arch,variant", [("llama", None), ("mistral", None), ("qwen2", None), ("phi3", None),
+                                          ("phi3", "longrope"), ("gemma3", None)], ids=str)
+def test_llamacpp_loads_our_files_without_warnings(arch, variant, gguf_factory):
+    _, path = gguf_factory(arch, variant)
+    assert _load_log(path) == []

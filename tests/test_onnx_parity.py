@@ -42,27 +42,33 @@ def prompt_ids(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
-@pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))
-def test_prefill_and_decode_match_transformers(arch, variant, n, onnx_factory):
+def parity_errors(engine, src, ids: list[int], steps: int = 8) -> list[float]:
+    """Relative logit errors of `engine` against transformers on checkpoint `src`: the prefill of
+    `ids`, then `steps` cached decode steps of transformers' greedy tokens."""
     import torch
 
-    src, folder = onnx_factory(arch, variant)
     model = hf_model(src)
-    engine = OrtEngine(folder)
-    ids = prompt_ids(n, engine.vocab_size)
-    cache = engine.new_cache(1, n + 8)
+    cache = engine.new_cache(1, len(ids) + steps)
     ours = engine.prefill(cache, [ids])[0]
     errors = []
     with torch.no_grad():
         out = model(torch.tensor([ids]), use_cache=True)
         ref, past = out.logits[0, -1].numpy(), out.past_key_values
         errors.append(rel_err(ours, ref))
-        for step in range(8):
+        for _ in range(steps):
             token = int(ref.argmax())
             ours = engine.decode(cache, [token])[0]
             out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             ref, past = out.logits[0, -1].numpy(), out.past_key_values
             errors.append(rel_err(ours, ref))
+    return errors
+
+
+@pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))
+def test_prefill_and_decode_match_transformers(arch, variant, n, onnx_factory):
+    src, folder = onnx_factory(arch, variant)
+    engine = OrtEngine(folder)
+    errors = parity_errors(engine, src, prompt_ids(n, engine.vocab_size))
     print(f"{arch}-{variant}: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}")
     assert max(errors) <= TOL, errors
 

@@ -78,6 +78,11 @@ def cmd_convert(args) -> int:
         return 0
     if not args.source or not args.output:
         raise LmforgeError("give SOURCE and -o OUT (or --list-targets)")
+    if args.gguf:
+        from lmforge.export.gguf import convert_to_gguf
+
+        print(convert_to_gguf(args.source, args.output, args.gguf, force=args.force))
+        return 0
     if args.hf:
         from lmforge.export.hf import convert_to_hf
 
@@ -108,7 +113,7 @@ def _stats(model) -> str:
 def cmd_run(args) -> int:
     from lmforge.model import load
 
-    model = load(args.model, device=args.device, target=args.target, threads=args.threads)
+    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     try:
         for piece in model.stream(args.prompt, raw=args.raw, **_sampling(args)):
             sys.stdout.write(piece)
@@ -123,7 +128,7 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     from lmforge.model import load
 
-    model = load(args.model, device=args.device, target=args.target, threads=args.threads)
+    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     history: list[dict] = []
     print("lmforge chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
@@ -242,6 +247,15 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lmforge.server.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_tokens_limit=args.max_tokens_limit, engine=args.engine, device=args.device, target=args.target,
+          threads=args.threads, name=args.name)
+    return 0
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -253,7 +267,9 @@ def _add_generation_args(p) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime / llama.cpp threads (default: all cores)")
+    p.add_argument("--engine", default="auto", choices=["auto", "ort", "llamacpp"],
+                   help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else ONNX Runtime")
 
 
 def _add_eval_args(p) -> None:
@@ -284,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the text as a user message in the model's chat template first")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to an ONNX folder")
+    p = sub.add_parser("convert", help="convert a checkpoint to an ONNX folder, a GGUF file or an HF folder")
     p.add_argument("source", nargs="?", help="known name, HF folder or .gguf file")
     p.add_argument("-o", "--output", help="output folder (written atomically)")
     p.add_argument("--target", default="cpu-fp32", help="preset (see --list-targets)")
@@ -298,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)")
     p.add_argument("--requantize", action="store_true", help="GGUF input: dequantize and quantize again instead of exact transcoding")
     p.add_argument("--calibration", help="AWQ calibration text file (default: Python's own documentation)")
-    p.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")
+    form.add_argument("--gguf", metavar="TYPE", help="write a GGUF file for llama.cpp instead: f32 f16 bf16 q8_0 q4_0 q4_1 "
+                      "q5_0 q5_1 q4_k_m q5_k_m q6_k")
     p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_convert)
 
@@ -361,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (ONNX Runtime on the CPU)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on a request's max_tokens")
+    p.add_argument("--engine", default="ort", choices=["ort", "llamacpp"],
+                   help="ort (default): continuous batching; llamacpp: a .gguf file, one request at a time")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
+    p.add_argument("--name", help="the model id clients send (default: MODEL's name)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -118,14 +118,20 @@ def _is_gguf(path: Path) -> bool:
 
 def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: str | None = None) -> str:
     """"ort" or "llamacpp" for a resolved model path: `auto` takes llama.cpp for a GGUF file when
-    llama-cpp-python is installed (and no ONNX target or DirectML was asked for), else ONNX Runtime."""
+    llama-cpp-python is installed (and no ONNX target or DirectML was asked for; for CUDA, when it
+    is a CUDA build), else ONNX Runtime."""
     from importlib.util import find_spec
 
     if engine not in ENGINES:
         raise LmforgeError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "auto":
-        gguf_ok = _is_gguf(path) and target is None and device in ("cpu", "cuda")
-        return "llamacpp" if gguf_ok and find_spec("llama_cpp") is not None else "ort"
+        if not (_is_gguf(path) and target is None and device in ("cpu", "cuda") and find_spec("llama_cpp")):
+            return "ort"
+        if device == "cuda":  # PyPI's llama-cpp-python is a CPU build: then CUDA means ONNX Runtime
+            from lmforge.runtime.llamacpp import _import
+
+            return "llamacpp" if _import().llama_supports_gpu_offload() else "ort"
+        return "llamacpp"
     if engine == "llamacpp" and not _is_gguf(path):
         raise LmforgeError(f"the llama.cpp engine runs .gguf files and {path} is not one; "
                            f"write one first (lmforge convert {path} -o model.gguf --gguf q8_0) or use --engine ort")
@@ -133,13 +139,13 @@ def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: s
 
 
 def load(model: str | os.PathLike, device: str = "cpu", target: str | None = None, threads: int | None = None,
-         progress: bool | None = None, engine: str = "auto") -> Model:
+         progress: bool | None = None, engine: str = "auto", session_config: dict[str, str] | None = None) -> Model:
     """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
 
     Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting to ONNX
     (default: cpu-fp32 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
-    auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed).
-    Returns a `Model`."""
+    auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed);
+    ONNX Runtime session config entries. Returns a `Model`."""
     path = resolve(model)
     if pick_engine(path, engine, device, target) == "llamacpp":
         from lmforge.checkpoint import open_checkpoint
@@ -149,5 +155,5 @@ def load(model: str | os.PathLike, device: str = "cpu", target: str | None = Non
         return Model(LlamaCppEngine(path, device=device, threads=threads), ckpt.tokenizer(), ckpt.chat_template())
     target = target or ("cuda-fp16" if device == "cuda" else DEFAULT_TARGET)
     folder = cached_onnx(model, target, progress)
-    ort_engine = OrtEngine(folder, device=device, threads=threads)
+    ort_engine = OrtEngine(folder, device=device, threads=threads, session_config=session_config)
     return Model(ort_engine, Tokenizer.from_folder(folder), template_from_folder(folder))

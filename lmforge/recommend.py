@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from lmforge.errors import LmforgeError
 
 OVERHEAD = 300 << 20  # ONNX Runtime, tokenizer and Python, measured ~250-350 MB on the default model
-LLAMACPP_OVERHEAD = 100 << 20  # llama.cpp's peak RSS beyond its file, measured ~100 MB
+# llama.cpp's peak RSS beyond its file and its logits buffer (measured on the default model: 197 MB
+# for a 94 MB file, of which ~100 MB is that buffer)
+LLAMACPP_OVERHEAD = 32 << 20
 LLAMACPP = "llama.cpp"
 
 
@@ -69,7 +71,9 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
     rows = []
     for f in FORMS:
         kv = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * ctx * f.kv_bytes
-        need = int(ckpt.n_params * f.bytes_per_param) + kv + (LLAMACPP_OVERHEAD if f.gguf_type else OVERHEAD)
+        # llama.cpp also reserves float32 logits for a whole 512-token batch (~100 MB at 49k tokens)
+        overhead = LLAMACPP_OVERHEAD + 4 * spec.vocab_size * 512 if f.gguf_type else OVERHEAD
+        need = int(ckpt.n_params * f.bytes_per_param) + kv + overhead
         # a quantized GGUF already carries int4 weights: transcoding them loses nothing more
         cost = f.cost_from_quantized if quantized_source and f.cost_from_quantized is not None else f.cost
         room = gpu_budget if f.needs == "CUDAExecutionProvider" else budget

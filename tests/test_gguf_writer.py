@@ -87,7 +87,12 @@ def test_llamacpp_tokenizes_our_gguf_like_the_source(arch, gguf_factory, wikitex
 
     from lmforge.tokenizer import Tokenizer
 
+    from lmforge.checkpoint.gguf import read_metadata
+
     src, path = gguf_factory(arch)
+    meta = read_metadata(path)
+    assert (meta["tokenizer.ggml.model"], meta.get("tokenizer.ggml.pre")) == \
+        {"llama": ("gpt2", "smollm"), "qwen2": ("gpt2", "qwen2"), "phi3": ("llama", None)}[arch]
     source = Tokenizer.from_folder(src)
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text in (TOKENIZER_TEXT, wikitext[:20000]):
@@ -160,9 +165,23 @@ def test_phi3_fused_qkv_mix_equals_llamacpps(kind, gguf_factory, tmp_path):
     _same_as_llamacpp(f32, kind, tmp_path)
 
 
-def test_gguf_to_gguf_same_type_copies_blocks(default_model_path, tmp_path):
-    """Re-writing the Q4_1 default model as q4_1 keeps every stored block (no dequantize round trip)."""
+def test_gguf_to_gguf_same_type_copies_blocks(default_model_path, tmp_path, monkeypatch):
+    """Re-writing the Q4_1 default model as q4_1 keeps every stored block (no dequantize round
+    trip: the encoder must not even be called) and its metadata with the same value types."""
+    import lmforge.quant.ggml as ggml
+    from lmforge.checkpoint.gguf_format import parse
+
+    def refuse(*_):
+        raise AssertionError("a tensor of unchanged type went through the encoder")
+
+    monkeypatch.setattr(ggml, "quantize", refuse)
     src, out = _tensors(default_model_path), _tensors(convert_to_gguf(default_model_path, tmp_path / "q.gguf", "q4_1"))
+    a, _, mm_a = parse(default_model_path)
+    b, _, mm_b = parse(tmp_path / "q.gguf")
+    mm_a.close(), mm_b.close()
+    for key in a:
+        if key.startswith(("tokenizer.", "general.")):
+            assert (b.types[key], np.array_equal(b[key], a[key])) == (a.types[key], True), key
     assert {n: t for n, (t, _) in out.items()} == {n: t for n, (t, _) in src.items()}
     assert all(out[n][1] == src[n][1] for n in src)
 
@@ -230,6 +249,50 @@ def test_cli_run_engines_on_a_gguf(tmp_path, default_model_path):
         assert r.stdout == theirs + "\n", engine
     r = run_cli("run", default_model_path, "--raw", "-p", prompt, "--max-tokens", "12", "--engine", "ort")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+
+
+def test_added_chat_tokens_past_the_pieces_are_special(tiny_factory, spm_model, tmp_path):
+    """A SentencePiece model with chat tokens added after its pieces (as Phi-3's <|user|>,
+    <|end|>): they are written as control tokens, so llama.cpp parses them as one token each."""
+    import shutil
+
+    import llama_cpp
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_factory(("phi3", "float32", False, None)), src)
+    shutil.copy(spm_model, src / "tokenizer.model")
+    tj = json.loads((src / "tokenizer.json").read_text())
+    n = len(tj["model"]["vocab"])
+    extra = ["<|user|>", "<|end|>"]
+    tj["added_tokens"] += [{"id": n + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for k, t in enumerate(extra)]
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vocab_size"] = n + len(extra)
+    (src / "config.json").write_text(json.dumps(cfg))
+    from lmforge.export.gguf_vocab import hf_vocab
+
+    meta = hf_vocab(src, n + len(extra))
+    types = meta["tokenizer.ggml.token_type"][0]
+    assert [types[n + k] for k in range(len(extra))] == [3, 3]  # CONTROL
+    from lmforge.tokenizer import Tokenizer
+
+    written = tmp_path / "vocab.gguf"
+    from tests.gguf_ref import write_vocab_only
+
+    write_vocab_only(written, {k: (v, _gguf_type(v)) for k, (v, _) in meta.items()}, n + len(extra))
+    llm = llama_cpp.Llama(str(written), vocab_only=True, verbose=False)
+    text = "<|user|>Hello<|end|>"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True)[0] == n
+    assert Tokenizer.from_folder(src).encode(text, parse_special=True)[0] == n
+
+
+def _gguf_type(value):
+    import gguf
+
+    T = gguf.GGUFValueType
+    return T.ARRAY if isinstance(value, list) else T.BOOL if isinstance(value, bool) else \
+        T.UINT32 if isinstance(value, int) else T.STRING
 
 
 def _load_log(path) -> list[str]:

@@ -71,6 +71,15 @@ class _Cursor:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+class Metadata(dict):
+    """GGUF key -> value, and in `types` key -> (GGUFValueType, element type of an array or None),
+    so a writer can copy a value with the type it had."""
+
+    def __init__(self):
+        super().__init__()
+        self.types: dict[str, tuple[int, int | None]] = {}
+
+
 def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
     """(metadata, tensor entries, the file's memory map); corrupt or truncated files raise
     CheckpointError with a one-line message."""
@@ -99,10 +108,13 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry
         n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
         if n_tensors > 1 << 24 or n_kv > 1 << 24:
             raise ValueError("implausible counts")
-        meta = {}
+        meta = Metadata()
         for _ in range(n_kv):
             key = c.string()
-            meta[key] = c.value(c.unpack("<I"))
+            vtype = c.unpack("<I")
+            etype = int.from_bytes(c.buf[c.pos:c.pos + 4], "little") if vtype == ARRAY else None
+            meta[key] = c.value(vtype)
+            meta.types[key] = (vtype, etype)
         infos = []
         for _ in range(n_tensors):
             name = c.string()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from lmforge.checkpoint.gguf import permute_qk
 from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
-from lmforge.export.gguf_vocab import gguf_vocab, hf_vocab
+from lmforge.export.gguf_vocab import hf_vocab
 
 QUANTIZATION_VERSION = 2
+NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
 def _arch_metadata(spec: ModelSpec, gguf_arch: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -101,6 +103,21 @@ def _add(writer, key: str, value, kind: str) -> None:
                                           "bool": T.BOOL}[kind])
 
 
+def _copy(writer, meta, key: str) -> None:
+    """Copy one key of a GGUF source with the value type it had there."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    vtype, etype = meta.types[key]
+    value = meta[key]
+    if vtype == T.ARRAY:
+        if len(value) == 0:  # gguf-py cannot write an empty array; llama.cpp treats absent as empty
+            return
+        writer.add_key_value(key, [v.item() if hasattr(v, "item") else v for v in value], T.ARRAY, sub_type=T(etype))
+    else:
+        writer.add_key_value(key, value, T(vtype))
+
+
 class _Plan:
     """The tensors of the output in order: GGUF name, numpy shape, ggml type, and how to get the data."""
 
@@ -146,11 +163,10 @@ def _transform(ckpt, canonical: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _model_name(name: str, vocab: dict) -> str:
+def _model_name(name: str, tokens) -> str:
     """general.name; llama.cpp sets token attributes of Phi-3 models by name and stops loading
     when a name containing "phi3" meets a vocabulary without those tokens."""
-    tokens = set(vocab.get("tokenizer.ggml.tokens", ([], ""))[0])
-    if any(k in name.lower() for k in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= tokens:
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(tokens):
         return name.lower().replace("phi-3", "phi").replace("phi3", "phi")
     return name
 
@@ -171,33 +187,33 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     if ckpt.path.resolve() == out:
         raise LmforgeError(f"-o {out} is the source; name a new file")
     spec = ckpt.spec
-    if ckpt.format == "gguf":
-        vocab = gguf_vocab(ckpt.meta)
+    if ckpt.format == "gguf":  # its tokenizer and model card, copied with their value types
+        copied = [k for k in ckpt.meta if k.startswith(("tokenizer.", "general.")) and k not in NOT_COPIED]
+        vocab, tokens = {}, ckpt.meta.get("tokenizer.ggml.tokens", [])
     else:
-        vocab = hf_vocab(ckpt.path, spec.vocab_size)
+        copied, vocab = [], hf_vocab(ckpt.path, spec.vocab_size)
+        tokens = vocab["tokenizer.ggml.tokens"][0]
     meta, extra = _arch_metadata(spec, ckpt.arch.gguf_arch)
     plan = _Plan(ckpt, ft, extra)
     if plan.notes:  # one line per kind of fallback, as a summary
         print(f"lmforge: {len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
               f"{', ...' if len(plan.notes) > 1 else ''})", file=sys.stderr)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
     try:
-        general = {k: v for k, v in getattr(ckpt, "meta", {}).items() if k.startswith("general.")
-                   and k not in ("general.architecture", "general.file_type", "general.quantization_version",
-                                 "general.alignment")}
-        if "general.name" not in general:
-            writer.add_name(_model_name(ckpt.path.stem, vocab))
-        for key, value in general.items():  # a GGUF source's model card: name, license, ...
-            _add(writer, key, value, "array" if isinstance(value, list) else "string" if isinstance(value, str)
-                 else "bool" if isinstance(value, bool) else "uint32" if isinstance(value, int) else "float32")
+        if "general.name" not in copied:
+            writer.add_name(_model_name(ckpt.path.stem, tokens))
+        for key in copied:
+            _copy(writer, ckpt.meta, key)
         writer.add_file_type(int(ft.ftype))
         writer.add_quantization_version(QUANTIZATION_VERSION)
         for key, (value, kind) in {**meta, **vocab}.items():
             _add(writer, key, value, kind)
         template = ckpt.chat_template()
-        if template and "tokenizer.chat_template" not in vocab:
+        if template and "tokenizer.chat_template" not in vocab and "tokenizer.chat_template" not in copied:
             writer.add_chat_template(template)
         for gname, shape, qtype, _ in plan.items:
             nbytes = math.prod(shape) // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]
@@ -215,6 +231,9 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
                 data = _encode(_transform(ckpt, canonical, ckpt.read(canonical)), qtype)
             writer.write_tensor_data(data)
             bar()
+        for f in writer.fout or []:  # on disk before the name says complete
+            f.flush()
+            os.fsync(f.fileno())
         writer.close()
         os.replace(tmp, out)
     except BaseException:

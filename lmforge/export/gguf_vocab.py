@@ -1,6 +1,6 @@
 """Tokenizer metadata for GGUF files, as llama.cpp reads it.
 
-From a GGUF source the `tokenizer.*` keys are copied as they are. From an HF folder:
+From a GGUF source the writer copies the `tokenizer.*` keys as they are. From an HF folder:
 - byte-level BPE (`tokenizer.json` with a ByteLevel step) becomes `gpt2` with its merges, and
   `tokenizer.ggml.pre` names the llama.cpp pre-tokenizer that splits text as the source does:
   each candidate of lmforge's table tokenizes a probe text and the first exact match wins
@@ -24,8 +24,9 @@ PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001F680 (normal) \
          "------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
          "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
          "'D you like some tea? We'Ve a'lL  Hello World\r\n\r\nx = f(a_b, 42) + 7.5e-3;  caf\u00e9 na\u00efve")
-# Order matters: the first candidate that reproduces the source wins.
-PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2", "default")
+# Order matters: the first candidate that reproduces the source wins. Qwen2's single digits come
+# before Llama 3's groups of three: on a vocabulary without multi-digit tokens both split alike.
+PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2", "default")
 T_STRING, T_ARRAY, T_UINT32, T_BOOL = "string", "array", "uint32", "bool"
 
 
@@ -181,9 +182,11 @@ def _spm_meta(folder: Path, tj: dict, tokens: list[str], added: dict[int, dict])
         scores = [s for _, s, _ in pieces] + [0.0] * (len(tokens) - len(pieces))
         types = [k for _, _, k in pieces] + [UNUSED] * (len(tokens) - len(pieces))
         tokens = [p for p, _, _ in pieces] + tokens[len(pieces):]
-        for i, a in added.items():
-            if i < len(types) and types[i] == NORMAL:
+        for i, a in added.items():  # chat tokens past the pieces (Phi-3's <|user|>, ...) too
+            if i < len(types):
                 types[i] = CONTROL if a.get("special") else USER_DEFINED
+                if i >= len(pieces):
+                    scores[i] = -1000.0
     elif model.get("type") == "Unigram":
         scores = [float(s) for _, s in model["vocab"]] + [0.0] * (len(tokens) - len(model["vocab"]))
         types = _types(tokens, added, set(range(len(model["vocab"]))), model.get("byte_fallback", False))
@@ -218,23 +221,3 @@ def _spm_meta(folder: Path, tj: dict, tokens: list[str], added: dict[int, dict])
     if UNKNOWN in types:
         meta["tokenizer.ggml.unknown_token_id"] = (types.index(UNKNOWN), T_UINT32)
     return meta
-
-
-def gguf_vocab(meta: dict) -> dict:
-    """The `tokenizer.*` keys of a GGUF source's metadata, typed for the writer."""
-    out = {}
-    for key, value in meta.items():
-        if not key.startswith("tokenizer."):
-            continue
-        if isinstance(value, bool):
-            kind = T_BOOL
-        elif isinstance(value, int):
-            kind = T_UINT32
-        elif isinstance(value, str):
-            kind = T_STRING
-        elif isinstance(value, list):
-            kind = T_ARRAY
-        else:
-            continue
-        out[key] = (value, kind)
-    return out

@@ -75,7 +75,8 @@ def hf_config(spec: ModelSpec) -> dict:
     elif spec.sliding_window:
         cfg["sliding_window"] = spec.sliding_window
         if spec.arch == "qwen2":
-            cfg.update(use_sliding_window=True, max_window_layers=spec.layer_types.index("sliding"))
+            first = next((i for i, t in enumerate(spec.layer_types) if t == "sliding"), spec.n_layers)
+            cfg.update(use_sliding_window=True, max_window_layers=first)
     return cfg
 
 

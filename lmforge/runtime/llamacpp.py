@@ -19,20 +19,38 @@ KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
 _quiet_logger = None  # keeps the ctypes callback alive while llama.cpp holds it
 
 
+_last_error = [""]  # llama.cpp's latest warning or error line, for our messages
+
+
 def _import():
     try:
         import llama_cpp
     except ImportError:
         raise LmforgeError("the llama.cpp engine needs llama-cpp-python; run: pip install 'lmforge[llamacpp]'") from None
+    except (OSError, RuntimeError) as e:  # the package is there but its shared library does not load
+        raise LmforgeError(f"llama-cpp-python is installed but does not load ({str(e).splitlines()[0][:160]}); "
+                           "reinstall it") from None
     return llama_cpp
 
 
+def _keep_errors(level: int, text: bytes, user) -> None:
+    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR
+        _last_error[0] = text.decode(errors="replace").strip()
+
+
 def _silence(llama_cpp) -> None:
-    """Route llama.cpp's log lines to nowhere (its loader prints hundreds on stderr)."""
+    """Route llama.cpp's log lines (its loader prints hundreds on stderr) to nowhere, keeping
+    the latest warning or error to explain a failure."""
     global _quiet_logger
     if _quiet_logger is None:
-        _quiet_logger = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        _quiet_logger = llama_cpp.llama_log_callback(_keep_errors)
         llama_cpp.llama_log_set(_quiet_logger, ctypes.c_void_p(0))
+
+
+def _why() -> str:
+    """' (llama.cpp: <its last complaint>)', or '' when it said nothing."""
+    reason, _last_error[0] = _last_error[0], ""
+    return f" (llama.cpp: {reason[:160]})" if reason else ""
 
 
 class LlamaCppCache:
@@ -70,12 +88,13 @@ class LlamaCppEngine:
         if not path.is_file():
             raise LmforgeError(f"{path} does not exist; give a .gguf file")
         _silence(llama_cpp)
+        _last_error[0] = ""
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = (n_gpu_layers if n_gpu_layers is not None else 999) if device == "cuda" else 0
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
-            raise LmforgeError(f"llama.cpp cannot load {path}; is it a complete GGUF file of a supported model?")
+            raise LmforgeError(f"llama.cpp cannot load {path}{_why()}; is it a complete GGUF file of a supported model?")
         self.path, self.device = path, device
         self.threads = threads or os.cpu_count() or 1
         self.n_batch = n_batch
@@ -112,7 +131,8 @@ class LlamaCppEngine:
             params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lib.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise LmforgeError(f"llama.cpp cannot make a context of {rows} x {capacity} tokens; ask for fewer tokens")
+            raise LmforgeError(f"llama.cpp cannot make a context of {rows} rows x {capacity} tokens{_why()}; "
+                               "ask for fewer rows or tokens")
         self._ctx_rows, self._ctx_capacity = rows, capacity
 
     def _llama_batch(self, n: int):
@@ -158,8 +178,11 @@ class LlamaCppEngine:
                 if is_last:
                     last[r] = k
             rc = lib.llama_decode(self.ctx, batch)
+            if rc == 1:
+                raise LmforgeError(f"llama.cpp found no room in its KV cache for {len(chunk)} tokens{_why()}; "
+                                   "make the cache with a larger capacity")
             if rc != 0:
-                raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}); the context may be full")
+                raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}){_why()}")
             for r, k in last.items():
                 ptr = lib.llama_get_logits_ith(self.ctx, k)
                 out[r] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
@@ -176,6 +199,8 @@ class LlamaCppEngine:
 
     def decode(self, cache: LlamaCppCache, token_ids: list[int]) -> np.ndarray:
         """Append one token per row; returns (batch, vocab) logits."""
+        if len(token_ids) != cache.batch_size:
+            raise ValueError("one token per cache row")
         return self._run(cache, [[int(t)] for t in token_ids])
 
     def close(self) -> None:

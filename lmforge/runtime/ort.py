@@ -99,13 +99,123 @@ class KVCache:
             self._grow(min(max(total, 2 * self.capacity), self.engine.context_length))
 
 
+class KVPool:
+    """A fixed number of KV rows for continuous batching.
+
+    One numpy buffer per layer and K/V, (rows, kv_heads, capacity, head_dim), and one length per
+    row. Any run of consecutive rows is a cache that `prefill`/`decode` accept (`rows(start, stop)`):
+    its OrtValues share the numpy memory (a contiguous slice along the batch axis, no copy on the
+    CPU), so a batch can decode only its active prefix and a newcomer can prefill straight into
+    its slot. Capacity is shared by all rows and doubles on demand."""
+
+    def __init__(self, engine: "OrtEngine", n_rows: int, capacity: int = 256):
+        if engine.ort_device != "cpu":  # OrtValues share numpy memory only on the CPU
+            raise ValueError("KVPool needs the CPU provider")
+        self.engine = engine
+        self.n_rows = n_rows
+        self.lengths = np.zeros(n_rows, dtype=np.int64)
+        self.capacity = 0
+        self.arrays: list[np.ndarray] = []  # 2 * n_layers x (rows, kv_heads, capacity, head_dim)
+        self.generation = 0  # bumped whenever the arrays are replaced: views rebuild their OrtValues
+        self._views: dict[tuple[int, int], KVRows] = {}
+        self.resize(max(1, capacity))
+
+    def resize(self, capacity: int) -> None:
+        """Replace the buffers with ones of `capacity` positions, keeping what fits."""
+        e = self.engine
+        keep = min(self.capacity, capacity)
+        shape = (self.n_rows, e.n_kv_heads, capacity, e.head_dim)
+        new = []
+        for old in self.arrays or [None] * (2 * e.n_layers):
+            arr = np.zeros(shape, dtype=e.np_dtype)
+            if old is not None and keep:
+                arr[:, :, :keep] = old[:, :, :keep]
+            new.append(arr)
+        self.arrays, self.capacity = new, capacity
+        self.lengths = np.minimum(self.lengths, capacity)
+        self.generation += 1
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` positions per row, doubling as needed."""
+        if total > self.engine.context_length:
+            raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
+                               f"{self.engine.context_length}; shorten the prompt or lower max tokens")
+        if total > self.capacity:
+            self.resize(min(max(total, 2 * self.capacity), self.engine.context_length))
+
+    def rows(self, start: int, stop: int) -> "KVRows":
+        """Rows start..stop-1 as a cache for `OrtEngine.prefill`/`decode` (the same object for
+        the same rows, so the engine's I/O binding is reused from step to step)."""
+        assert 0 <= start < stop <= self.n_rows
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = KVRows(self, start, stop)
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (its used positions) into row `dst`; `src` becomes empty."""
+        n = int(self.lengths[src])
+        for arr in self.arrays:  # (rows, kv_heads, capacity, head_dim)
+            arr[dst, :, :n] = arr[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def clear_row(self, row: int) -> None:
+        """Forget row `row` (positions past a row's length are never read)."""
+        self.lengths[row] = 0
+
+
+class KVRows:
+    """Consecutive rows of a KVPool with KVCache's interface (batch_size, lengths, buffers, key,
+    reserve), so OrtEngine runs them unchanged. Lengths read and write the pool's."""
+
+    def __init__(self, pool: KVPool, start: int, stop: int):
+        self.pool, self.start, self.stop = pool, start, stop
+        self.batch_size = stop - start
+        self._generation = -1
+        self._buffers: list = []
+        self.key = -1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.pool.lengths[self.start:self.stop].copy()
+
+    @lengths.setter
+    def lengths(self, value: np.ndarray) -> None:
+        self.pool.lengths[self.start:self.stop] = value
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity
+
+    @property
+    def buffers(self) -> list:
+        self._refresh()
+        return self._buffers
+
+    def _refresh(self) -> None:
+        """New OrtValues (and a new key for the engine's binding) once the pool was resized."""
+        import onnxruntime as ort
+
+        if self._generation != self.pool.generation:
+            device = self.pool.engine.ort_device
+            self._buffers = [ort.OrtValue.ortvalue_from_numpy(a[self.start:self.stop], device, 0)
+                             for a in self.pool.arrays]
+            self._generation = self.pool.generation
+            self.key = next(_CACHE_KEYS)
+
+    def reserve(self, total: int) -> None:
+        self.pool.reserve(total)
+        self._refresh()
+
+
 class OrtEngine:
     """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 full_logits: bool = False):
+                 full_logits: bool = False, session_config: dict[str, str] | None = None):
         """Open `folder` on `device` with `threads` intra-op threads; `full_logits` picks the graph
-        that returns every position's logits (evaluation) instead of the last position's."""
+        that returns every position's logits (evaluation) instead of the last position's;
+        `session_config` adds ONNX Runtime session config entries (e.g. no spinning threads)."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -140,6 +250,8 @@ class OrtEngine:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(folder / model_file), options, providers=[provider_for(device)])
         except LmforgeError:
@@ -153,6 +265,10 @@ class OrtEngine:
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
         return KVCache(self, batch_size, min(capacity, self.context_length))
+
+    def new_pool(self, n_rows: int, capacity: int = 256) -> KVPool:
+        """A pool of `n_rows` KV rows for continuous batching (see KVPool)."""
+        return KVPool(self, n_rows, min(capacity, self.context_length))
 
     def _forward(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded);

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible HTTP API (FastAPI) and the chat page.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics, POST /tokenize, POST /detokenize, GET / (the chat page). With an API key, every
+/v1 route and /tokenize, /detokenize need `Authorization: Bearer KEY`. The model loads in the
+background: /health answers 503 until it is ready. No route reads a file the client names.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.errors import LmforgeError
+from lmforge.server import protocol as P
+from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialScheduler
+from lmforge.server.guard import Guard
+from lmforge.server.metrics import Metrics
+from lmforge.server.sequence import SamplingParams
+from lmforge.server.streaming import SSE_HEADERS, chat_stream, completion_stream, deltas
+
+log = logging.getLogger("lmforge.server")
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    max_batch: int = 8
+    max_tokens_limit: int = 2048
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 256
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the model once loaded, its scheduler, the metrics, the limits."""
+
+    name: str
+    limits: Limits
+    api_key: str | None = None
+    status: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    model: object = None
+    scheduler: Scheduler | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def ready(self):
+        if self.status == "loading":
+            raise P.ApiError(503, "the model is still loading; retry shortly", "server_error", code="model_loading")
+        if self.status != "ready":
+            raise P.ApiError(503, f"the model failed to load: {self.error}", "server_error", code="model_failed")
+        return self.model
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise P.ApiError(404, f"the model '{name}' does not exist; this server serves '{self.name}'",
+                             param="model", code="model_not_found")
+
+
+def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
+    """Continuous batching for ONNX Runtime on the CPU, one sequence at a time otherwise."""
+    from lmforge.runtime.ort import OrtEngine
+
+    engine = model.engine
+    if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
+        sched = BatchScheduler(engine, limits.max_batch, metrics, limits.max_queue)
+    else:
+        sched = SerialScheduler(engine, metrics, limits.max_queue)
+    metrics.queue_depth = sched.queue_depth
+    metrics.active_sequences = sched.active_count
+    return sched.start()
+
+
+# ---- generation plumbing -----------------------------------------------------------------------
+
+def _sampling(state: ServerState, ids: list[int], req, max_tokens: int | None, logprobs: bool,
+              top_logprobs: int) -> SamplingParams:
+    """SamplingParams for a validated request; prompts that do not fit are a 400 with the counts."""
+    model = state.model
+    context = model.engine.context_length
+    if not ids:
+        raise P.ApiError(400, "the prompt is empty", param="prompt")
+    if len(ids) >= context:
+        raise P.ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+                         f"{len(ids)} tokens; shorten it", param="messages" if hasattr(req, "messages") else "prompt",
+                         code="context_length_exceeded")
+    limit = min(state.limits.max_tokens_limit, context - len(ids))
+    return SamplingParams(max_tokens=min(max_tokens or limit, limit), temperature=req.temperature, top_p=req.top_p,
+                          seed=req.seed, stop=req.stops(), logprobs=logprobs, top_logprobs=top_logprobs,
+                          logit_bias=req.biases(model.engine.vocab_size), presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty)
+
+
+def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    model = state.model
+    handle = Handle(model.tokenizer, ids, params, model.eos_token_ids,
+                    lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+    if not state.scheduler.submit(handle):
+        raise P.ApiError(429, "too many requests are waiting; retry later", "server_error", code="queue_full")
+    return handle, events
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+def create_app(load_model: Callable[[], object], name: str, api_key: str | None = None,
+               limits: Limits | None = None, on_load_error: Callable[[str], None] | None = None) -> Guard:
+    """The ASGI app serving the model `load_model()` returns (called in a background thread at
+    startup) under the id `name`: the FastAPI routes behind the `Guard` middleware.
+    `on_load_error(message)` is told when loading fails; `app.state` is the ServerState."""
+    state = ServerState(name=name, limits=limits or Limits(), api_key=api_key)
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    def load() -> None:
+        try:
+            model = load_model()
+            state.scheduler = make_scheduler(model, state.limits, state.metrics)
+            state.model, state.status = model, "ready"
+            log.info("model %s ready", name)
+        except Exception as e:  # noqa: BLE001 - reported on /health and by serve()
+            state.error = str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"
+            state.status = "failed"
+            if not isinstance(e, LmforgeError):
+                log.exception("loading the model failed")
+            if on_load_error:
+                on_load_error(state.error)
+
+    async def lifespan(app):
+        threading.Thread(target=load, name="lmforge-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:
+            state.scheduler.close()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lmforge = state
+
+    @app.exception_handler(P.ApiError)
+    async def api_error(request, e: P.ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return JSONResponse(P.ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+                            .body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(P.ApiError(500, "internal server error", "server_error").body(), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health():
+        code = {"ready": 200}.get(state.status, 503)
+        body = {"status": {"ready": "ok"}.get(state.status, state.status)}
+        if state.error:
+            body["error"] = state.error
+        return JSONResponse(body, status_code=code)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        state.check_model(model_id)
+        return _model_card(state)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        model = state.ready()
+        req = P.parse(P.TokenizeRequest, await request.body())
+        ids = model.tokenizer.encode(req.content, add_special=req.add_special)
+        return {"tokens": ids, "count": len(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        model = state.ready()
+        req = P.parse(P.DetokenizeRequest, await request.body())
+        vocab = model.engine.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise P.ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"content": model.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        model = state.ready()
+        req = P.parse(P.ChatRequest, await request.body())
+        state.check_model(req.model)
+        from lmforge.errors import ChatTemplateError
+
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = model.prompt_ids(messages=messages)
+        except ChatTemplateError as e:
+            raise P.ApiError(400, str(e), param="messages") from None
+        if req.top_logprobs and not req.logprobs:
+            raise P.ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        params = _sampling(state, ids, req, req.max_completion_tokens or req.max_tokens, req.logprobs,
+                           req.top_logprobs or 0)
+        handle, events = _submit(state, ids, params)
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
+                "system_fingerprint": "lmforge"}
+        text_of = _token_text(model)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(chat_stream(base, deltas(handle, events, request), req.logprobs, usage, text_of),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        got = [d async for d in deltas(handle, events, request)]
+        if not got or got[-1].finish_reason is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        text, tokens, last = P.merge(got)
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": P.chat_logprobs(tokens, text_of) if req.logprobs else None,
+                             "finish_reason": last.finish_reason}],
+                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        model = state.ready()
+        req = P.parse(P.CompletionRequest, await request.body())
+        state.check_model(req.model)
+        if req.suffix:
+            raise P.ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise P.ApiError(400, "one prompt per request (n = 1)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = model.prompt_ids(prompt, raw=True)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < model.engine.vocab_size for t in ids):
+                raise P.ApiError(400, f"token ids must be in [0, {model.engine.vocab_size})", param="prompt")
+        n_top = req.logprobs or 0
+        params = _sampling(state, ids, req, req.max_tokens or 16, req.logprobs is not None, n_top)
+        handle, events = _submit(state, ids, params)
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
+                "system_fingerprint": "lmforge"}
+        echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)) if req.echo else ""
+        text_of = _token_text(model)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                completion_stream(base, deltas(handle, events, request), req.logprobs is not None, usage, text_of, echo),
+                media_type="text/event-stream", headers=SSE_HEADERS)
+        got = [d async for d in deltas(handle, events, request)]
+        if not got or got[-1].finish_reason is None:
+            return Response(status_code=499)
+        text, tokens, last = P.merge(got)
+        return {**base, "object": "text_completion",
+                "choices": [{"index": 0, "text": echo + text,
+                             "logprobs": P.completion_logprobs(tokens, text_of, len(echo)) if req.logprobs is not None
+                             else None, "finish_reason": last.finish_reason}],
+                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+    return Guard(app, state)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+
+
+def _token_text(model) -> Callable[[int], str]:
+    decode = model.tokenizer.decode
+    return lambda token: decode([token])

@@ -1,0 +1,91 @@
+"""Server-sent events: a request's deltas from the scheduler, and the OpenAI chunk streams.
+
+A client that leaves cancels its sequence: Starlette cancels a streaming response when the
+connection drops (the `finally` below), and every request also polls for it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from starlette.requests import Request
+
+from lmforge.server import protocol as P
+from lmforge.server.batching import Failed, Handle
+
+POLL_DISCONNECT_S = 1.0  # how often a request checks whether its client left (streams also learn it at once)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def deltas(handle: Handle, events: asyncio.Queue, request: Request):
+    """The handle's deltas as they come; cancels the sequence when the client leaves (or when
+    the consumer stops early: a streaming response cancelled by a disconnect ends up here)."""
+    getter = None
+    checked = time.monotonic()
+    try:
+        while True:
+            if getter is None and not events.empty():  # the common case under load: no task, no wait
+                item = events.get_nowait()
+                if time.monotonic() - checked > POLL_DISCONNECT_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
+            else:
+                getter = getter or asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter}, timeout=POLL_DISCONNECT_S)
+                if not done:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                item, getter = getter.result(), None
+            if isinstance(item, Failed):
+                raise P.ApiError(500, str(item), "server_error", code="engine_failed")
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        if getter is not None:
+            getter.cancel()
+        handle.cancel()  # nothing when it finished
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def chat_stream(base: dict, deltas, logprobs: bool, include_usage: bool, text_of):
+    chunk = {**base, "object": "chat.completion.chunk"}
+    yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}]})
+    try:
+        async for d in deltas:
+            if d.text or d.finish_reason or (logprobs and d.tokens):
+                yield sse({**chunk, "choices": [{
+                    "index": 0, "delta": {"content": d.text} if d.text else {},
+                    "logprobs": P.chat_logprobs(d.tokens, text_of) if logprobs else None,
+                    "finish_reason": d.finish_reason}]})
+            if d.finish_reason and include_usage:
+                yield sse({**chunk, "choices": [], "usage": P.usage(d.prompt_tokens, d.completion_tokens)})
+    except P.ApiError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+async def completion_stream(base: dict, deltas, logprobs: bool, include_usage: bool, text_of, echo: str):
+    chunk = {**base, "object": "text_completion"}
+    offset = len(echo)
+    if echo:
+        yield sse({**chunk, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
+    try:
+        async for d in deltas:
+            if d.text or d.finish_reason or (logprobs and d.tokens):
+                yield sse({**chunk, "choices": [{
+                    "index": 0, "text": d.text,
+                    "logprobs": P.completion_logprobs(d.tokens, text_of, offset) if logprobs else None,
+                    "finish_reason": d.finish_reason}]})
+                offset += len(d.text)
+            if d.finish_reason and include_usage:
+                yield sse({**chunk, "choices": [], "usage": P.usage(d.prompt_tokens, d.completion_tokens)})
+    except P.ApiError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"

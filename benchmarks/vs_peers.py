@@ -2,6 +2,9 @@
 onnxruntime-genai running its own model builder's `-p int4 -e cpu` output, and llama.cpp
 (llama-cpp-python) running the GGUF. 512-token WikiText prompt, 128 greedy tokens, 2 threads,
 each runner in its own process (`lmforge bench` does the measuring), mean of 5 after a warm-up.
+lmforge forms: the default (exact from the Q4_1 GGUF), RTN of its weights, and RTN with a 4-bit
+head (onnxruntime-genai's builder's configuration: every weight 4-bit). Beside each, WikiText-2
+perplexity (ctx 512, first 40 windows; llama.cpp's through llama-cpp-python on the same windows).
 
     python benchmarks/vs_peers.py [--prompt-tokens 512] [--gen-tokens 128] [--repetitions 5]
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,13 +32,33 @@ def main():
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from lmforge.bench import _genai_folder
+    from lmforge.evaluate import perplexity, read_text, windows
+    from lmforge.registry import resolve
+    from lmforge.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from tests.llamacpp_ref import llamacpp_perplexity
+
     with tempfile.TemporaryDirectory() as tmp:
-        rtn = convert("smollm2-135m", Path(tmp) / "rtn", target="cpu-int4", requantize=True, progress=False)
-        rows = bench(["smollm2-135m", str(rtn)], args.prompt_tokens, args.gen_tokens, args.repetitions,
-                     args.threads, ("llamacpp", "ortgenai"))
-    names = ["lmforge cpu-int4 (exact from the Q4_1 GGUF)", "lmforge cpu-int4 --requantize (RTN)"]
+        forms = [convert("smollm2-135m", Path(tmp) / "exact", target="cpu-int4", progress=False),
+                 convert("smollm2-135m", Path(tmp) / "rtn", target="cpu-int4", requantize=True, progress=False),
+                 convert("smollm2-135m", Path(tmp) / "rtn-h4", target="cpu-int4", requantize=True, head_bits=4,
+                         progress=False)]
+        rows = bench([str(forms[0]), str(forms[1]), str(forms[2])], args.prompt_tokens, args.gen_tokens,
+                     args.repetitions, args.threads, ("llamacpp", "ortgenai"))
+        src = resolve("smollm2-135m")
+        ppl = [perplexity(f, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
+        tok = Tokenizer.from_folder(forms[0])
+        wins = windows(tok.encode(read_text(None)), 512, 40, tok.bos_id if tok.add_bos else None)
+        ppl += [llamacpp_perplexity(src, wins, args.threads)[0],
+                perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl]
+    names = ["lmforge cpu-int4 (exact from the Q4_1 GGUF)", "lmforge cpu-int4 --requantize (RTN)",
+             "lmforge cpu-int4 --requantize --head-bits 4 (RTN, genai's configuration)"]
     for row, name in zip(rows, names):
         row["runner"] = name
+    for row, value in zip(rows, ppl):
+        row["ppl_40"] = round(value, 4)
     peers = [r for r in rows if not r["runner"].startswith("lmforge") and "error" not in r]
     if not peers:
         raise SystemExit(f"no peer could be measured: {[r.get('error') for r in rows[2:]]}")
@@ -42,17 +66,17 @@ def main():
     best_dec = max(r["decode_mean"] for r in peers)
     lines = [f"# SmolLM2-135M int4 forms, {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens, "
              f"{args.threads} threads, mean of {args.repetitions}", "",
-             "| runner | prefill tok/s | decode tok/s | prefill / best peer | decode / best peer |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| runner | prefill tok/s | decode tok/s | prefill / best peer | decode / best peer | perplexity (40) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['runner']} | {r['error']} | | | |")
+            lines.append(f"| {r['runner']} | {r['error']} | | | | |")
             continue
         r["prefill_vs_best_peer"] = round(r["prefill_mean"] / best_pre, 2)
         r["decode_vs_best_peer"] = round(r["decode_mean"] / best_dec, 2)
         lines.append(f"| {r['runner']} | {r['prefill_mean']:.1f} ± {r['prefill_std']:.1f} | "
                      f"{r['decode_mean']:.1f} ± {r['decode_std']:.1f} | {r['prefill_vs_best_peer']}x | "
-                     f"{r['decode_vs_best_peer']}x |")
+                     f"{r['decode_vs_best_peer']}x | {r.get('ppl_40', float('nan')):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "benchmarks" / "results"

@@ -185,6 +185,8 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
     if len(ids) < prompt_tokens:
         ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
     source = resolve(models[0])
+    if source.is_dir() and metas[0].get("source") and Path(metas[0]["source"]).exists():
+        source = Path(metas[0]["source"])  # a folder lmforge wrote: its peers run what it came from
     peers = []
     for p in vs:
         if p == "llamacpp":

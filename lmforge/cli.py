@@ -92,7 +92,7 @@ def cmd_convert(args) -> int:
 
     out = convert(args.source, args.output, target=args.target, force=args.force, quant=args.quant,
                   block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
-                  requantize=args.requantize or None, calibration=args.calibration)
+                  requantize=args.requantize or None, calibration=args.calibration, head_bits=args.head_bits)
     print(out)
     return 0
 
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="an integer zero point per block")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)")
     p.add_argument("--requantize", action="store_true", help="GGUF input: dequantize and quantize again instead of exact transcoding")
+    p.add_argument("--head-bits", type=int, choices=[4, 8],
+                   help="bits of a quantized output head / tied embedding (default 8; 4 as onnxruntime-genai's builder)")
     p.add_argument("--calibration", help="AWQ calibration text file (default: Python's own documentation)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")

@@ -137,6 +137,32 @@ def test_cpu_int4_stays_close_to_fp32(arch, tiny_factory, tmp_path):
     assert (tmp_path / "int4" / "model.onnx.data").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied head
+def test_head_bits_4_makes_a_4_bit_head(arch, tiny_factory, tmp_path):
+    """`--head-bits 4` (onnxruntime-genai's builder's choice): the head's MatMulNBits (and a tied
+    embedding's GatherBlockQuantized) hold 4-bit codes; logits stay near fp32; the file shrinks."""
+    import onnx
+
+    src = tiny_factory((arch, "float32", False, None))
+    r = run_cli("convert", src, "-o", tmp_path / "h4", "--target", "cpu-int4", "--head-bits", "4")
+    assert r.returncode == 0, r.stderr
+    h8 = convert(src, tmp_path / "h8", target="cpu-int4", progress=False)
+    fp32 = OrtEngine(convert(src, tmp_path / "fp32", progress=False))
+
+    def head_bits(folder):
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        n = max((n for n in graph.node if n.op_type == "MatMulNBits"),
+                key=lambda n: next(a.i for a in n.attribute if a.name == "N"))  # the vocabulary-wide one
+        return next(a.i for a in n.attribute if a.name == "bits")
+
+    assert (head_bits(tmp_path / "h4"), head_bits(h8)) == (4, 8)
+    assert (tmp_path / "h4" / "model.onnx.data").stat().st_size < (h8 / "model.onnx.data").stat().st_size
+    h4 = OrtEngine(tmp_path / "h4")
+    ids = prompt_ids(24, fp32.vocab_size, 9)
+    a, b = h4.prefill(h4.new_cache(1, 24), [ids])[0], fp32.prefill(fp32.new_cache(1, 24), [ids])[0]
+    assert rel_err(a, b) < 0.25
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3"])
 def test_awq_scales_fold_without_changing_the_float_model(arch, tiny_factory, tmp_path):
     """AWQ's s and 1/s cancel: the fp32 graph with scales folded in equals the plain one, and the

@@ -103,18 +103,20 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
             quant: str | None = None, block_size: int | None = None, symmetric: bool | None = None,
             accuracy_level: int | None = None, requantize: bool | None = None, max_positions: int | None = None,
             calibration: str | None = None, separate_rotary: bool | None = None,
-            progress: bool | None = None) -> Path:
+            progress: bool | None = None, head_bits: int | None = None) -> Path:
     """Convert SOURCE (known name, HF folder, GGUF file) into an ONNX folder OUT for TARGET.
 
     Args: source; output folder; target preset name; replace an existing OUT; quantization
     overrides of the preset (rtn|awq, block size, symmetric, accuracy level, requantize GGUF
     blocks instead of transcoding them); rotary table length (default: the model's context);
     AWQ calibration text file (default: Python's documentation); DirectML's graph form (q/k/v
-    apart, RotaryEmbedding nodes) on any target; progress bar (default: when stderr is a terminal). Returns the output folder, which holds model.onnx (last-position
+    apart, RotaryEmbedding nodes) on any target; progress bar (default: when stderr is a terminal);
+    bits of the quantized output head / tied embedding (8 by default, 4 as onnxruntime-genai's
+    builder does). Returns the output folder, which holds model.onnx (last-position
     logits), model.genai.onnx (every position, for onnxruntime-genai and evaluation) over one
     weights file, the tokenizer, genai_config.json and lmforge.json.
     """
-    t = with_overrides(get_target(target), quant, block_size, symmetric, accuracy_level, requantize)
+    t = with_overrides(get_target(target), quant, block_size, symmetric, accuracy_level, requantize, head_bits)
     if separate_rotary is not None:
         t = dataclasses.replace(t, separate_rotary=separate_rotary)
     ckpt = open_checkpoint(source)

@@ -47,10 +47,11 @@ def get_target(name: str) -> Target:
 
 def with_overrides(target: Target, quant: str | None = None, block_size: int | None = None,
                    symmetric: bool | None = None, accuracy_level: int | None = None,
-                   requantize: bool | None = None) -> Target:
+                   requantize: bool | None = None, head_bits: int | None = None) -> Target:
     """The preset with the user's quantization options applied (a float preset gains RTN)."""
     fields = {k: v for k, v in dict(method=quant, block_size=block_size, symmetric=symmetric,
-                                    accuracy_level=accuracy_level, requantize=requantize).items() if v is not None}
+                                    accuracy_level=accuracy_level, requantize=requantize,
+                                    head_bits=head_bits).items() if v is not None}
     if not fields:
         return target
     base = target.quant or QuantOptions("rtn", 4, 32, accuracy_level=4 if target.provider == "cpu" else 0)

@@ -1,6 +1,7 @@
 """GGUF writer + llama.cpp engine against the outside references: transformers' forward pass,
 llama.cpp's loader and tokenizer, and llama.cpp's own quantizer's choice of types."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -213,6 +214,9 @@ def test_cli_gguf_fallback_says_so(tmp_path, tiny_factory):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("\n") == 1 and "not a multiple of 256" in r.stderr and "Q5_0" in r.stderr
     assert {t for t, _ in _tensors(tmp_path / "t.gguf").values()} <= {"F32", "Q5_0", "Q8_0"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "t.gguf").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user makes
     LlamaCppEngine(tmp_path / "t.gguf").close()
 
 

@@ -202,6 +202,9 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
     writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
     try:
         if "general.name" not in copied:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from tests import ggml_ref  # noqa: E402
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 TYPES = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
@@ -91,10 +92,7 @@ def main():
     lines += [f"| {r['type']} | {r['blocks']} | {100 * r['identical_rate']:.4f}% | {r['worst_steps']:.3g} | "
               f"{r['worst_rmse_ratio']:.6f} | {r['mean_rmse_ratio']:.6f} | {r['ours_mb_s']:.0f} | "
               f"{r['llamacpp_mb_s']:.0f} |" for r in rows]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "codec_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("codec_accuracy", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -140,12 +141,7 @@ def main():
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['graph']} | {r['runner']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
               f"{r['lmforge_prefill_ratio']}x | {r['lmforge_decode_ratio']}x |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_speed.md").write_text(text)
-    (out / "engine_speed.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    save("engine_speed", "\n".join(lines), {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

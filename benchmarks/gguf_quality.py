@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 TYPES = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_1", "q4_0"]
 
@@ -86,10 +87,7 @@ def main():
         lines.append(f"| {r['type']} | {r['ppl_lmforge']:.4f} | {r['ppl_llamacpp']:.4f} | {r['ppl_ratio']:.5f} | "
                      f"{r['bytes_lmforge'] / 1e6:.2f} | {r['bytes_llamacpp'] / 1e6:.2f} | {r['bytes_ratio']:.5f} | "
                      f"{r['same_types']} | {r['same_tensor_bytes']} | {r['seconds_lmforge']} | {r['seconds_llamacpp']} |")
-    out = ROOT / "benchmarks" / "results"
-    (out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
-    (out / "gguf_quality.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    save("gguf_quality", "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes benchmarks/results/quality_{chunks}.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 FORMS = [  # (label, convert options)
     ("lmforge cpu-fp32", dict(target="cpu-fp32")),
@@ -69,11 +69,7 @@ def main():
              f"{'all' if not chunks else chunks} windows (llama-perplexity protocol)", "",
              "| form | perplexity | tokens scored |", "| --- | ---: | ---: |"]
     lines += [f"| {r['form']} | {r['ppl']:.4f} | {r['tokens_scored']} |" for r in rows]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    save(name, "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

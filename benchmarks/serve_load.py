@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Once upon a time, in a small village,", "The history of the Roman Empire begins",
@@ -170,12 +171,8 @@ def main():
     lines += ["", f"Targets: {hi}-client >= 3x 1-client: {'met' if ratio >= 3 else 'NOT met'} ({ratio:.2f}x); "
               f"ahead of llama-cpp-python's server (its better setting) at {hi} clients: "
               f"{'met' if ahead > 1 else 'NOT met'} ({ahead:.2f}x)."]
-    text = "\n".join(lines) + "\n"
     print()
-    print(text)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_load.md").write_text(text)
+    save("serve_load", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ peer. Run it on a quiet machine: llama.cpp's spinning threads make every runner 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +77,7 @@ def main():
         lines.append(f"| {r['runner']} | {r['prefill_mean']:.1f} ± {r['prefill_std']:.1f} | "
                      f"{r['decode_mean']:.1f} ± {r['decode_std']:.1f} | {r['prefill_vs_best_peer']}x | "
                      f"{r['decode_vs_best_peer']}x | {r.get('ppl_40', float('nan')):.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_peers.md").write_text(text)
-    (out / "vs_peers.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    save("vs_peers", "\n".join(lines), {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -225,10 +225,6 @@ class GGUFCheckpoint(Checkpoint):
             blocks = unpermute_qk(blocks, heads)
         return QuantizedTensor(gguf.GGMLQuantizationType(e.qtype).name, e.shape, blocks)
 
-    @property
-    def infos_by_name(self) -> dict[str, TensorInfo]:
-        return {i.name: i for i in self.infos}
-
     def stored_blocks(self, name: str) -> np.ndarray:
         """One tensor's bytes exactly as stored (llama.cpp's row order), for copying into a GGUF."""
         return self._rows(self._entries[name])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.checkpoint import open_checkpoint
+from lmforge.checkpoint.base import TensorInfo
 from lmforge.checkpoint.gguf import permute_qk
 from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
@@ -119,11 +120,12 @@ def _copy(writer, meta, key: str) -> None:
 
 
 class _Plan:
-    """The tensors of the output in order: GGUF name, numpy shape, ggml type, and how to get the data."""
+    """The tensors of the output in order: GGUF name, numpy shape, ggml type, and where the data
+    comes from (canonical name and stored type, or None for hyper-parameter tensors)."""
 
     def __init__(self, ckpt, ft: FileType, extra: dict[str, np.ndarray]):
         spec, arch = ckpt.spec, ckpt.arch
-        self.items: list[tuple[str, tuple[int, ...], object, str | None]] = []
+        self.items: list[tuple[str, tuple[int, ...], object, TensorInfo | None]] = []
         self.notes: list[str] = []
         names = [i for i in ckpt.infos if not (spec.tied_embeddings and i.name == "lm_head")]
         has_output = any(i.name == "lm_head" for i in names)
@@ -134,7 +136,7 @@ class _Plan:
             qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
             if note:
                 self.notes.append(note)
-            self.items.append((gname, tuple(info.shape), qtype, info.name))
+            self.items.append((gname, tuple(info.shape), qtype, info))
         for gname, arr in extra.items():
             self.items.append((gname, arr.shape, tensor_type(gname, arr.shape, ft, spec.n_layers, has_output)[0], None))
 
@@ -225,13 +227,13 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         bar = _bar(len(plan.items), progress)
-        for gname, shape, qtype, canonical in plan.items:
-            if canonical is None:
+        for gname, shape, qtype, info in plan.items:
+            if info is None:
                 data = _encode(extra[gname], qtype)
-            elif ckpt.format == "gguf" and ckpt.infos_by_name[canonical].dtype == qtype.name:
-                data = ckpt.stored_blocks(canonical)  # same type: the stored bytes, untouched
+            elif ckpt.format == "gguf" and info.dtype == qtype.name:
+                data = ckpt.stored_blocks(info.name)  # same type: the stored bytes, untouched
             else:
-                data = _encode(_transform(ckpt, canonical, ckpt.read(canonical)), qtype)
+                data = _encode(_transform(ckpt, info.name, ckpt.read(info.name)), qtype)
             writer.write_tensor_data(data)
             bar()
         for f in writer.fout or []:  # on disk before the name says complete

@@ -327,3 +327,22 @@ def _load_log(path) -> list[str]:
 def test_llamacpp_loads_our_files_without_warnings(arch, variant, gguf_factory):
     _, path = gguf_factory(arch, variant)
     assert _load_log(path) == []
+
+
+def test_cli_llamacpp_engine_device_errors(default_model_path):
+    """Devices the llama.cpp engine cannot serve: one line each, exit 2; `auto` on CUDA with a
+    CPU-only llama.cpp build goes to ONNX Runtime (and says what that needs)."""
+    import llama_cpp
+
+    from tests.test_errors import assert_user_error, run_cli
+
+    assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "dml"),
+                      "runs on cpu or cuda", "--engine ort")
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python is a GPU build")
+    assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "cuda"),
+                      "built without GPU support", "GGML_CUDA=on")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--device", "cuda"), "onnxruntime-gpu")

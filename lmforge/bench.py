@@ -2,9 +2,10 @@
 the same run (llama.cpp on the GGUF, onnxruntime-genai on its own builder's output).
 
 Each runner is measured in a fresh process (so peak resident memory and load time are its own):
-load time, then a warm-up and `repetitions` rounds of prefill at `prompt_tokens` and greedy decode
+load time, then a warm-up and `repetitions` runs of prefill at `prompt_tokens` and greedy decode
 of `gen_tokens`; mean and standard deviation per figure, time to first token, file size and the
-memory bandwidth decode achieves (weight bytes x decode tok/s).
+memory bandwidth decode achieves (weight bytes x decode tok/s). With `rounds` > 1 the runners take
+turns, a fresh process each turn, and each figure pools every turn's runs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 
 PEERS = ("llamacpp", "ortgenai")
+PAUSE_S = 2.0  # between runner processes
 
 
 def _run_lmforge(path: str, ids: list[int], gen: int, reps: int, threads: int | None):
@@ -121,18 +123,26 @@ def _size(path: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in weights)
 
 
-def _measure(kind: str, label: str, path: Path, job: Path) -> dict:
+def _figures(kind: str, path: Path, job: Path) -> dict:
+    """One runner in a fresh process: its raw figures, or {"error": its last stderr line}."""
     r = subprocess.run([sys.executable, "-m", "lmforge.bench", kind, str(path), str(job)],
                        capture_output=True, text=True)
     if r.returncode:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return {"runner": label, "error": tail}
-    figures = json.loads(r.stdout.strip().splitlines()[-1])
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _row(label: str, path: Path, passes: list[dict]) -> dict:
+    """A table row from one runner's passes: every measured repetition pooled; load time the
+    mean over processes, peak memory the largest."""
+    if "error" in passes[-1]:
+        return {"runner": label, "error": passes[-1]["error"]}
     file_bytes, weight_bytes = _size(path)
-    row = {"runner": label, "path": str(path), "file_bytes": file_bytes, "load_s": round(figures["load_s"], 3),
-           "peak_rss_bytes": figures["peak_rss_bytes"]}
+    row = {"runner": label, "path": str(path), "file_bytes": file_bytes,
+           "load_s": round(statistics.mean(p["load_s"] for p in passes), 3),
+           "peak_rss_bytes": max(p["peak_rss_bytes"] for p in passes), "processes": len(passes)}
     for key in ("prefill", "decode", "ttft_ms"):
-        values = figures[key]
+        values = [v for p in passes for v in p[key]]
         row[f"{key}_mean"] = round(statistics.mean(values), 2)
         row[f"{key}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
     row["decode_gb_s"] = round(weight_bytes * row["decode_mean"] / 1e9, 2)
@@ -160,8 +170,12 @@ def _genai_folder(source: Path) -> Path:
 
 
 def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 5,
-          threads: int | None = None, vs: tuple[str, ...] = (), target: str = "cpu-int4") -> list[dict]:
-    """Figures for each MODEL (converted to `target` when needed) and, for the first, its peers."""
+          threads: int | None = None, vs: tuple[str, ...] = (), target: str = "cpu-int4", rounds: int = 1) -> list[dict]:
+    """Figures for each MODEL (converted to `target` when needed) and, for the first, its peers.
+
+    Runner processes follow each other with a pause of PAUSE_S. `rounds` > 1 interleaves the
+    runners: each round runs every runner once more, in a fresh process, so a machine that speeds
+    up or slows down during the run weighs on every runner alike; figures pool all rounds."""
     from lmforge.evaluate import DEFAULT_DATA
     from lmforge.model import cached_onnx
     from lmforge.registry import resolve
@@ -170,8 +184,8 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
     unknown = [p for p in vs if p not in PEERS]
     if unknown:
         raise LmforgeError(f"unknown peer {unknown[0]!r}; --vs takes: {', '.join(PEERS)}")
-    if prompt_tokens < 1 or gen_tokens < 1 or repetitions < 1:
-        raise LmforgeError("--prompt-tokens, --gen-tokens and --repetitions must be at least 1")
+    if prompt_tokens < 1 or gen_tokens < 1 or repetitions < 1 or rounds < 1:
+        raise LmforgeError("--prompt-tokens, --gen-tokens, --repetitions and --rounds must be at least 1")
     threads = threads or os.cpu_count()  # one explicit count for every runner
     folders = [cached_onnx(m, target) for m in models]
     metas = [json.loads((f / "lmforge.json").read_text()) if (f / "lmforge.json").exists() else {} for f in folders]
@@ -198,9 +212,17 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"ids": ids, "gen": gen_tokens, "reps": repetitions, "threads": threads}))
-        rows = [_measure("lmforge", f"lmforge {meta.get('target', 'onnx')}" + (f" {m}" if len(models) > 1 else ""), f, job)
-                for m, f, meta in zip(models, folders, metas)]
-        rows += [_measure(kind, label, path, job) for kind, label, path in peers]
+        runners = [("lmforge", f"lmforge {meta.get('target', 'onnx')}" + (f" {m}" if len(models) > 1 else ""), f)
+                   for m, f, meta in zip(models, folders, metas)] + peers
+        passes: list[list[dict]] = [[] for _ in runners]
+        for rnd in range(rounds):
+            for i, ((kind, _, path), done) in enumerate(zip(runners, passes)):
+                if done and "error" in done[-1]:
+                    continue  # a runner that failed once is not retried
+                if rnd or i:
+                    time.sleep(PAUSE_S)  # let the machine settle after the last runner's process
+                done.append(_figures(kind, path, job))
+        rows = [_row(label, path, done) for (_, label, path), done in zip(runners, passes)]
     base = rows[0]
     for r in rows:
         if "error" not in r and "error" not in base:

@@ -226,7 +226,8 @@ def cmd_bench(args) -> int:
     vs = tuple(v for v in (args.vs or "").split(",") if v)
     if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise LmforgeError(f"the folder of --plot {args.plot} does not exist")
-    rows = bench(args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target)
+    rows = bench(args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target,
+                 args.rounds)
     print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
     sys.stdout.flush()
     if args.plot:
@@ -347,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--repetitions", type=int, default=5)
+    p.add_argument("--repetitions", type=int, default=5, help="measured runs per runner process, after a warm-up")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleave the runners this many times (fresh processes; figures pooled)")
     p.add_argument("--threads", type=int)
     p.add_argument("--target", default="cpu-int4", help="preset for MODELs that must be converted first")
     p.add_argument("--vs", help="peers measured on the first MODEL: llamacpp,ortgenai")

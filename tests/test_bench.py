@@ -35,17 +35,21 @@ def test_bench_table_formats_and_bad_peers(tiny_factory, tmp_path):
     assert lines[0].startswith("| runner | prefill tok/s") and "±" in lines[2]
     assert_user_error(run_cli("bench", src, "--vs", "ollama"), "unknown peer 'ollama'")
     assert_user_error(run_cli("bench", src, "--vs", "llamacpp", "--prompt-tokens", "16"), "needs the first MODEL to be a .gguf")
+    assert_user_error(run_cli("bench", src, "--rounds", "0"), "--rounds must be at least 1")
 
 
 def test_bench_folder_runs_peers_on_its_source(tmp_path):
-    """A folder lmforge wrote is benchmarked against the peers on the GGUF it came from."""
+    """A folder lmforge wrote is benchmarked against the peers on the GGUF it came from; with
+    --rounds 2 each runner runs in two processes, turn about, and its figures pool both."""
     pytest.importorskip("llama_cpp")
     from lmforge.export.convert import convert
 
     folder = convert("smollm2-135m", tmp_path / "int4", target="cpu-int4", progress=False)
     r = run_cli("bench", folder, "--vs", "llamacpp", "--prompt-tokens", "16", "--gen-tokens", "4",
-                "--repetitions", "1", "--json")
+                "--repetitions", "1", "--rounds", "2", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["runner"].split()[0] for row in rows] == ["lmforge", "llama.cpp"]
     assert "error" not in rows[1] and rows[1]["file_bytes"] == 98362432  # the Q4_1 GGUF itself
+    for row in rows:  # one run per process: a spread only if both processes' runs were pooled
+        assert row["processes"] == 2 and row["decode_std"] > 0 and row["prefill_std"] > 0

@@ -62,6 +62,22 @@ def test_greedy_matches_transformers_on_default_model(default_model_path, defaul
         assert greedy_tokens(engine, ids, 32) == hf_greedy(hf, ids, 32), prompt
 
 
+def test_logits_a_caller_keeps_survive_later_steps(default_onnx):
+    """The engine reuses one logits buffer per decode shape: what it returned before must stay
+    what it was, each step equal to the full-logits graph's row for that position."""
+    engine, full = OrtEngine(default_onnx), OrtEngine(default_onnx, full_logits=True)
+    ids = Tokenizer.from_folder(default_onnx).encode(PROMPTS[0])
+    cache = engine.new_cache(1, len(ids) + 4)
+    kept = [engine.prefill(cache, [ids])[0]]
+    for _ in range(3):
+        ids.append(int(kept[-1].argmax()))
+        kept.append(engine.decode(cache, [ids[-1]])[0])
+    reference = full.score(ids)[-4:]
+    for mine, ref in zip(kept, reference):
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-3 * np.abs(ref).max())
+    assert len({float(k.max()) for k in kept}) == 4
+
+
 def test_onnxruntime_genai_runs_the_folder_with_the_same_tokens(default_onnx):
     og = pytest.importorskip("onnxruntime_genai")
     og_tok = og.Tokenizer(og.Model(str(default_onnx)))

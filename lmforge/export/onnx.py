@@ -107,6 +107,15 @@ class Graph:
         return name
 
 
+def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tuple[str, str]:
+    """RMSNorm(residual + x) and the new residual, one SkipSimplifiedLayerNormalization; its mean
+    and inverse-deviation outputs stay unnamed so the kernel does not write them."""
+    h, res = g.name("SkipSimplifiedLayerNormalization"), g.name("residual")
+    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [residual, x, weight], [h, "", "", res],
+                                    name=g.name("SkipSimplifiedLayerNormalization_node"), domain=MS, epsilon=eps))
+    return h, res
+
+
 def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
     """x @ W.T (+ bias) for W (out, in) as in HF: MatMul on W.T, or MatMulNBits on its codes."""
     if isinstance(w, NBits):
@@ -289,9 +298,7 @@ def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
         if spec.qk_norm:  # Gemma 3's sandwich norms
             o = g.node("RMSNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
-        h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
-                                   [residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm"))],
-                                   n_out=4, domain=MS, epsilon=eps)
+        h, residual = _skip_norm(g, residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm")), eps)
         g.taps[f"{p}.gate_up"] = h
         gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
         gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
@@ -303,8 +310,7 @@ def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
             m = g.node("RMSNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         nxt = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"
-        h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
-                                   [residual, m, g.weight(nxt, src.norm(nxt))], n_out=4, domain=MS, epsilon=eps)
+        h, residual = _skip_norm(g, residual, m, g.weight(nxt, src.norm(nxt)), eps)
         if progress:
             progress(i + 1, spec.n_layers)
     head = head()  # write the output head's weights once; both graph variants read them

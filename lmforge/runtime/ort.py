@@ -261,6 +261,12 @@ class OrtEngine:
         self.io = self.session.io_binding()
         self.needs_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
         self._bound = None  # key of the cache whose buffers the binding holds
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+        # On the CPU the logits go into a buffer we own, kept while decode steps keep its shape:
+        # reading them back through get_outputs() would wrap all 2 * n_layers + 1 outputs (~150 us
+        # a step)
+        self._logits_buf: tuple[np.ndarray, object] | None = None
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
@@ -270,9 +276,10 @@ class OrtEngine:
         """A pool of `n_rows` KV rows for continuous batching (see KVPool)."""
         return KVPool(self, n_rows, min(capacity, self.context_length))
 
-    def _forward(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+    def _forward(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray,
+                 reuse: bool = False) -> np.ndarray:
         """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded);
-        returns the graph's logits (B, S|1, V)."""
+        returns the graph's logits (B, S|1, V), in a buffer the next call overwrites if `reuse`."""
         totals = cache.lengths + new_lengths
         cache.reserve(int(totals.max()))
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
@@ -287,6 +294,11 @@ class OrtEngine:
                     io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
                     io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
             self._bound = cache.key
+        out = None
+        if self.ort_device == "cpu":
+            out = self._logits_out((input_ids.shape[0], input_ids.shape[1] if self.full_logits else 1,
+                                    self.vocab_size), reuse)
+            io.bind_ortvalue_output("logits", out[1])
         else:
             io.bind_output("logits", "cpu")
         io.bind_cpu_input("input_ids", input_ids)
@@ -296,16 +308,29 @@ class OrtEngine:
             io.bind_cpu_input("position_ids", pos.astype(np.int64))
         self.session.run_with_iobinding(io)
         cache.lengths = totals
-        return io.get_outputs()[0].numpy()
+        return out[0] if out is not None else io.get_outputs()[0].numpy()
+
+    def _logits_out(self, shape: tuple[int, ...], reuse: bool) -> tuple[np.ndarray, object]:
+        """A logits array of `shape` and its OrtValue: with `reuse`, the last single-position
+        one (decode steps) when the shape matches, and kept for the next step; else a fresh one."""
+        import onnxruntime as ort
+
+        out = self._logits_buf
+        if not (reuse and out is not None and out[0].shape == shape):
+            arr = np.empty(shape, dtype=self._logits_dtype)
+            out = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
+            if reuse and shape[1] == 1:
+                self._logits_buf = out
+        return out
 
     def _run(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """`_forward`, keeping each row's last new position: float32 (B, V)."""
-        logits = self._forward(cache, input_ids, new_lengths)
+        logits = self._forward(cache, input_ids, new_lengths, reuse=True)
         if self.full_logits:
             logits = logits[np.arange(len(new_lengths)), np.maximum(new_lengths - 1, 0)]
         else:
             logits = logits[:, -1]
-        return logits.astype(np.float32, copy=False)
+        return np.array(logits, dtype=np.float32)  # a copy: the engine reuses its logits buffers
 
     def prefill(self, cache: KVCache, token_ids: list[list[int]]) -> np.ndarray:
         """Append each row's prompt; returns (batch, vocab) logits of each row's last token."""

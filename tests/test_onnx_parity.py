@@ -133,6 +133,26 @@ def test_cache_grows_past_its_first_capacity(onnx_factory):
     assert small.capacity >= 30 and small.capacity < 64 and big.capacity == 64
 
 
+def test_caches_and_pools_grow_to_the_context_and_no_further(onnx_factory):
+    """KVCache and KVPool share one growth rule: double, capped at the model's context, and a
+    user error (not a bigger buffer) past it."""
+    from lmforge.errors import LmforgeError
+
+    _, folder = onnx_factory("llama")
+    engine = OrtEngine(folder)
+    ctx = engine.context_length
+    for cache in (engine.new_cache(1, 4), engine.new_pool(2, 4)):
+        cache.reserve(5)
+        assert cache.capacity == 8
+        cache.reserve(ctx - 1)
+        assert cache.capacity == ctx - 1
+        cache.reserve(ctx)
+        assert cache.capacity == ctx
+        with pytest.raises(LmforgeError, match=f"sequence of {ctx + 1} tokens exceeds the model's context of {ctx}"):
+            cache.reserve(ctx + 1)
+        assert cache.capacity == ctx
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_cuda_fp16_target_graph(arch, tiny_factory, tmp_path):
     """cuda-fp16: fp16 weights, I/O and KV cache. ONNX Runtime's CPU provider runs it too, so its

@@ -65,6 +65,15 @@ def provider_for(device: str) -> str:
 _CACHE_KEYS = itertools.count()
 
 
+def _grown_capacity(engine: "OrtEngine", capacity: int, total: int) -> int:
+    """The capacity a cache of `capacity` positions grows to for `total`: doubled (at least
+    `total`), at most the model's context; a user error past the context."""
+    if total > engine.context_length:
+        raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
+                           f"{engine.context_length}; shorten the prompt or lower max tokens")
+    return min(max(total, 2 * capacity), engine.context_length)
+
+
 class KVCache:
     """Per-layer K/V buffers (batch, kv_heads, capacity, head_dim) and each row's length."""
 
@@ -92,11 +101,8 @@ class KVCache:
 
     def reserve(self, total: int) -> None:
         """Make room for `total` positions per row, doubling as needed."""
-        if total > self.engine.context_length:
-            raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
-                               f"{self.engine.context_length}; shorten the prompt or lower max tokens")
         if total > self.capacity:
-            self._grow(min(max(total, 2 * self.capacity), self.engine.context_length))
+            self._grow(_grown_capacity(self.engine, self.capacity, total))
 
 
 class KVPool:
@@ -137,11 +143,8 @@ class KVPool:
 
     def reserve(self, total: int) -> None:
         """Make room for `total` positions per row, doubling as needed."""
-        if total > self.engine.context_length:
-            raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
-                               f"{self.engine.context_length}; shorten the prompt or lower max tokens")
         if total > self.capacity:
-            self.resize(min(max(total, 2 * self.capacity), self.engine.context_length))
+            self.resize(_grown_capacity(self.engine, self.capacity, total))
 
     def rows(self, start: int, stop: int) -> "KVRows":
         """Rows start..stop-1 as a cache for `OrtEngine.prefill`/`decode` (the same object for
@@ -326,11 +329,9 @@ class OrtEngine:
     def _run(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """`_forward`, keeping each row's last new position: float32 (B, V)."""
         logits = self._forward(cache, input_ids, new_lengths, reuse=True)
-        if self.full_logits:
-            logits = logits[np.arange(len(new_lengths)), np.maximum(new_lengths - 1, 0)]
-        else:
-            logits = logits[:, -1]
-        return np.array(logits, dtype=np.float32)  # a copy: the engine reuses its logits buffers
+        if self.full_logits:  # fancy indexing copies
+            return logits[np.arange(len(new_lengths)), np.maximum(new_lengths - 1, 0)].astype(np.float32, copy=False)
+        return np.array(logits[:, -1], dtype=np.float32)  # a copy: decode steps reuse the logits buffer
 
     def prefill(self, cache: KVCache, token_ids: list[list[int]]) -> np.ndarray:
         """Append each row's prompt; returns (batch, vocab) logits of each row's last token."""

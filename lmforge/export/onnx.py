@@ -110,9 +110,8 @@ class Graph:
 def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tuple[str, str]:
     """RMSNorm(residual + x) and the new residual, one SkipSimplifiedLayerNormalization; its mean
     and inverse-deviation outputs stay unnamed so the kernel does not write them."""
-    h, res = g.name("SkipSimplifiedLayerNormalization"), g.name("residual")
-    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [residual, x, weight], [h, "", "", res],
-                                    name=g.name("SkipSimplifiedLayerNormalization_node"), domain=MS, epsilon=eps))
+    h, _, _, res = g.node("SkipSimplifiedLayerNormalization", [residual, x, weight], n_out=4, domain=MS, epsilon=eps)
+    g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""
     return h, res
 
 

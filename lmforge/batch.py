@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.errors import LmforgeError
+from lmforge.sampling import OPTION_NAMES, SamplingParams
 
-SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+SAMPLING = tuple(sorted(OPTION_NAMES))  # every SamplingParams option, under its own name
 
 
 @dataclass
@@ -122,19 +123,23 @@ def error_record(item: Item) -> dict:
 
 def generate_record(model, item: Item) -> dict:
     """Run one request through a loaded `lmforge.model.Model`."""
-    req = dict(item.request)
-    options = {k: req[k] for k in SAMPLING if k in req}
+    req = item.request
     try:
+        params = SamplingParams.from_options({k: req[k] for k in SAMPLING if k in req})
         ids = model.prompt_ids(messages=req["messages"]) if "messages" in req else model.prompt_ids(req["prompt"])
-        text = "".join(r.text for r in model._stream(ids, **options))
+        steps = list(model.stream_generate(ids, params))
     except LmforgeError as e:
         return {"id": item.id, "line": item.line, "error": str(e)}
     except (TypeError, ValueError) as e:
         return {"id": item.id, "line": item.line, "error": f"bad request fields ({e})"}
-    last = model.last
-    n_out = last.generation_tokens if last else 0
-    return {"id": item.id, "text": text, "finish_reason": last.finish_reason if last else "length",
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+    last = steps[-1]
+    record = {"id": item.id, "text": "".join(r.text for r in steps), "finish_reason": last.finish_reason,
+              "usage": {"prompt_tokens": len(ids), "completion_tokens": last.generation_tokens,
+                        "total_tokens": len(ids) + last.generation_tokens}}
+    if params.logprobs:
+        record["logprobs"] = [{"token": i.token, "logprob": i.logprob, "top_logprobs": i.top}
+                              for r in steps for i in r.logprobs]
+    return record
 
 
 def plan(inp: Path, out: Path) -> tuple[list[Item], list[Item], list[Item], int]:

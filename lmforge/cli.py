@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from lmforge.errors import LmforgeError
@@ -98,8 +99,19 @@ def cmd_convert(args) -> int:
 
 
 def _sampling(args) -> dict:
+    """The sampling options of `run`/`chat` under SamplingParams' names."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias or ()), seed=args.seed,
+                stop=tuple(args.stop or ()))
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    """TOKEN_ID=BIAS, or llama.cpp's TOKEN_ID+BIAS / TOKEN_ID-BIAS."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:=\s*([+-]?[\d.]+(?:e[+-]?\d+)?)|([+-][\d.]+(?:e[+-]?\d+)?))\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS (e.g. 2=-100)")
+    return int(m.group(1)), float(m.group(2) or m.group(3))
 
 
 def _stats(model) -> str:
@@ -264,7 +276,13 @@ def _add_generation_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0,
+                   help="over the last 64 tokens; 1 is off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens")
+    p.add_argument("--logit-bias", type=_logit_bias, action="append", metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit; repeatable")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT; repeatable")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")

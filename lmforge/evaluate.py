@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.sampling import log_softmax
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -72,11 +73,9 @@ def nll_of_window(logits: np.ndarray, window: list[int]) -> tuple[float, int]:
     """Sum of -log p(next token) over the window's second half, and how many were scored."""
     ctx = len(window)
     first = ctx // 2
-    rows = logits[first:ctx - 1].astype(np.float64)                             # predict window[first+1:]
+    lp = log_softmax(logits[first:ctx - 1])                                    # predict window[first+1:]
     targets = np.asarray(window[first + 1:], dtype=np.int64)
-    mx = rows.max(axis=1, keepdims=True)
-    logz = np.log(np.exp(rows - mx).sum(axis=1)) + mx[:, 0]
-    return float((logz - rows[np.arange(len(targets)), targets]).sum()), len(targets)
+    return float(-lp[np.arange(len(targets)), targets].sum()), len(targets)
 
 
 def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | None = None,
@@ -133,12 +132,10 @@ def kl_of_window(logits: np.ndarray, ref_logits: np.ndarray, window: list[int]) 
     """Per scored position (the window's second half): KL(P_ref || P) in nats and whether the
     two distributions share their most likely token."""
     first = len(window) // 2
-    a = logits[first:len(window) - 1].astype(np.float64)
-    b = ref_logits[first:len(window) - 1].astype(np.float64)
-    la = a - (np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)) + a.max(1, keepdims=True))
-    lb = b - (np.log(np.exp(b - b.max(1, keepdims=True)).sum(1, keepdims=True)) + b.max(1, keepdims=True))
+    la = log_softmax(logits[first:len(window) - 1])
+    lb = log_softmax(ref_logits[first:len(window) - 1])
     kl = (np.exp(lb) * (lb - la)).sum(axis=1)
-    return kl, a.argmax(1) == b.argmax(1)
+    return kl, la.argmax(1) == lb.argmax(1)
 
 
 def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: int | None = None,

@@ -1,47 +1,57 @@
-"""Generation as generators: `generate_step` yields token ids with their logprobs;
-`stream_generate` adds text (streaming detokenizer), stop strings, EOS, limits and timing."""
+"""The one per-token state machine and the loop that drives it on one sequence.
+
+`SequenceState` turns one row of logits at a time into a token and a `Delta` of text: logits
+processors and the sampler (`SamplingParams`), EOS, stop strings held back until they can no
+longer begin, the streaming detokenizer, logprobs, max tokens and the finish reason. Every caller
+drives it: `stream_generate` (library, CLI, batch) through `sequence_deltas`, the server's
+schedulers row by row in a batch.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from lmforge.errors import LmforgeError
-from lmforge.sampling import Sampler, log_softmax, make_sampler
+from lmforge.sampling import LogitsProcessor, SamplingParams, log_softmax, make_sampler
 
 
-def generate_step(engine, prompt_ids: Sequence[int], sampler: Sampler | None = None,
-                  logits_processors=(), max_tokens: int = 256) -> Iterator[tuple[int, float]]:
-    """Yield (token id, logprob) pairs: prefill the prompt, then one decode step per token.
+class ContextLengthError(LmforgeError):
+    """The prompt leaves no room in the model's context."""
 
-    The generator stops after `max_tokens`; the caller stops it earlier for EOS or stops."""
-    sampler = sampler or make_sampler()
-    prompt_ids = list(prompt_ids)
-    cache = engine.new_cache(1, len(prompt_ids) + max_tokens)
-    logits = engine.prefill(cache, [prompt_ids])[0]
-    tokens = list(prompt_ids)
-    for _ in range(max_tokens):
-        for proc in logits_processors:
-            logits = proc(tokens, logits)
-        token = sampler(logits)
-        yield token, float(log_softmax(logits)[token])
-        tokens.append(token)
-        logits = engine.decode(cache, [token])[0]
+
+def fit_to_context(n_prompt: int, params: SamplingParams, context_length: int) -> SamplingParams:
+    """`params` with max_tokens cut to what the context leaves after the prompt."""
+    if n_prompt >= context_length:
+        raise ContextLengthError(f"the prompt has {n_prompt} tokens but the model's context is {context_length}; "
+                                 "shorten the prompt")
+    room = context_length - n_prompt
+    return params if params.max_tokens <= room else replace(params, max_tokens=room)
 
 
 @dataclass
-class GenerationResponse:
-    """One step of `stream_generate`: the new text and the running statistics."""
+class TokenLogprob:
+    """A generated token, its logprob, and the most likely alternatives [(id, logprob)]."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """What one step adds to a sequence: text (maybe empty), the sampled token (EOS included),
+    its logprobs when asked (EOS excluded), and on the last step the finish reason
+    ("stop" | "length"); the token counts so far."""
 
     text: str
-    token: int | None
-    logprob: float | None
-    finish_reason: str | None  # "stop" | "length" | None while generating
+    token: int
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
     prompt_tokens: int
-    generation_tokens: int
-    prompt_tps: float
-    generation_tps: float
-    ttft: float  # seconds from the call to the first generated token
+    completion_tokens: int
 
 
 def _stop_hold(text: str, stops: Sequence[str]) -> int:
@@ -62,59 +72,123 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     return min(found) if found else -1
 
 
-def stream_generate(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int = 256,
-                    sampler: Sampler | None = None, logits_processors=(), stop: Sequence[str] = (),
+def _top_logprobs(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    best = np.argpartition(-lp, k)[:k]
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return [(int(t), float(lp[t])) for t in best]
+
+
+class SequenceState:
+    """One sequence's generation state, fed one row of logits at a time by `accept`.
+
+    tokenizer None: tokens only, no text (parity checks). `vocab_size` checks logit_bias ids."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_token_ids,
+                 vocab_size: int | None = None):
+        self.prompt_ids = list(prompt_ids)
+        self.tokens = list(prompt_ids)  # the prompt and every generated token, for the penalties
+        self.params = params
+        self.sample = make_sampler(params)
+        self.process = LogitsProcessor(params, vocab_size)
+        self.eos = frozenset(eos_token_ids)
+        self.stops = [s for s in params.stop if s]
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        self.text, self.emitted = "", 0
+        self.n = 0  # generated tokens, EOS not counted
+        self.finish_reason: str | None = None
+        self.next_token: int | None = None  # the token the next decode step feeds
+
+    def accept(self, logits: np.ndarray) -> Delta:
+        """Sample the next token from one row of logits (V,) and advance; sets `finish_reason`
+        on the last step and `next_token` otherwise."""
+        p = self.params
+        logits = self.process(self.tokens, logits)
+        token = self.sample(logits)
+        info = []
+        if p.logprobs:
+            lp = log_softmax(logits)
+            info = [TokenLogprob(token, float(lp[token]), _top_logprobs(lp, p.top_logprobs))]
+        if token in self.eos:
+            return self._finish(self.text[self.emitted:], token, [], "stop")
+        self.n += 1
+        self.tokens.append(token)
+        self.process.generated(token)
+        if self.detok is not None:
+            self.text += self.detok.add(token)
+        cut = _find_stop(self.text, self.stops, self.emitted)
+        if cut >= 0:
+            return self._finish(self.text[self.emitted:cut], token, info, "stop")
+        safe = len(self.text) - _stop_hold(self.text, self.stops)
+        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        if self.n >= p.max_tokens:
+            rest = self.text[self.emitted:] + (self.detok.flush() if self.detok is not None else "")
+            return self._finish(piece + rest, token, info, "length")
+        self.next_token = token
+        return Delta(piece, token, info, None, len(self.prompt_ids), self.n)
+
+    def _finish(self, text: str, token: int, info: list[TokenLogprob], reason: str) -> Delta:
+        self.finish_reason = reason
+        self.next_token = None
+        return Delta(text, token, info, reason, len(self.prompt_ids), self.n)
+
+
+def sequence_deltas(engine, state: SequenceState) -> Iterator[Delta]:
+    """Drive `state` on its own cache of `engine`: prefill, then one decode step per token,
+    until the state finishes. The caller may stop early (close the generator)."""
+    cache = engine.new_cache(1, len(state.prompt_ids) + state.params.max_tokens)
+    logits = engine.prefill(cache, [state.prompt_ids])[0]
+    while True:
+        delta = state.accept(logits)
+        yield delta
+        if delta.finish_reason is not None:
+            return
+        logits = engine.decode(cache, [state.next_token])[0]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: the step's Delta fields and the running statistics."""
+
+    text: str
+    token: int
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None  # "stop" | "length" | None while generating
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    ttft: float  # seconds from the call to the first generated token
+
+
+def stream_generate(engine, tokenizer, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     eos_token_ids: Sequence[int] | None = None) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token (text may be empty while a character or
-    a possible stop string is incomplete); the last one carries `finish_reason`."""
+    a possible stop string is incomplete); the last one carries `finish_reason`.
+
+    Args: an engine, a tokenizer (None: no text), the prompt's token ids, the sampling options,
+    the EOS ids (default: the engine's). max_tokens is cut to what the context leaves."""
     prompt_ids = list(prompt_ids)
-    n_prompt = len(prompt_ids)
-    if n_prompt >= engine.context_length:
-        raise LmforgeError(f"prompt has {n_prompt} tokens but the model's context is {engine.context_length}; "
-                           "shorten the prompt")
-    max_tokens = min(max_tokens, engine.context_length - n_prompt)
-    eos = set(eos_token_ids if eos_token_ids is not None else engine.eos_token_ids)
-    stops = [s for s in stop if s]
-    detok = tokenizer.detokenizer()
+    params = fit_to_context(len(prompt_ids), params or SamplingParams(), engine.context_length)
+    eos = engine.eos_token_ids if eos_token_ids is None else eos_token_ids
+    state = SequenceState(tokenizer, prompt_ids, params, eos, engine.vocab_size)
     start = time.perf_counter()
     first = None
-    text, emitted = "", 0
-    n = 0
-    steps = generate_step(engine, prompt_ids, sampler, logits_processors, max_tokens)
-
-    def response(piece, token, logprob, reason):
-        now = time.perf_counter()
-        t_first = (first or now) - start
-        decode_time = now - (first or now)
-        return GenerationResponse(piece, token, logprob, reason, n_prompt, n,
-                                  n_prompt / t_first if t_first > 0 else 0.0,
-                                  (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0, t_first)
-
+    steps = sequence_deltas(engine, state)
     try:
-        for token, logprob in steps:
-            if first is None:
-                first = time.perf_counter()
-            if token in eos:
-                yield response(text[emitted:], token, logprob, "stop")
-                return
-            n += 1
-            text += detok.add(token)
-            cut = _find_stop(text, stops, emitted)
-            if cut >= 0:
-                yield response(text[emitted:cut], token, logprob, "stop")
-                return
-            safe = len(text) - _stop_hold(text, stops)
-            piece, emitted = text[emitted:safe], max(emitted, safe)
-            if n >= max_tokens:
-                yield response(piece + text[emitted:] + detok.flush(), token, logprob, "length")
-                return
-            yield response(piece, token, logprob, None)
-        yield response(text[emitted:] + detok.flush(), None, None, "length")
+        for d in steps:
+            now = time.perf_counter()
+            first = first or now
+            t_first, decode_time = first - start, now - first
+            n = d.completion_tokens
+            yield GenerationResponse(d.text, d.token, d.logprobs, d.finish_reason, d.prompt_tokens, n,
+                                     d.prompt_tokens / t_first if t_first > 0 else 0.0,
+                                     (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0, t_first)
     finally:
         steps.close()
 
 
 def greedy_tokens(engine, prompt_ids, n: int) -> list[int]:
     """n greedy tokens (no EOS stop): a helper for parity checks."""
-    return [t for t, _ in generate_step(engine, prompt_ids, make_sampler(), max_tokens=n)]
-
+    return [r.token for r in stream_generate(engine, None, prompt_ids, SamplingParams(max_tokens=n), ())]

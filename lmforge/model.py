@@ -18,7 +18,7 @@ from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
 from lmforge.registry import cache_dir, resolve
 from lmforge.runtime.ort import OrtEngine, is_onnx_folder
-from lmforge.sampling import make_logits_processors, make_sampler
+from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 
 
@@ -52,10 +52,10 @@ def cached_onnx(model: str | os.PathLike, target: str = DEFAULT_TARGET, progress
 
 
 class Model:
-    """A loaded model: `generate`, `stream` and `chat` with sampling options.
-
-    Options: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
-    and raw=True to skip the chat template."""
+    """A loaded model: `generate`, `stream`, `chat` and `stream_chat` take the options of
+    `lmforge.sampling.SamplingParams` as keywords (max_tokens, temperature, top_p, top_k, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs,
+    top_logprobs), and raw=True skips the chat template. `last` is the last GenerationResponse."""
 
     def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None):
         self.engine = engine
@@ -76,37 +76,34 @@ class Model:
             raise ChatTemplateError("this model has no chat template; pass raw=True (or --raw) with a plain prompt")
         return tok.encode(render_with(self.chat_template, tok, messages), parse_special=True)
 
-    def _stream(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                stop=()) -> Iterator[GenerationResponse]:
-        sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
-        for r in stream_generate(self.engine, self.tokenizer, ids, max_tokens, sampler,
-                                 make_logits_processors(repetition_penalty), stop, self.eos_token_ids):
+    def stream_generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationResponse]:
+        """One GenerationResponse per generated token of the completion of token ids `ids`."""
+        for r in stream_generate(self.engine, self.tokenizer, ids, params, self.eos_token_ids):
             self.last = r
             yield r
 
-    def _pieces(self, ids: list[int], **options) -> Iterator[str]:
+    def _pieces(self, ids: list[int], options: dict) -> Iterator[str]:
         """One text piece per generated token (possibly empty while a character is incomplete);
         the EOS step yields only text still held back."""
-        for r in self._stream(ids, **options):
-            if r.token is not None and r.token not in self.eos_token_ids or r.text:
+        for r in self.stream_generate(ids, SamplingParams.from_options(options)):
+            if r.token not in self.eos_token_ids or r.text:
                 yield r.text
 
     def stream(self, prompt: str, raw: bool = False, **options) -> Iterator[str]:
         """Yield one text piece per generated token of the completion of `prompt`."""
-        return self._pieces(self.prompt_ids(prompt, raw=raw), **options)
+        return self._pieces(self.prompt_ids(prompt, raw=raw), options)
 
     def generate(self, prompt: str, raw: bool = False, **options) -> str:
         """The completion of `prompt` as one string."""
-        return "".join(r.text for r in self._stream(self.prompt_ids(prompt, raw=raw), **options))
+        return "".join(self._pieces(self.prompt_ids(prompt, raw=raw), options))
 
     def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
         """Yield the assistant's reply to `messages` piece by piece (one per generated token)."""
-        return self._pieces(self.prompt_ids(messages=messages), **options)
+        return self._pieces(self.prompt_ids(messages=messages), options)
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's reply to an OpenAI-style list of messages."""
-        return "".join(r.text for r in self._stream(self.prompt_ids(messages=messages), **options))
+        return "".join(self._pieces(self.prompt_ids(messages=messages), options))
 
 
 ENGINES = ("auto", "ort", "llamacpp")

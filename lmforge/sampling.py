@@ -1,29 +1,129 @@
-"""Samplers and logits processors: pure functions over one row of float32 logits."""
+"""Sampling: one `SamplingParams` for every caller (library, CLI, server, batch), validated once,
+and the pure functions over one row of float32 logits that apply it."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
 
 import numpy as np
 
+from lmforge.errors import LmforgeError
+
 Sampler = Callable[[np.ndarray], int]
-LogitsProcessor = Callable[[list[int], np.ndarray], np.ndarray]
+
+REPETITION_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
+
+
+class SamplingError(LmforgeError):
+    """A sampling option out of range; `param` names it (the server answers 400 with it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every option that shapes a generation, under the names the CLI (`--top-k`), the Python API
+    (`top_k=`), the server (`"top_k"`) and batch records all use.
+
+    Applied per token in this order: logit_bias, repetition_penalty (transformers' rule over the
+    last 64 tokens, prompt included), presence/frequency penalties (OpenAI's rule over generated
+    tokens), then temperature, top_k, top_p, min_p and a seeded draw (greedy at temperature 0)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        # Normalise the containers callers naturally pass (a dict of biases, a list or str of stops).
+        object.__setattr__(self, "logit_bias", _biases(self.logit_bias))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop or ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise SamplingError("stop", "stop must be a string or a list of strings")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.logprobs, bool):
+            raise SamplingError("logprobs", "logprobs must be true or false")
+        for name, lo, hi, kind in _RANGES:
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            value = _int(value, name) if kind is int else _num(value, name)
+            if not (lo <= value <= hi):
+                bound = f"in [{lo}, {hi}]" if hi < math.inf else f">= {lo}"
+                raise SamplingError(name, f"{name} must be {bound}, got {value}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError("repetition_penalty", "repetition penalty (repetition_penalty) must be > 0")
+
+    @classmethod
+    def from_options(cls, options: Mapping) -> "SamplingParams":
+        """SamplingParams from keyword options; an unknown name is a user error naming the valid ones."""
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise SamplingError(unknown[0], f"unknown sampling option {unknown[0]!r}; valid: "
+                                            f"{', '.join(sorted(OPTION_NAMES))}")
+        return cls(**options)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(SamplingParams))
+_RANGES = (  # (name, min, max, type): OpenAI's documented limits where it has them
+    ("max_tokens", 1, math.inf, int), ("temperature", 0.0, 2.0, float), ("top_p", 0.0, 1.0, float),
+    ("top_k", 0, math.inf, int), ("min_p", 0.0, 1.0, float), ("repetition_penalty", 0.0, math.inf, float),
+    ("presence_penalty", -2.0, 2.0, float), ("frequency_penalty", -2.0, 2.0, float),
+    ("seed", -math.inf, math.inf, int), ("top_logprobs", 0, 20, int),
+)
+
+
+def _biases(bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias as ((token id, bias), ...) from a mapping or pairs; ids may be digit strings (JSON keys)."""
+    try:
+        pairs = [(t, v) for t, v in (bias.items() if isinstance(bias, Mapping) else bias)]
+    except (TypeError, ValueError):
+        raise SamplingError("logit_bias", "logit_bias must map token ids to biases, e.g. {\"2\": -100}") from None
+    out = []
+    for token, value in pairs:
+        token = int(token) if isinstance(token, str) and token.isdigit() else token
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+            raise SamplingError("logit_bias", f"logit_bias key {token!r} is not a token id")
+        value = _num(value, "logit_bias")
+        if not -100 <= value <= 100:
+            raise SamplingError("logit_bias", f"logit_bias for {token} must be in [-100, 100], got {value}")
+        out.append((int(token), value))
+    return tuple(out)
+
+
+def _int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SamplingError(name, f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _num(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise SamplingError(name, f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64) - logits.max()
-    return x - np.log(np.exp(x).sum())
-
-
-def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                   repetition_penalty: float = 1.0) -> None:
-    """User errors for sampling settings that would leave no token to draw."""
-    from lmforge.errors import LmforgeError
-
-    for ok, what in ((temperature >= 0, "temperature must be >= 0"), (0 < top_p <= 1, "top_p must be in (0, 1]"),
-                     (top_k >= 0, "top_k must be >= 0 (0: off)"), (0 <= min_p <= 1, "min_p must be in [0, 1]"),
-                     (repetition_penalty > 0, "repetition penalty must be > 0")):
-        if not ok:
-            raise LmforgeError(what)
+    """log-softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -49,14 +149,13 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, 
     return z
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
+def make_sampler(params: SamplingParams) -> Sampler:
     """A function logits -> token id: greedy at temperature 0, else a draw from the softmax of
     `filter_logits`. The same seed gives the same draws."""
-    check_sampling(temperature, top_p, top_k, min_p)
-    if temperature <= 0:
+    if params.greedy:
         return lambda logits: int(np.argmax(logits))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if params.seed is None else params.seed % 2 ** 64)  # any int, as OpenAI's
+    temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
 
     def sample(logits: np.ndarray) -> int:
         z = filter_logits(logits, temperature, top_k, top_p, min_p)
@@ -67,20 +166,49 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
     return sample
 
 
-def make_logits_processors(repetition_penalty: float = 1.0, context_size: int = 64) -> list[LogitsProcessor]:
-    """Repetition penalty as in transformers/llama.cpp: over the last `context_size` tokens,
-    positive logits are divided by the penalty and negative ones multiplied."""
-    check_sampling(repetition_penalty=repetition_penalty)
-    if repetition_penalty == 1.0:
-        return []
-
-    def penalize(tokens: list[int], logits: np.ndarray) -> np.ndarray:
-        recent = np.unique(np.asarray(tokens[-context_size:], dtype=np.int64))
-        if recent.size == 0:
-            return logits
-        logits = logits.copy()
+def repetition_penalty(logits: np.ndarray, tokens: list[int], penalty: float,
+                       window: int = REPETITION_WINDOW) -> np.ndarray:
+    """transformers'/llama.cpp's rule over the last `window` tokens: positive logits are divided
+    by the penalty and negative ones multiplied. Returns a new array."""
+    recent = np.unique(np.asarray(tokens[-window:], dtype=np.int64))
+    logits = logits.copy()
+    if recent.size:
         sel = logits[recent]
-        logits[recent] = np.where(sel > 0, sel / repetition_penalty, sel * repetition_penalty)
+        logits[recent] = np.where(sel > 0, sel / penalty, sel * penalty)
+    return logits
+
+
+class LogitsProcessor:
+    """The logits-shaping options of one sequence (bias and penalties), with the counts of the
+    tokens it generated; `__call__` is a no-op returning its input when no option is set."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int | None = None):
+        self.params = params
+        bias = params.logit_bias
+        if vocab_size is not None and any(t >= vocab_size for t, _ in bias):
+            bad = next(t for t, _ in bias if t >= vocab_size)
+            raise SamplingError("logit_bias", f"logit_bias key {bad} is not a token id below {vocab_size}")
+        self.bias_ids = np.array([t for t, _ in bias], dtype=np.int64)
+        self.bias_values = np.array([b for _, b in bias], dtype=np.float32)
+        self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
+        self.active = bool(bias) or params.repetition_penalty != 1.0 or bool(
+            params.presence_penalty or params.frequency_penalty)
+
+    def __call__(self, tokens: list[int], logits: np.ndarray) -> np.ndarray:
+        """The processed copy of one row of logits (V,); `tokens` is the prompt and what followed."""
+        if not self.active:
+            return logits
+        p = self.params
+        logits = logits.astype(np.float32, copy=True)
+        if self.bias_ids.size:
+            np.add.at(logits, self.bias_ids, self.bias_values)
+        if p.repetition_penalty != 1.0:
+            logits = repetition_penalty(logits, tokens, p.repetition_penalty)
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            freq = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * freq
         return logits
 
-    return [penalize]
+    def generated(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1

@@ -144,7 +144,7 @@ def test_bad_sampling_settings(tiny_factory, tmp_path):
     from lmforge.export.convert import convert
 
     folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "m", progress=False)
-    for flags, needle in ((["--temperature", "1", "--top-p", "0"], "top_p"), (["--temperature", "1", "--min-p", "2"], "min_p"),
+    for flags, needle in ((["--temperature", "1", "--top-p", "1.5"], "top_p"), (["--temperature", "1", "--min-p", "2"], "min_p"),
                           (["--repeat-penalty", "0"], "repetition penalty"), (["--temperature", "-1"], "temperature")):
         assert_user_error(run_cli("run", folder, "--raw", "-p", "hi", *flags), needle)
 

@@ -11,7 +11,7 @@ from lmforge.export.convert import convert
 from lmforge.generate import greedy_tokens, stream_generate
 from lmforge.model import load
 from lmforge.runtime.ort import OrtEngine
-from lmforge.sampling import make_sampler
+from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -124,10 +124,10 @@ def test_stop_strings_cut_the_text(default_onnx):
     engine = OrtEngine(default_onnx)
     tok = Tokenizer.from_folder(default_onnx)
     ids = tok.encode("Count: 1, 2, 3, 4, 5,")
-    full = "".join(r.text for r in stream_generate(engine, tok, ids, 24, make_sampler()))
+    full = "".join(r.text for r in stream_generate(engine, tok, ids, SamplingParams(max_tokens=24)))
     assert " 7" in full
     stop = full[full.index(" 7"):full.index(" 7") + 3]
-    rs = list(stream_generate(engine, tok, ids, 24, make_sampler(), stop=[stop]))
+    rs = list(stream_generate(engine, tok, ids, SamplingParams(max_tokens=24, stop=(stop,))))
     text = "".join(r.text for r in rs)
     assert text == full[: full.index(stop)] and rs[-1].finish_reason == "stop"
     assert all(stop not in r.text for r in rs)
@@ -143,9 +143,11 @@ def test_prompt_longer_than_context_is_refused(tiny_factory, tmp_path):
 def test_engine_timings_are_reported(default_onnx):
     engine = OrtEngine(default_onnx)
     tok = Tokenizer.from_folder(default_onnx)
-    last = list(stream_generate(engine, tok, tok.encode("Hello"), 8, make_sampler()))[-1]
+    rs = list(stream_generate(engine, tok, tok.encode("Hello"), SamplingParams(max_tokens=8, logprobs=True)))
+    last = rs[-1]
     assert last.prompt_tps > 0 and last.generation_tps > 0 and 0 < last.ttft < 10
-    assert np.isfinite(last.logprob)
+    infos = [i for r in rs for i in r.logprobs]  # one per generated token (EOS has none)
+    assert len(infos) == last.generation_tokens and all(np.isfinite(i.logprob) and i.logprob <= 0 for i in infos)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lmforge.sampling import filter_logits, make_logits_processors, make_sampler
+from lmforge.sampling import SamplingParams, filter_logits, make_sampler, repetition_penalty
 
 
 def hf_filtered(logits, temperature, top_k, top_p, min_p):
@@ -42,18 +42,17 @@ def test_repetition_penalty_matches_transformers():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal(500).astype(np.float32)
     history = rng.integers(0, 500, 30).tolist()
-    (proc,) = make_logits_processors(1.3, context_size=64)
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]), torch.tensor(logits[None]))[0].numpy()
-    np.testing.assert_allclose(proc(history, logits), ref, rtol=1e-6)
+    np.testing.assert_allclose(repetition_penalty(logits, history, 1.3), ref, rtol=1e-6)
 
 
 def test_sampling_follows_the_distribution_and_the_seed():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
-    sampler = make_sampler(temperature=1.0, seed=7)
+    sampler = make_sampler(SamplingParams(temperature=1.0, seed=7))
     draws = np.bincount([sampler(logits) for _ in range(20000)], minlength=4) / 20000
     np.testing.assert_allclose(draws, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    s1, s2 = make_sampler(0.9, top_p=0.9, seed=3), make_sampler(0.9, top_p=0.9, seed=3)
+    s1, s2 = (make_sampler(SamplingParams(temperature=0.9, top_p=0.9, seed=3)) for _ in range(2))
     assert [s1(logits) for _ in range(50)] == [s2(logits) for _ in range(50)]
     # filters that leave one token make any temperature greedy
     for kw in ({"top_k": 1}, {"top_p": 0.01}, {"min_p": 1.0}):
-        assert all(make_sampler(1.5, seed=s, **kw)(logits) == 0 for s in range(20))
+        assert all(make_sampler(SamplingParams(temperature=1.5, seed=s, **kw))(logits) == 0 for s in range(20))

@@ -268,7 +268,7 @@ def test_serial_scheduler_serves_any_engine(reference):
     """The generic path (`--engine llamacpp` uses it): one sequence at a time through the Engine
     protocol, here over the ONNX Runtime engine, against Model.generate."""
     from lmforge.server.batching import Handle, SerialScheduler
-    from lmforge.server.sequence import SamplingParams
+    from lmforge.sampling import SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
     results = {i: [] for i in range(len(prompts))}
@@ -281,7 +281,7 @@ def test_serial_scheduler_serves_any_engine(reference):
                 if all(r and getattr(r[-1], "finish_reason", None) for r in results.values()):
                     done.set()
             h = Handle(reference.tokenizer, reference.prompt_ids(p, raw=True), SamplingParams(max_tokens=20, temperature=0),
-                       reference.eos_token_ids, sink)
+                       reference.eos_token_ids, reference.engine.vocab_size, sink)
             assert sched.submit(h)
         assert done.wait(60)
     finally:
@@ -373,6 +373,14 @@ BAD_REQUESTS = [  # (path, raw body, status, param) — each must be a 4xx with 
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}', 400, "top_logprobs"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}', 400, "logit_bias"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}', 400, "seed"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -1}', 400, "top_k"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "min_p": 1.5}', 400, "min_p"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}', 400,
+     "repetition_penalty"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}', 400,
+     "logit_bias"),
+    ("/v1/completions", b'{"prompt": "hi", "presence_penalty": 2.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": 42}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": [99999999]}', 400, "prompt"),

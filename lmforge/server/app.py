@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,13 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ChatTemplateError, LmforgeError
+from lmforge.generate import ContextLengthError, fit_to_context
+from lmforge.sampling import SamplingParams
 from lmforge.server import protocol as P
 from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialScheduler
 from lmforge.server.guard import Guard
 from lmforge.server.metrics import Metrics
-from lmforge.server.sequence import SamplingParams
-from lmforge.server.streaming import SSE_HEADERS, chat_stream, completion_stream, deltas
+from lmforge.server.streaming import SSE_HEADERS, deltas, event_stream
 
 log = logging.getLogger("lmforge.server")
 
@@ -82,35 +83,88 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     return sched.start()
 
 
-# ---- generation plumbing -----------------------------------------------------------------------
+# ---- generation: one implementation behind both routes ----------------------------------------
 
 def _sampling(state: ServerState, ids: list[int], req, max_tokens: int | None, logprobs: bool,
               top_logprobs: int) -> SamplingParams:
-    """SamplingParams for a validated request; prompts that do not fit are a 400 with the counts."""
-    model = state.model
-    context = model.engine.context_length
+    """SamplingParams for a request: max_tokens capped by the server's limit and the context
+    left after the prompt; prompts that do not fit are a 400 with the counts."""
     if not ids:
         raise P.ApiError(400, "the prompt is empty", param="prompt")
-    if len(ids) >= context:
-        raise P.ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
-                         f"{len(ids)} tokens; shorten it", param="messages" if hasattr(req, "messages") else "prompt",
-                         code="context_length_exceeded")
-    limit = min(state.limits.max_tokens_limit, context - len(ids))
-    return SamplingParams(max_tokens=min(max_tokens or limit, limit), temperature=req.temperature, top_p=req.top_p,
-                          seed=req.seed, stop=req.stops(), logprobs=logprobs, top_logprobs=top_logprobs,
-                          logit_bias=req.biases(model.engine.vocab_size), presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty)
+    limit = state.limits.max_tokens_limit
+    params = req.sampling_params(limit if max_tokens is None else max_tokens, logprobs, top_logprobs)
+    try:
+        return fit_to_context(len(ids), replace(params, max_tokens=min(params.max_tokens, limit)),
+                              state.model.engine.context_length)
+    except ContextLengthError as e:
+        raise P.ApiError(400, str(e), param="messages" if hasattr(req, "messages") else "prompt",
+                         code="context_length_exceeded") from None
 
 
 def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     model = state.model
-    handle = Handle(model.tokenizer, ids, params, model.eos_token_ids,
-                    lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+    with P.sampling_errors():  # logit_bias ids past the vocabulary
+        handle = Handle(model.tokenizer, ids, params, model.eos_token_ids, model.engine.vocab_size,
+                        lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
     if not state.scheduler.submit(handle):
         raise P.ApiError(429, "too many requests are waiting; retry later", "server_error", code="queue_full")
     return handle, events
+
+
+async def _reply(state: ServerState, request: Request, req, ids: list[int], params: SamplingParams, fmt):
+    """Generate for one validated request and answer it whole or as an SSE stream, shaped by `fmt`."""
+    handle, events = _submit(state, ids, params)
+    base = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
+            "system_fingerprint": "lmforge"}
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(event_stream(base, fmt, deltas(handle, events, request), usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    got = [d async for d in deltas(handle, events, request)]
+    if not got or got[-1].finish_reason is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    text, infos, last = P.merge(got)
+    return {**base, "object": fmt.object, "choices": [fmt.choice(text, infos, last.finish_reason)],
+            "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+
+def _chat_request(state: ServerState, req: P.ChatRequest):
+    """(prompt ids, SamplingParams, format) of a chat request: the messages through the template."""
+    model = state.model
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        ids = model.prompt_ids(messages=messages)
+    except ChatTemplateError as e:
+        raise P.ApiError(400, str(e), param="messages") from None
+    if req.top_logprobs and not req.logprobs:
+        raise P.ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _sampling(state, ids, req, max_tokens, req.logprobs, req.top_logprobs or 0)
+    return ids, params, P.ChatFormat(req.logprobs, _token_text(model))
+
+
+def _completion_request(state: ServerState, req: P.CompletionRequest):
+    """(prompt ids, SamplingParams, format) of a completion request: a raw prompt or token ids."""
+    model = state.model
+    if req.suffix:
+        raise P.ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise P.ApiError(400, "one prompt per request (n = 1)", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = model.prompt_ids(prompt, raw=True)
+    else:
+        ids = list(prompt)
+        if any(not 0 <= t < model.engine.vocab_size for t in ids):
+            raise P.ApiError(400, f"token ids must be in [0, {model.engine.vocab_size})", param="prompt")
+    params = _sampling(state, ids, req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs is not None,
+                       req.logprobs or 0)
+    echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)) if req.echo else ""
+    return ids, params, P.CompletionFormat(req.logprobs is not None, _token_text(model), echo)
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -121,7 +175,6 @@ def create_app(load_model: Callable[[], object], name: str, api_key: str | None 
     startup) under the id `name`: the FastAPI routes behind the `Guard` middleware.
     `on_load_error(message)` is told when loading fails; `app.state` is the ServerState."""
     state = ServerState(name=name, limits=limits or Limits(), api_key=api_key)
-    page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     def load() -> None:
         try:
@@ -145,7 +198,13 @@ def create_app(load_model: Callable[[], object], name: str, api_key: str | None 
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
+    _error_handlers(app)
+    _info_routes(app, state)
+    _generation_routes(app, state)
+    return Guard(app, state)
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(P.ApiError)
     async def api_error(request, e: P.ApiError):
         return JSONResponse(e.body(), status_code=e.status)
@@ -159,6 +218,11 @@ def create_app(load_model: Callable[[], object], name: str, api_key: str | None 
     async def internal_error(request, e: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse(P.ApiError(500, "internal server error", "server_error").body(), status_code=500)
+
+
+def _info_routes(app: FastAPI, state: ServerState) -> None:
+    """The chat page, health, metrics, models, tokenize and detokenize."""
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -201,81 +265,23 @@ def create_app(load_model: Callable[[], object], name: str, api_key: str | None 
             raise P.ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"content": model.tokenizer.decode(req.tokens)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        model = state.ready()
-        req = P.parse(P.ChatRequest, await request.body())
+
+def _generation_routes(app: FastAPI, state: ServerState) -> None:
+    """/v1/chat/completions and /v1/completions: each shapes its request, `_reply` does the rest."""
+    app.add_api_route("/v1/chat/completions", _generation_route(state, P.ChatRequest, _chat_request), methods=["POST"])
+    app.add_api_route("/v1/completions", _generation_route(state, P.CompletionRequest, _completion_request),
+                      methods=["POST"])
+
+
+def _generation_route(state: ServerState, schema, prepare):
+    async def route(request: Request):
+        state.ready()
+        req = P.parse(schema, await request.body())
         state.check_model(req.model)
-        from lmforge.errors import ChatTemplateError
+        ids, params, fmt = prepare(state, req)
+        return await _reply(state, request, req, ids, params, fmt)
 
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = model.prompt_ids(messages=messages)
-        except ChatTemplateError as e:
-            raise P.ApiError(400, str(e), param="messages") from None
-        if req.top_logprobs and not req.logprobs:
-            raise P.ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        params = _sampling(state, ids, req, req.max_completion_tokens or req.max_tokens, req.logprobs,
-                           req.top_logprobs or 0)
-        handle, events = _submit(state, ids, params)
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
-                "system_fingerprint": "lmforge"}
-        text_of = _token_text(model)
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(chat_stream(base, deltas(handle, events, request), req.logprobs, usage, text_of),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        got = [d async for d in deltas(handle, events, request)]
-        if not got or got[-1].finish_reason is None:
-            return Response(status_code=499)  # the client left; nobody reads this
-        text, tokens, last = P.merge(got)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": P.chat_logprobs(tokens, text_of) if req.logprobs else None,
-                             "finish_reason": last.finish_reason}],
-                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        model = state.ready()
-        req = P.parse(P.CompletionRequest, await request.body())
-        state.check_model(req.model)
-        if req.suffix:
-            raise P.ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise P.ApiError(400, "one prompt per request (n = 1)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = model.prompt_ids(prompt, raw=True)
-        else:
-            ids = list(prompt)
-            if any(not 0 <= t < model.engine.vocab_size for t in ids):
-                raise P.ApiError(400, f"token ids must be in [0, {model.engine.vocab_size})", param="prompt")
-        n_top = req.logprobs or 0
-        params = _sampling(state, ids, req, req.max_tokens or 16, req.logprobs is not None, n_top)
-        handle, events = _submit(state, ids, params)
-        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
-                "system_fingerprint": "lmforge"}
-        echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)) if req.echo else ""
-        text_of = _token_text(model)
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                completion_stream(base, deltas(handle, events, request), req.logprobs is not None, usage, text_of, echo),
-                media_type="text/event-stream", headers=SSE_HEADERS)
-        got = [d async for d in deltas(handle, events, request)]
-        if not got or got[-1].finish_reason is None:
-            return Response(status_code=499)
-        text, tokens, last = P.merge(got)
-        return {**base, "object": "text_completion",
-                "choices": [{"index": 0, "text": echo + text,
-                             "logprobs": P.completion_logprobs(tokens, text_of, len(echo)) if req.logprobs is not None
-                             else None, "finish_reason": last.finish_reason}],
-                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
-
-    return Guard(app, state)
+    return route
 
 
 def _model_card(state: ServerState) -> dict:

@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from lmforge.server.sequence import Delta, SamplingParams, SequenceState
+from lmforge.generate import Delta, SequenceState, sequence_deltas
+from lmforge.sampling import SamplingParams
 
 log = logging.getLogger("lmforge.server")
 
@@ -44,9 +45,9 @@ class Handle:
     _ids = itertools.count()
 
     def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, eos_token_ids,
-                 sink: Callable[[object], None]):
+                 vocab_size: int | None, sink: Callable[[object], None]):
         self.id = next(self._ids)
-        self.state = SequenceState(tokenizer, prompt_ids, params, eos_token_ids)
+        self.state = SequenceState(tokenizer, prompt_ids, params, eos_token_ids, vocab_size)
         self.sink = sink
         self.cancelled = False
         self.done = False
@@ -322,18 +323,17 @@ class SerialScheduler(Scheduler):
             return
         self.waiting.popleft()
         self.current = h  # an engine fault leaves it here for fail_active
-        prompt = h.state.prompt_ids
-        cache = self.engine.new_cache(1, len(prompt) + h.state.params.max_tokens)
-        logits = self.engine.prefill(cache, [prompt])[0]
-        while not h.cancelled:
-            delta = h.state.accept(logits)
-            self.emit(h, delta)
-            if delta.finish_reason is not None:
-                break
-            self._take_inbox(block=False)  # keeps the queue depth honest
-            logits = self.engine.decode(cache, [h.state.next_token])[0]
-            if self.metrics:
-                self.metrics.decode_step(1)
+        steps = sequence_deltas(self.engine, h.state)
+        try:
+            for delta in steps:
+                self.emit(h, delta)
+                if h.cancelled:
+                    break
+                self._take_inbox(block=False)  # keeps the queue depth honest
+                if self.metrics and delta.finish_reason is None:
+                    self.metrics.decode_step(1)
+        finally:
+            steps.close()
         self._retire(h)
         self.current = None
 

@@ -5,11 +5,13 @@ Unknown fields are accepted and ignored, as clients send fields a local model ha
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmforge.server.sequence import Delta, TokenLogprob
+from lmforge.generate import Delta, TokenLogprob
+from lmforge.sampling import SamplingError, SamplingParams
 
 
 class ApiError(Exception):
@@ -48,18 +50,24 @@ class StreamOptions(_Strict):
 
 
 class _Common(_Strict):
+    """Fields both generation routes take. Sampling fields are type-checked here and range-checked
+    once, by SamplingParams (`sampling_params`); vLLM's top_k, min_p and repetition_penalty too."""
+
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     n: int = Field(1, ge=1, le=1)
     seed: int | None = None
     stop: Union[str, list[str], None] = Field(None)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -67,22 +75,30 @@ class _Common(_Strict):
             raise ApiError(400, "'stop' takes at most 4 sequences", param="stop")
         return tuple(stop)
 
-    def biases(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        out = []
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab_size:
-                raise ApiError(400, f"logit_bias key {key!r} is not a token id below {vocab_size}", param="logit_bias")
-            if not -100 <= bias <= 100:
-                raise ApiError(400, f"logit_bias for {key} must be in [-100, 100]", param="logit_bias")
-            out.append((int(key), float(bias)))
-        return tuple(out)
+    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        """The request's SamplingParams; a value out of range is a 400 naming its field."""
+        with sampling_errors():
+            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                  top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                  logit_bias=self.logit_bias or (), seed=self.seed, stop=self.stops(), logprobs=logprobs,
+                                  top_logprobs=top_logprobs)
+
+
+@contextmanager
+def sampling_errors():
+    """SamplingError -> ApiError 400 with the option's name as `param`."""
+    try:
+        yield
+    except SamplingError as e:
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Common):
@@ -163,5 +179,50 @@ def completion_logprobs(infos: list[TokenLogprob], token_text, offset: int) -> d
 
 
 def merge(deltas: list[Delta]) -> tuple[str, list[TokenLogprob], Delta]:
-    """All of a sequence's deltas: its text, its tokens and the last delta."""
-    return "".join(d.text for d in deltas), [t for d in deltas for t in d.tokens], deltas[-1]
+    """All of a sequence's deltas: its text, its tokens' logprobs and the last delta."""
+    return "".join(d.text for d in deltas), [t for d in deltas for t in d.logprobs], deltas[-1]
+
+
+class ChatFormat:
+    """How /v1/chat/completions shapes a reply: whole (`choice`) or as stream chunks."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, logprobs: bool, token_text):
+        self.logprobs, self.token_text = logprobs, token_text
+
+    def opening(self) -> list[dict]:
+        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+    def chunk(self, d: Delta) -> dict:
+        return {"index": 0, "delta": {"content": d.text} if d.text else {},
+                "logprobs": chat_logprobs(d.logprobs, self.token_text) if self.logprobs else None,
+                "finish_reason": d.finish_reason}
+
+    def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": chat_logprobs(infos, self.token_text) if self.logprobs else None,
+                "finish_reason": finish_reason}
+
+
+class CompletionFormat:
+    """How /v1/completions shapes a reply (with `echo`, the prompt's text before it)."""
+
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
+
+    def __init__(self, logprobs: bool, token_text, echo: str = ""):
+        self.logprobs, self.token_text, self.echo = logprobs, token_text, echo
+        self.offset = len(echo)  # where the next streamed chunk's text starts
+
+    def opening(self) -> list[dict]:
+        return [{"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}] if self.echo else []
+
+    def chunk(self, d: Delta) -> dict:
+        out = {"index": 0, "text": d.text, "finish_reason": d.finish_reason,
+               "logprobs": completion_logprobs(d.logprobs, self.token_text, self.offset) if self.logprobs else None}
+        self.offset += len(d.text)
+        return out
+
+    def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
+        return {"index": 0, "text": self.echo + text, "finish_reason": finish_reason,
+                "logprobs": completion_logprobs(infos, self.token_text, len(self.echo)) if self.logprobs else None}

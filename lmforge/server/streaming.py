@@ -53,37 +53,17 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def chat_stream(base: dict, deltas, logprobs: bool, include_usage: bool, text_of):
-    chunk = {**base, "object": "chat.completion.chunk"}
-    yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}]})
+async def event_stream(base: dict, fmt, deltas, include_usage: bool):
+    """The OpenAI chunk stream of one reply, shaped by `fmt` (protocol.ChatFormat or
+    CompletionFormat): the opening chunks, one chunk per delta that carries something, the usage
+    chunk when asked, and `[DONE]`; an engine failure mid-stream becomes an error event."""
+    chunk = {**base, "object": fmt.chunk_object}
+    for choice in fmt.opening():
+        yield sse({**chunk, "choices": [choice]})
     try:
         async for d in deltas:
-            if d.text or d.finish_reason or (logprobs and d.tokens):
-                yield sse({**chunk, "choices": [{
-                    "index": 0, "delta": {"content": d.text} if d.text else {},
-                    "logprobs": P.chat_logprobs(d.tokens, text_of) if logprobs else None,
-                    "finish_reason": d.finish_reason}]})
-            if d.finish_reason and include_usage:
-                yield sse({**chunk, "choices": [], "usage": P.usage(d.prompt_tokens, d.completion_tokens)})
-    except P.ApiError as e:
-        yield sse(e.body())
-    yield "data: [DONE]\n\n"
-
-
-async def completion_stream(base: dict, deltas, logprobs: bool, include_usage: bool, text_of, echo: str):
-    chunk = {**base, "object": "text_completion"}
-    offset = len(echo)
-    if echo:
-        yield sse({**chunk, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
-    try:
-        async for d in deltas:
-            if d.text or d.finish_reason or (logprobs and d.tokens):
-                yield sse({**chunk, "choices": [{
-                    "index": 0, "text": d.text,
-                    "logprobs": P.completion_logprobs(d.tokens, text_of, offset) if logprobs else None,
-                    "finish_reason": d.finish_reason}]})
-                offset += len(d.text)
+            if d.text or d.finish_reason or (fmt.logprobs and d.logprobs):
+                yield sse({**chunk, "choices": [fmt.chunk(d)]})
             if d.finish_reason and include_usage:
                 yield sse({**chunk, "choices": [], "usage": P.usage(d.prompt_tokens, d.completion_tokens)})
     except P.ApiError as e:

@@ -1,6 +1,7 @@
 """lmforge: take a small language model checkpoint to every deployment form."""
 from lmforge.checkpoint import ModelSpec, open_checkpoint
 from lmforge.errors import LmforgeError
+from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 
 
@@ -19,4 +20,4 @@ def convert(source, out, target: str = "cpu-fp32", **options):
     return _convert(source, out, target=target, **options)
 
 __version__ = "0.1.0"
-__all__ = ["ModelSpec", "LmforgeError", "Tokenizer", "convert", "load", "open_checkpoint", "__version__"]
+__all__ = ["ModelSpec", "LmforgeError", "SamplingParams", "Tokenizer", "convert", "load", "open_checkpoint", "__version__"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.errors import LmforgeError
+from lmforge.progress import Progress
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
@@ -188,18 +189,10 @@ def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target
             from lmforge.model import load
 
             m = load(model, target=target)
-            bar = _bar(len(todo), progress)
+            bar = Progress(len(todo), progress, "batch", unit="req", leave=True)
             for item in todo:
                 writer.write(generate_record(m, item))
-                bar(1)
+                bar.update()
     finally:
         writer.close()
     return {"ran": len(todo), "errors": len(bad), "duplicates": len(dups), "already_done": n_done}
-
-
-def _bar(total: int, enabled: bool | None):
-    if not (os.isatty(2) if enabled is None else enabled):
-        return lambda k: None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="req", desc="batch").update

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from lmforge.errors import LmforgeError
+from lmforge.progress import Progress
 from lmforge.sampling import OPTION_NAMES, SamplingParams
 
+log = logging.getLogger(__name__)
 SAMPLING = tuple(sorted(OPTION_NAMES))  # every SamplingParams option, under its own name
 
 
@@ -181,8 +183,7 @@ def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target
             raise LmforgeError(f"another lmforge batch is writing {out}; wait for it or choose another -o") from None
         todo, bad, dups, n_done = plan(inp, out)
         for d in dups:
-            print(f"lmforge: warning: id {d.id!r} on line {d.line} repeats an earlier line; it runs once",
-                  file=sys.stderr)
+            log.warning("id %r on line %d repeats an earlier line; it runs once", d.id, d.line)
         for item in bad:
             writer.write(error_record(item))
         if ray:
@@ -193,18 +194,10 @@ def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target
             from lmforge.model import load
 
             m = load(model, target=target)
-            bar = _bar(len(todo), progress)
+            bar = Progress(len(todo), progress, "batch", unit="req", leave=True)
             for item in todo:
                 writer.write(generate_record(m, item))
-                bar(1)
+                bar.update()
     finally:
         writer.close()
     return {"ran": len(todo), "errors": len(bad), "duplicates": len(dups), "already_done": n_done}
-
-
-def _bar(total: int, enabled: bool | None):
-    if not (os.isatty(2) if enabled is None else enabled):
-        return lambda k: None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="req", desc="batch").update

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.export.folder import GENAI_FILE, META_FILE
 
 PEERS = ("llamacpp", "ortgenai")
 PAUSE_S = 2.0  # between runner processes
@@ -156,7 +157,7 @@ def _genai_folder(source: Path) -> Path:
 
     stat = source.stat()
     out = cache_dir() / "genai" / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if (out / "genai_config.json").exists():
+    if (out / GENAI_FILE).exists():
         return out
     hf = source
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +170,30 @@ def _genai_folder(source: Path) -> Path:
     return out
 
 
+def _prompt_ids(tok, prompt_tokens: int) -> list[int]:
+    """PROMPT_TOKENS token ids of the evaluation text (repeated when it is shorter)."""
+    from lmforge.evaluate import DEFAULT_DATA
+
+    text = DEFAULT_DATA.read_text(encoding="utf-8") if DEFAULT_DATA.exists() else "The quick brown fox. " * 2000
+    ids = tok.encode(text[: 12 * prompt_tokens])[:prompt_tokens]
+    if len(ids) < prompt_tokens:
+        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
+    return ids
+
+
+def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path]]:
+    """(runner, label, path) of each peer in VS, run on SOURCE (or what onnxruntime-genai's builder makes of it)."""
+    peers = []
+    for p in vs:
+        if p == "llamacpp":
+            if source.suffix.lower() != ".gguf":
+                raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
+            peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
+        else:
+            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source)))
+    return peers
+
+
 def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 5,
           threads: int | None = None, vs: tuple[str, ...] = (), target: str = "cpu-int4", rounds: int = 1) -> list[dict]:
     """Figures for each MODEL (converted to `target` when needed) and, for the first, its peers.
@@ -176,7 +201,6 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
     Runner processes follow each other with a pause of PAUSE_S. `rounds` > 1 interleaves the
     runners: each round runs every runner once more, in a fresh process, so a machine that speeds
     up or slows down during the run weighs on every runner alike; figures pool all rounds."""
-    from lmforge.evaluate import DEFAULT_DATA
     from lmforge.model import cached_onnx
     from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
@@ -188,27 +212,16 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
         raise LmforgeError("--prompt-tokens, --gen-tokens, --repetitions and --rounds must be at least 1")
     threads = threads or os.cpu_count()  # one explicit count for every runner
     folders = [cached_onnx(m, target) for m in models]
-    metas = [json.loads((f / "lmforge.json").read_text()) if (f / "lmforge.json").exists() else {} for f in folders]
+    metas = [json.loads((f / META_FILE).read_text()) if (f / META_FILE).exists() else {} for f in folders]
     for f, meta in zip(folders, metas):
         limit = min(meta.get("context_length", 1 << 30), meta.get("max_positions") or 1 << 30)
         if prompt_tokens + gen_tokens + 1 > limit:
             raise LmforgeError(f"--prompt-tokens + --gen-tokens exceed the context of {f} ({limit}); use fewer tokens")
-    tok = Tokenizer.from_folder(folders[0])
-    text = DEFAULT_DATA.read_text(encoding="utf-8") if DEFAULT_DATA.exists() else "The quick brown fox. " * 2000
-    ids = tok.encode(text[: 12 * prompt_tokens])[:prompt_tokens]
-    if len(ids) < prompt_tokens:
-        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
+    ids = _prompt_ids(Tokenizer.from_folder(folders[0]), prompt_tokens)
     source = resolve(models[0])
     if source.is_dir() and metas[0].get("source") and Path(metas[0]["source"]).exists():
         source = Path(metas[0]["source"])  # a folder lmforge wrote: its peers run what it came from
-    peers = []
-    for p in vs:
-        if p == "llamacpp":
-            if source.suffix.lower() != ".gguf":
-                raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
-            peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
-        else:
-            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source)))
+    peers = _peers(vs, source)
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"ids": ids, "gen": gen_tokens, "reps": repetitions, "threads": threads}))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, read_user_text
+from lmforge.runtime.engine import ENGINES
 
 
 def cmd_inspect(args) -> int:
@@ -30,13 +32,7 @@ def cmd_tokenize(args) -> int:
     from lmforge.checkpoint import open_checkpoint
 
     if args.file is not None:
-        try:
-            with open(args.file, encoding="utf-8", newline="") as f:
-                text = f.read()
-        except OSError as e:
-            raise LmforgeError(f"cannot read {args.file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise LmforgeError(f"{args.file} is not UTF-8 text") from None
+        text = read_user_text(args.file)
     elif args.text is not None:
         text = args.text
     else:
@@ -287,7 +283,7 @@ def _add_generation_args(p) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int, help="ONNX Runtime / llama.cpp threads (default: all cores)")
-    p.add_argument("--engine", default="auto", choices=["auto", "ort", "llamacpp"],
+    p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else ONNX Runtime")
 
 
@@ -300,17 +296,14 @@ def _add_eval_args(p) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmforge", description="Convert, run, serve and measure small language models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show a model's architecture, tensors and size")
     p.add_argument("model", help="known name (smollm2-135m), HF folder or .gguf file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
+
+def _tokenize_parser(sub) -> None:
     p = sub.add_parser("tokenize", help="print token ids of a text as a JSON list")
     p.add_argument("model")
     p.add_argument("text", nargs="?")
@@ -319,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the text as a user message in the model's chat template first")
     p.set_defaults(func=cmd_tokenize)
 
+
+def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to an ONNX folder, a GGUF file or an HF folder")
     p.add_argument("source", nargs="?", help="known name, HF folder or .gguf file")
     p.add_argument("-o", "--output", help="output folder (written atomically)")
@@ -342,12 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_convert)
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate from a prompt, streaming text to stdout and stats to stderr")
     _add_generation_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     p.set_defaults(func=cmd_run)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="measure quality")
     ev = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
     p = ev.add_parser("ppl", help="perplexity with llama.cpp's llama-perplexity protocol")
@@ -362,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.set_defaults(func=cmd_eval_kld)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="prefill/decode speed, load time, memory and size, beside peers")
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--prompt-tokens", type=int, default=512)
@@ -379,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH.png", help="bar chart of the table (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
+
+def _batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="JSONL requests in, JSONL results out; resumable; --ray for a cluster")
     p.add_argument("model")
     p.add_argument("input", metavar="IN.jsonl")
@@ -389,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on Ray: a local instance, or the cluster at ADDRESS")
     p.set_defaults(func=cmd_batch)
 
+
+def _machine_parsers(sub) -> None:
     p = sub.add_parser("devices", help="execution providers, GPUs, CPU features, memory, llama.cpp")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
@@ -400,10 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
 
+
+def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -412,21 +421,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (ONNX Runtime on the CPU)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on a request's max_tokens")
-    p.add_argument("--engine", default="ort", choices=["ort", "llamacpp"],
+    p.add_argument("--engine", default="ort", choices=ENGINES,
                    help="ort (default): continuous batching; llamacpp: a .gguf file, one request at a time")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     p.add_argument("--name", help="the model id clients send (default: MODEL's name)")
     p.set_defaults(func=cmd_serve)
+
+
+# in `lmforge --help` order
+SUBCOMMAND_PARSERS = (_inspect_parser, _tokenize_parser, _convert_parser, _run_parser, _eval_parser, _bench_parser,
+                      _batch_parser, _machine_parsers, _chat_parser, _serve_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lmforge` parser: global flags, then one subparser per command."""
+    parser = _Parser(prog="lmforge", description="Convert, run, serve and measure small language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMAND_PARSERS:
+        add(sub)
     return parser
 
 
+class _LineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"lmforge: {record.levelname.lower()}: {record.message}"
+
+
+class _StderrHandler(logging.Handler):
+    """The library's warnings (loggers under "lmforge") as the CLI's own lines: `lmforge: warning: ...`."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(_LineFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)  # sys.stderr as it is now, not at install
+        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
+            self.handleError(record)
+
+
+def show_library_warnings() -> None:
+    """Print the library's log records of level WARNING and above on stderr (once per process)."""
+    logger = logging.getLogger("lmforge")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmforge` command; returns the exit code."""
     parser = build_parser()
+    show_library_warnings()
     args, extra = parser.parse_known_args(argv)
     # argparse binds an optional positional before a later flag (`tokenize M --chat TEXT`)
     if len(extra) == 1 and getattr(args, "text", False) is None and not extra[0].startswith("-"):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, read_user_text
+from lmforge.progress import Progress
 from lmforge.sampling import log_softmax
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -38,13 +39,7 @@ def read_text(path: str | os.PathLike | None) -> str:
     path = Path(path) if path else DEFAULT_DATA
     if not path.exists():
         raise LmforgeError(f"no evaluation text at {path}; pass --data PATH")
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except OSError as e:
-        raise LmforgeError(f"cannot read {path}: {e.strerror}; pass a text file with --data") from None
-    except UnicodeDecodeError:
-        raise LmforgeError(f"{path} is not UTF-8 text; pass a text file with --data") from None
+    return read_user_text(path, hint="; pass a text file with --data")
 
 
 def check_ctx(ctx: int, engine) -> None:
@@ -95,22 +90,14 @@ def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | Non
     check_ctx(ctx, engine)
     tok = Tokenizer.from_folder(folder)
     wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
-    show = os.isatty(2) if progress is None else progress
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(wins), unit="chunk", desc="perplexity", leave=False)
-    start = time.perf_counter()
-    total, count = 0.0, 0
-    for w in wins:
-        nll, n = nll_of_window(engine.score(w), w)
-        total, count = total + nll, count + n
-        if bar:
-            bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(total / count):.4f}")
-    if bar:
-        bar.close()
+    with Progress(len(wins), progress, "perplexity", unit="chunk") as bar:
+        start = time.perf_counter()
+        total, count = 0.0, 0
+        for w in wins:
+            nll, n = nll_of_window(engine.score(w), w)
+            total, count = total + nll, count + n
+            bar.update()
+            bar.note(ppl=f"{math.exp(total / count):.4f}")
     return PerplexityResult(math.exp(total / count), count, len(wins), ctx, time.perf_counter() - start)
 
 

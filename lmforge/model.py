@@ -17,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
 from lmforge.registry import cache_dir, resolve
+from lmforge.runtime.engine import ENGINES as RUNTIME_ENGINES
 from lmforge.runtime.ort import OrtEngine, is_onnx_folder
 from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -106,7 +107,7 @@ class Model:
         return "".join(self._pieces(self.prompt_ids(messages=messages), options))
 
 
-ENGINES = ("auto", "ort", "llamacpp")
+ENGINES = ("auto", *RUNTIME_ENGINES)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -125,9 +126,9 @@ def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: s
         if not (_is_gguf(path) and target is None and device in ("cpu", "cuda") and find_spec("llama_cpp")):
             return "ort"
         if device == "cuda":  # PyPI's llama-cpp-python is a CPU build: then CUDA means ONNX Runtime
-            from lmforge.runtime.llamacpp import _import
+            from lmforge.runtime.llamacpp import supports_gpu_offload
 
-            return "llamacpp" if _import().llama_supports_gpu_offload() else "ort"
+            return "llamacpp" if supports_gpu_offload() else "ort"
         return "llamacpp"
     if engine == "llamacpp" and not _is_gguf(path):
         raise LmforgeError(f"the llama.cpp engine runs .gguf files and {path} is not one; "

@@ -178,3 +178,17 @@ def test_gguf_with_impossible_dimensions(tmp_path, default_model_path):
     assert_user_error(run_cli("inspect", path), "dims.gguf")
     with pytest.raises(Exception, match="impossible dimensions|truncated"):
         parse(path)
+
+
+def test_read_user_text_says_what_failed(tmp_path):
+    """One reader for files users name (--file, --data, --calibration): what, why, and the hint."""
+    from lmforge.errors import LmforgeError, read_user_text
+
+    with pytest.raises(LmforgeError, match=r"^cannot read calibration text .*missing\.txt: No such file"):
+        read_user_text(tmp_path / "missing.txt", "calibration text")
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(LmforgeError, match=r"bad\.txt is not UTF-8 text; pass a text file with --data$"):
+        read_user_text(tmp_path / "bad.txt", hint="; pass a text file with --data")
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb")
+    assert read_user_text(tmp_path / "crlf.txt") == "a\r\nb"  # line endings kept by default
+    assert read_user_text(tmp_path / "crlf.txt", newline=None) == "a\nb"

@@ -23,7 +23,9 @@ def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
         from lmforge.checkpoint.gguf import GGUFCheckpoint
 
         return GGUFCheckpoint(path)
-    if path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+    from lmforge.checkpoint.hf import PICKLE_SUFFIXES
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path} is a pickle checkpoint; lmforge never unpickles: convert it to safetensors")
     raise CheckpointError(f"{path} is neither a GGUF file nor an HF checkpoint folder")
 

@@ -1,1 +1,1 @@
-"""Writers: ONNX folders (and, later, GGUF files) from a checkpoint's tensor stream."""
+"""Writers: ONNX folders, GGUF files and HF folders from a checkpoint's tensor stream."""

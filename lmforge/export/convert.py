@@ -17,13 +17,12 @@ import onnx
 
 from lmforge.checkpoint import open_checkpoint
 from lmforge.export.atomic import atomic_folder, check_output
+from lmforge.export.folder import FULL_FILE, GENAI_FILE, META_FILE, MODEL_FILE
 from lmforge.export.onnx import GraphOptions, build
 from lmforge.export.targets import get_target, with_overrides
 from lmforge.export.weights import WeightSource
+from lmforge.progress import Progress, shown
 
-META_FILE = "lmforge.json"
-MODEL_FILE = "model.onnx"         # last-position logits: lmforge's engine
-FULL_FILE = "model.genai.onnx"    # every position's logits: onnxruntime-genai and evaluation
 FORMAT_VERSION = 2  # 2: two graphs per folder (model.onnx, model.genai.onnx)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -84,21 +83,6 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> d
     }
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=None, unit="layer", desc="convert", leave=False)
-
-    def update(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return update, bar.close
-
-
 def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cpu-fp32", force: bool = False,
             quant: str | None = None, block_size: int | None = None, symmetric: bool | None = None,
             accuracy_level: int | None = None, requantize: bool | None = None, max_positions: int | None = None,
@@ -126,18 +110,15 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     with atomic_folder(out) as tmp:
         options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions,
                                separate_rotary=t.separate_rotary)
-        show = os.isatty(2) if progress is None else progress
+        show = shown(progress)
         awq = None
         if t.quant is not None and t.quant.method == "awq":
             from lmforge.quant.awq import compute_awq_scales
 
             awq = compute_awq_scales(ckpt, t.quant, calibration=calibration, progress=show)
         src = WeightSource(ckpt, t.quant, awq)
-        update, close = _progress(show)
-        try:
-            graphs = build(ckpt, tmp, options, src, progress=update)
-        finally:
-            close()
+        with Progress(None, show, "convert", unit="layer") as bar:
+            graphs = build(ckpt, tmp, options, src, progress=bar.goto if show else None)
         if t.quant is not None:
             src.report()
         onnx.save_model(graphs["last"], tmp / MODEL_FILE)
@@ -159,7 +140,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
             "files": {name: (tmp / name).stat().st_size for name in files},
             "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
         }
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions), indent=2))
+        (tmp / GENAI_FILE).write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

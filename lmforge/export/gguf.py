@@ -8,9 +8,9 @@ into a hidden temporary file beside OUT, renamed into place when complete.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
 from lmforge.export.gguf_vocab import hf_vocab
+from lmforge.progress import Progress
 
+log = logging.getLogger(__name__)
 QUANTIZATION_VERSION = 2
 NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
@@ -73,8 +75,8 @@ def _arch_metadata(spec: ModelSpec, gguf_arch: str) -> tuple[dict, dict[str, np.
     elif spec.sliding_window:
         meta[f"{a}.attention.sliding_window"] = (spec.sliding_window, "uint32")
     if spec.sliding_window and spec.arch == "mistral":  # written as `llama`, which has no window in llama.cpp
-        print(f"lmforge: warning: llama.cpp's {a} architecture has no sliding window; this model's window of "
-              f"{spec.sliding_window} tokens is dropped, so outputs differ once a sequence is longer", file=sys.stderr)
+        log.warning(f"llama.cpp's {a} architecture has no sliding window; this model's window of "
+                    f"{spec.sliding_window} tokens is dropped, so outputs differ once a sequence is longer")
     return meta, tensors
 
 
@@ -198,8 +200,8 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     meta, extra = _arch_metadata(spec, ckpt.arch.gguf_arch)
     plan = _Plan(ckpt, ft, extra)
     if plan.notes:  # one line per kind of fallback, as a summary
-        print(f"lmforge: {len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
-              f"{', ...' if len(plan.notes) > 1 else ''})", file=sys.stderr)
+        log.warning(f"{len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
+                    f"{', ...' if len(plan.notes) > 1 else ''})")
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -226,7 +228,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        bar = _bar(len(plan.items), progress)
+        bar = Progress(len(plan.items), progress, "gguf", unit="tensor")
         for gname, shape, qtype, info in plan.items:
             if info is None:
                 data = _encode(extra[gname], qtype)
@@ -235,7 +237,8 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
             else:
                 data = _encode(_transform(ckpt, info.name, ckpt.read(info.name)), qtype)
             writer.write_tensor_data(data)
-            bar()
+            bar.update()
+        bar.close()
         for f in writer.fout or []:  # on disk before the name says complete
             f.flush()
             os.fsync(f.fileno())
@@ -246,12 +249,3 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
         tmp.unlink(missing_ok=True)
         raise
     return out
-
-
-def _bar(total: int, enabled: bool | None):
-    if not (os.isatty(2) if enabled is None else enabled):
-        return lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="tensor", desc="gguf", leave=False)
-    return lambda: (bar.update(1), bar.n == total and bar.close())

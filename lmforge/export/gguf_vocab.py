@@ -12,11 +12,13 @@ From a GGUF source the writer copies the `tokenizer.*` keys as they are. From an
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 from lmforge.errors import TokenizerError
 from lmforge.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Digits, spaces, newlines, tabs, contractions, scripts and emoji: the cases pre-tokenizers differ on.
 PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001F680 (normal) \U0001F636\u200d\U0001F32B\ufe0f (emoji) "
@@ -133,8 +135,8 @@ def _pick_pre(source: Tokenizer, meta: dict) -> str:
         candidate.encode_special_tokens = True
         if candidate.encode(PROBE, add_special_tokens=False).ids == want:
             return pre
-    print("lmforge: warning: no llama.cpp pre-tokenizer reproduces this tokenizer's splits exactly; "
-          "writing 'default' (llama.cpp may tokenize some text differently)", file=sys.stderr)
+    log.warning("no llama.cpp pre-tokenizer reproduces this tokenizer's splits exactly; "
+                "writing 'default' (llama.cpp may tokenize some text differently)")
     return "default"
 
 

@@ -7,7 +7,7 @@ leaves the float model unchanged.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,8 @@ from lmforge.checkpoint.base import Checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.quant.nbits import NBits, concat, rtn
 from lmforge.quant.transcode import EXACT_TYPES, transcode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,6 @@ class WeightSource:
     def report(self) -> None:
         """Say which GGUF types were transcoded exactly and which were quantized again."""
         if self.requantized:
-            print(f"lmforge: warning: {', '.join(sorted(self.requantized))} tensors have no exact MatMulNBits form; "
-                  "they were dequantized and quantized again with "
-                  f"{self.quant.method.upper()} ({self.quant.bits}-bit, block {self.quant.block_size})", file=sys.stderr)
+            log.warning(f"{', '.join(sorted(self.requantized))} tensors have no exact MatMulNBits form; "
+                        "they were dequantized and quantized again with "
+                        f"{self.quant.method.upper()} ({self.quant.bits}-bit, block {self.quant.block_size})")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, read_user_text
 from lmforge.export.weights import AwqScales, QuantOptions, WeightSource
+from lmforge.progress import Progress
 from lmforge.quant.nbits import rtn
 
 GRID = np.linspace(0.0, 1.0, 21)
@@ -29,12 +30,7 @@ def calibration_text(path: str | os.PathLike | None) -> str:
         import pydoc_data.topics
 
         return "\n\n".join(pydoc_data.topics.topics.values())
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmforgeError(f"cannot read calibration text {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise LmforgeError(f"calibration text {path} is not UTF-8") from None
+    return read_user_text(path, "calibration text", newline=None)
 
 
 def _groups(spec, i: int) -> list[tuple[str, str | None]]:
@@ -95,7 +91,7 @@ def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None
         per_window = min(window, max(1, sample_rows // n))
         empty = {f"past_key_values.{i}.{kv}": np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
                  for i in range(spec.n_layers) for kv in ("key", "value")}
-        bar = _bar(progress, n + spec.n_layers, "AWQ")
+        bar = Progress(n + spec.n_layers, progress, "AWQ")
         for w in range(n):
             chunk = np.asarray([ids[w * window:(w + 1) * window]], dtype=np.int64)
             outs = sess.run(taps, {"input_ids": chunk, "attention_mask": np.ones_like(chunk), **empty})
@@ -104,7 +100,7 @@ def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None
                 a = a[0]                                                              # (window, K)
                 sums[t] = sums[t] + np.abs(a).sum(axis=0)
                 rows[t].append(a[pick].astype(np.float16))
-            bar(1)
+            bar.update()
         del sess
     total = n * window
     src = WeightSource(ckpt)
@@ -118,14 +114,5 @@ def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None
             s, _, _ = search_scale(w, x, sums.pop(t) / total, quant)
             scales.col[group] = s
             scales.row_div[before] = s
-        bar(1)
+        bar.update()
     return scales
-
-
-def _bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return lambda k: None
-    from tqdm import tqdm
-
-    b = tqdm(total=total, desc=desc, leave=False)
-    return b.update

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.runtime.engine import Cache, Engine
 
 DEVICES = ("cpu", "cuda")
 KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
@@ -31,6 +32,11 @@ def _import():
         raise LmforgeError(f"llama-cpp-python is installed but does not load ({str(e).splitlines()[0][:160]}); "
                            "reinstall it") from None
     return llama_cpp
+
+
+def supports_gpu_offload() -> bool:
+    """Whether the installed llama-cpp-python is a GPU (e.g. CUDA) build; a user error when it is missing."""
+    return bool(_import().llama_supports_gpu_offload())
 
 
 def _keep_errors(level: int, text: bytes, user) -> None:
@@ -53,7 +59,7 @@ def _why() -> str:
     return f" (llama.cpp: {reason[:160]})" if reason else ""
 
 
-class LlamaCppCache:
+class LlamaCppCache(Cache):
     """Rows of one llama.cpp context (sequence ids 0..batch_size-1) and each row's length."""
 
     def __init__(self, engine: "LlamaCppEngine", batch_size: int, capacity: int):
@@ -64,7 +70,7 @@ class LlamaCppCache:
         self.generation = engine._generation
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     """A GGUF file in llama.cpp. One cache is live at a time: `new_cache` clears the context."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,

@@ -16,17 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.export.folder import GENAI_FILE, META_FILE, MODEL_FILE
+from lmforge.runtime.engine import Cache, Engine
 
-META_FILE = "lmforge.json"
 # --device -> (execution provider, the pip package that brings it)
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider", "onnxruntime"),
     "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu"),
     "dml": ("DmlExecutionProvider", "onnxruntime-directml"),
 }
-
-
-GENAI_FILE = "genai_config.json"
 
 
 def is_onnx_folder(path: Path) -> bool:
@@ -47,6 +45,25 @@ def meta_from_genai(folder: Path) -> dict:
     return {"model_file": dec["filename"], "n_layers": dec["num_hidden_layers"], "n_kv_heads": dec["num_key_value_heads"],
             "head_dim": dec["head_size"], "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
             "eos_token_ids": eos if isinstance(eos, list) else [eos], "full_logits": True, "dtype": dtype, "files": {}}
+
+
+def folder_meta(folder: Path) -> dict:
+    """The metadata of an ONNX folder (lmforge's, or derived from onnxruntime-genai's config), its
+    files checked against the sizes it records; a user error for a folder that is not complete."""
+    meta_path = folder / META_FILE
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+    elif (folder / GENAI_FILE).exists():
+        meta = meta_from_genai(folder)
+    else:
+        raise LmforgeError(f"{folder} is not an ONNX folder lmforge wrote (no {META_FILE}); convert the model first")
+    for name, size in meta.get("files", {}).items():
+        path = folder / name
+        if not path.exists():
+            raise LmforgeError(f"{folder} lacks {name}; the folder is incomplete: convert the model again")
+        if path.stat().st_size != size:
+            raise LmforgeError(f"{path} has {path.stat().st_size} bytes, expected {size}; convert the model again")
+    return meta
 
 
 def provider_for(device: str) -> str:
@@ -74,7 +91,7 @@ def _grown_capacity(engine: "OrtEngine", capacity: int, total: int) -> int:
     return min(max(total, 2 * capacity), engine.context_length)
 
 
-class KVCache:
+class KVCache(Cache):
     """Per-layer K/V buffers (batch, kv_heads, capacity, head_dim) and each row's length."""
 
     def __init__(self, engine: "OrtEngine", batch_size: int, capacity: int):
@@ -167,7 +184,7 @@ class KVPool:
         self.lengths[row] = 0
 
 
-class KVRows:
+class KVRows(Cache):
     """Consecutive rows of a KVPool with KVCache's interface (batch_size, lengths, buffers, key,
     reserve), so OrtEngine runs them unchanged. Lengths read and write the pool's."""
 
@@ -211,7 +228,7 @@ class KVRows:
         self._refresh()
 
 
-class OrtEngine:
+class OrtEngine(Engine):
     """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
@@ -222,25 +239,13 @@ class OrtEngine:
         import onnxruntime as ort
 
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-        elif (folder / GENAI_FILE).exists():
-            meta = meta_from_genai(folder)
-        else:
-            raise LmforgeError(f"{folder} is not an ONNX folder lmforge wrote (no {META_FILE}); convert the model first")
-        for name, size in meta.get("files", {}).items():
-            path = folder / name
-            if not path.exists():
-                raise LmforgeError(f"{folder} lacks {name}; the folder is incomplete: convert the model again")
-            if path.stat().st_size != size:
-                raise LmforgeError(f"{path} has {path.stat().st_size} bytes, expected {size}; convert the model again")
+        meta = folder_meta(folder)
         self.folder, self.meta, self.device = folder, meta, device
         self.n_layers, self.n_kv_heads, self.head_dim = meta["n_layers"], meta["n_kv_heads"], meta["head_dim"]
         self.vocab_size = meta["vocab_size"]
         self.context_length = min(meta["context_length"], meta.get("max_positions") or meta["context_length"])
         self.eos_token_ids = tuple(meta["eos_token_ids"])
-        model_file = meta.get("model_file", "model.onnx")
+        model_file = meta.get("model_file", MODEL_FILE)
         if full_logits and not meta.get("full_logits"):
             if "full_file" not in meta:
                 raise LmforgeError(f"{folder} has no graph with every position's logits; convert the model again")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 
 from lmforge.errors import LmforgeError
+from lmforge.runtime.engine import ENGINES
 
-ENGINES = ("ort", "llamacpp")
+log = logging.getLogger(__name__)
 
 
 # ONNX Runtime's idle worker threads spin by default; in a server they would take the cores the
@@ -45,6 +47,19 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
+    """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
+    if engine not in ENGINES:
+        raise LmforgeError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    for what, value in limits.items():
+        if value < 1:
+            raise LmforgeError(f"{what} must be >= 1")
+    if not 0 <= port <= 65535:
+        raise LmforgeError(f"--port must be in 0..65535, not {port}")
+    if api_key is not None and not api_key.strip():
+        raise LmforgeError("--api-key is empty; give a key or leave the option out")
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_tokens_limit: int = 2048, engine: str = "ort", device: str = "cpu", target: str | None = None,
           threads: int | None = None, name: str | None = None, max_body_bytes: int = 1 << 20,
@@ -64,16 +79,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from lmforge.registry import KNOWN_MODELS, resolve
     from lmforge.server.app import Limits, create_app
 
-    if engine not in ENGINES:
-        raise LmforgeError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
-    for value, what in ((max_batch, "--max-batch"), (max_tokens_limit, "--max-tokens-limit"),
-                        (max_body_bytes, "the body size limit")):
-        if value < 1:
-            raise LmforgeError(f"{what} must be >= 1")
-    if not 0 <= port <= 65535:
-        raise LmforgeError(f"--port must be in 0..65535, not {port}")
-    if api_key is not None and not api_key.strip():
-        raise LmforgeError("--api-key is empty; give a key or leave the option out")
+    _check_arguments(engine, port, api_key, {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit,
+                                             "the body size limit": max_body_bytes})
     path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
     if engine == "llamacpp":
         from lmforge.model import pick_engine
@@ -99,8 +106,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     print(f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
           file=sys.stderr, flush=True)
     if not _is_loopback(host) and api_key is None:
-        print("lmforge: warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
-              file=sys.stderr, flush=True)
+        log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, access_log=False)
     server = uvicorn.Server(config)
     server.run(sockets=[sock])

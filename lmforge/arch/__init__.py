@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lmforge.checkpoint.spec import ModelSpec
+from lmforge.spec import ModelSpec
 from lmforge.errors import UnsupportedArchitectureError
 
 

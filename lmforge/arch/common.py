@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
+from lmforge.spec import ModelSpec, RopeScaling
 from lmforge.errors import CheckpointError
 
 # canonical -> HF name, for the Llama layout that Mistral, Qwen2 and SmolLM2 share.

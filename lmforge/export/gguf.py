@@ -19,7 +19,7 @@ import numpy as np
 from lmforge.checkpoint import open_checkpoint
 from lmforge.checkpoint.base import TensorInfo
 from lmforge.checkpoint.gguf import permute_qk
-from lmforge.checkpoint.spec import ModelSpec
+from lmforge.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
 from lmforge.export.gguf_vocab import hf_vocab

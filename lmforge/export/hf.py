@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.checkpoint import open_checkpoint
-from lmforge.checkpoint.spec import ModelSpec
+from lmforge.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.atomic import atomic_folder, check_output
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
+from lmforge.spec import ModelSpec, RopeScaling
 from lmforge.errors import LmforgeError
 
 

@@ -129,7 +129,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         show = os.isatty(2) if progress is None else progress
         awq = None
         if t.quant is not None and t.quant.method == "awq":
-            from lmforge.quant.awq import compute_awq_scales
+            from lmforge.export.awq import compute_awq_scales
 
             awq = compute_awq_scales(ckpt, t.quant, calibration=calibration, progress=show)
         src = WeightSource(ckpt, t.quant, awq)

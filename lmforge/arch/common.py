@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-from lmforge.spec import ModelSpec, RopeScaling
 from lmforge.errors import CheckpointError
+from lmforge.spec import ModelSpec, RopeScaling
 
 # canonical -> HF name, for the Llama layout that Mistral, Qwen2 and SmolLM2 share.
 LLAMA_HF = {

@@ -1,7 +1,8 @@
 """lmforge: take a small language model checkpoint to every deployment form."""
-from lmforge.checkpoint import ModelSpec, open_checkpoint
+from lmforge.checkpoint import open_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.sampling import SamplingParams
+from lmforge.spec import ModelSpec
 from lmforge.tokenizer import Tokenizer
 
 

@@ -171,7 +171,7 @@ def test_awq_scales_fold_without_changing_the_float_model(arch, tiny_factory, tm
 
     from lmforge.export.onnx import GraphOptions, build
     from lmforge.export.weights import QuantOptions, WeightSource
-    from lmforge.quant.awq import compute_awq_scales
+    from lmforge.export.awq import compute_awq_scales
 
     src = tiny_factory((arch, "float32", False, None))
     ckpt = open_checkpoint(src)

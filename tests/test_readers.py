@@ -98,7 +98,7 @@ def test_default_model_raw_blocks_dequantize_to_stream(default_model_path):
 
 
 def test_unpermute_inverts_llamacpp_permute():
-    from lmforge.checkpoint.gguf import permute_qk, unpermute_qk
+    from lmforge.arch.common import permute_qk, unpermute_qk
 
     w = np.random.default_rng(0).standard_normal((4 * 16, 8)).astype(np.float32)
     for heads in (1, 2, 4):

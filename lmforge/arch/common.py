@@ -1,10 +1,16 @@
-"""Shared pieces of the architecture tables: the Llama-style name maps and config parsing."""
+"""Shared pieces of the architecture tables: the Llama-style name maps, config parsing, llama.cpp's
+metadata keys and its q/k row layout."""
 from __future__ import annotations
 
+import logging
 import math
 
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
+import numpy as np
+
 from lmforge.errors import CheckpointError
+from lmforge.spec import ModelSpec, RopeScaling
+
+log = logging.getLogger(__name__)
 
 # canonical -> HF name, for the Llama layout that Mistral, Qwen2 and SmolLM2 share.
 LLAMA_HF = {
@@ -45,6 +51,27 @@ LLAMA_GGUF = {
     "norm": "output_norm.weight",
     "lm_head": "output.weight",
 }
+
+# llama.cpp metadata key under `{arch}.` -> (ModelSpec attribute, GGUF value type), in the
+# order llama.cpp's converter writes them; the GGUF reader and writer share it.
+GGUF_KEYS = {
+    "context_length": ("context_length", "uint32"),
+    "embedding_length": ("hidden_size", "uint32"),
+    "block_count": ("n_layers", "uint32"),
+    "feed_forward_length": ("intermediate_size", "uint32"),
+    "attention.head_count": ("n_heads", "uint32"),
+    "attention.head_count_kv": ("n_kv_heads", "uint32"),
+    "attention.key_length": ("head_dim", "uint32"),
+    "attention.value_length": ("head_dim", "uint32"),
+    "attention.layer_norm_rms_epsilon": ("norm_eps", "float32"),
+    "rope.dimension_count": ("rotary_dim", "uint32"),
+    "rope.freq_base": ("rope_theta", "float32"),
+    "vocab_size": ("vocab_size", "uint32"),
+}
+GGUF_WINDOW = "attention.sliding_window"
+
+# q/k rows llama.cpp interleaves (for families with `permute_qk`): kind -> ModelSpec head count
+GGUF_QK_HEADS = {"q": "n_heads", "k": "n_kv_heads"}
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
@@ -138,3 +165,44 @@ def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
     )
     base.update(fields)
     return ModelSpec(**base)
+
+
+def f32(x) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(x)))
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row interleave: rows (head, pair, half) -> (head, half, pair).
+
+    Works on weights (rows, cols), biases (rows,) and raw block rows (rows, bytes)."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row interleave (what its HF converter applies); inverse of `unpermute_qk`."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_window_metadata(spec: ModelSpec) -> dict:
+    """The family keys of a GGUF for most families: the sliding window, when the model has one."""
+    return {GGUF_WINDOW: (spec.sliding_window, "uint32")} if spec.sliding_window else {}
+
+
+def gguf_window_dropped(spec: ModelSpec, gguf_arch: str) -> dict:
+    """`gguf_window_metadata` for a family written under an architecture that llama.cpp runs
+    without a window (Mistral as `llama`): says so when a window is dropped."""
+    if spec.sliding_window:
+        log.warning("llama.cpp's %s architecture has no sliding window; this model's window of %d tokens is dropped, "
+                    "so outputs differ once a sequence is longer", gguf_arch, spec.sliding_window)
+    return gguf_window_metadata(spec)
+
+
+def hf_window_config(spec: ModelSpec, cfg: dict) -> None:
+    """The family keys of config.json for most families: the sliding window, when there is one."""
+    if spec.sliding_window:
+        cfg["sliding_window"] = spec.sliding_window

@@ -1,9 +1,13 @@
 """Gemma 3 text models: scaled embeddings, (1 + w) RMSNorm, q/k norms, four norms per layer,
-GELU-tanh MLP, interleaved sliding-window and global layers with their own rope bases."""
+GELU-tanh MLP, interleaved sliding-window and global layers with their own rope bases.
+
+HF checkpoints store the norm weights w and the forward multiplies by 1 + w (NORM_OFFSET, as
+`ModelSpec.norm_offset`); llama.cpp stores 1 + w, which `Arch.from_gguf`/`to_gguf` undo and redo."""
 import math
 
 from lmforge.arch import Arch
-from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, rope_parameters, spec_from_hf
+from lmforge.arch.common import GGUF_WINDOW, LLAMA_GGUF, LLAMA_HF, f32, rope_parameters, spec_from_hf
+from lmforge.spec import ModelSpec
 
 _BIASES = {k for k in LLAMA_HF if k.endswith(".bias")}
 
@@ -25,7 +29,11 @@ GGUF.update({
 })
 
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+HF_LAYER_TYPES = {v: k for k, v in LAYER_TYPES.items()}
 DEFAULT_PATTERN = 6  # every 6th layer is global (llama.cpp assumes this when the GGUF is silent)
+NORM_OFFSET = 1.0  # RMSNorm multiplies by (1 + w)
+# llama.cpp's Gemma 3 keys under `gemma3.`
+GGUF_PATTERN, GGUF_LOCAL_THETA = "attention.sliding_window_pattern", "rope.freq_base_swa"
 
 
 def pattern_layer_types(n_layers: int, period: int = DEFAULT_PATTERN) -> tuple[str, ...]:
@@ -54,21 +62,55 @@ def _spec(cfg: dict):
         layer_types=layer_types,
         rope_local_theta=float(local_theta),
         qk_norm=True,
+        post_norms=True,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256),
         embedding_scale=math.sqrt(hidden),
-        norm_offset=1.0,
+        norm_offset=NORM_OFFSET,
     )
+
+
+def _gguf_spec(g, fields: dict) -> dict:
+    """Gemma 3's fields from GGUF metadata (`g(key, default)` reads `gemma3.{key}`)."""
+    hidden, n_heads, n_layers = fields["hidden_size"], fields["n_heads"], fields["n_layers"]
+    pattern = g(GGUF_PATTERN)
+    if isinstance(pattern, list):
+        layer_types = tuple("sliding" if p else "full" for p in pattern)
+    else:
+        layer_types = pattern_layer_types(n_layers, int(pattern) if pattern else DEFAULT_PATTERN)
+    return dict(layer_types=layer_types, rope_local_theta=f32(g(GGUF_LOCAL_THETA, 10000.0)),
+                # llama.cpp scales by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): hidden/heads
+                query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else fields["head_dim"]),
+                embedding_scale=math.sqrt(hidden), norm_offset=NORM_OFFSET)
+
+
+def _gguf_metadata(spec: ModelSpec) -> dict:
+    """Gemma 3's keys: llama.cpp wants a window even for models without one, and the pattern."""
+    return {GGUF_WINDOW: (spec.sliding_window or spec.context_length, "uint32"),
+            GGUF_PATTERN: ([t == "sliding" for t in spec.layer_types], "array"),
+            GGUF_LOCAL_THETA: (spec.rope_local_theta or 10000.0, "float32")}
+
+
+def _hf_config(spec: ModelSpec, cfg: dict) -> None:
+    scalar = spec.query_pre_attn_scalar
+    cfg.update(hidden_activation="gelu_pytorch_tanh",
+               query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+               sliding_window=spec.sliding_window, rope_local_base_freq=spec.rope_local_theta,
+               layer_types=[HF_LAYER_TYPES[t] for t in spec.layer_types])
+    del cfg["hidden_act"]
 
 
 ARCH = Arch(
     model_type="gemma3_text",
+    name="gemma3",
     gguf_arch="gemma3",
+    hf_class="Gemma3ForCausalLM",
     hf_names=HF,
     gguf_names=GGUF,
     spec_from_hf=_spec,
     activation="gelu_tanh",
-    gguf_norm_offset=1.0,
+    gguf_spec=_gguf_spec,
+    gguf_metadata=_gguf_metadata,
+    hf_config=_hf_config,
     hf_prefixes=("model.language_model.", "language_model.model."),
     hf_ignore=(r".*rotary_emb\.inv_freq$", r"^(model\.)?(vision_tower|multi_modal_projector)\..*"),
-    aliases=("gemma3",),
 )

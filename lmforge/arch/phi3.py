@@ -2,7 +2,8 @@
 partial rotary (Phi-4-mini rotates 3/4 of each head).
 
 The fused tensors stay fused in the stream (`layers.{i}.qkv` rows: q, then k, then v;
-`layers.{i}.gate_up` rows: gate, then up); writers split them if they want."""
+`layers.{i}.gate_up` rows: gate, then up): `Arch.parts` tells consumers so, and writers split
+them if they want."""
 from lmforge.arch import Arch
 from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, spec_from_hf
 
@@ -18,6 +19,15 @@ GGUF["layers.{i}.qkv"] = "blk.{i}.attn_qkv.weight"
 GGUF["layers.{i}.gate_up"] = "blk.{i}.ffn_up.weight"  # llama.cpp keeps gate|up fused here
 
 
+def _llamacpp_name(name: str, tokens) -> str:
+    """general.name llama.cpp loads: it sets token attributes of Phi-3 models by name and stops
+    loading when a name containing "phi3" meets a vocabulary without those tokens."""
+    needed = {"<unk>", "<s>", "</s>", "<|endoftext|>"}
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and not needed <= set(tokens):
+        return name.lower().replace("phi-3", "phi").replace("phi3", "phi")
+    return name
+
+
 def _spec(cfg: dict):
     window = cfg.get("sliding_window")
     # Phi-3's sliding_window equals its context in published configs: not a real window.
@@ -28,8 +38,11 @@ def _spec(cfg: dict):
 
 ARCH = Arch(
     model_type="phi3",
+    name="phi3",
     gguf_arch="phi3",
+    hf_class="Phi3ForCausalLM",
     hf_names=HF,
     gguf_names=GGUF,
     spec_from_hf=_spec,
+    gguf_name_rule=_llamacpp_name,
 )

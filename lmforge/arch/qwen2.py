@@ -1,6 +1,7 @@
 """Qwen2 / Qwen2.5: the Llama layout with q/k/v biases; optional sliding window on upper layers."""
 from lmforge.arch import Arch
-from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, spec_from_hf
+from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, hf_window_config, spec_from_hf
+from lmforge.spec import ModelSpec
 
 
 def _spec(cfg: dict):
@@ -15,10 +16,21 @@ def _spec(cfg: dict):
                         layer_types=layer_types)
 
 
+def _hf_config(spec: ModelSpec, cfg: dict) -> None:
+    """The window applies from layer `max_window_layers` up (inverse of `_spec`)."""
+    hf_window_config(spec, cfg)
+    if spec.sliding_window:
+        first = next((i for i, t in enumerate(spec.layer_types) if t == "sliding"), spec.n_layers)
+        cfg.update(use_sliding_window=True, max_window_layers=first)
+
+
 ARCH = Arch(
     model_type="qwen2",
+    name="qwen2",
     gguf_arch="qwen2",
+    hf_class="Qwen2ForCausalLM",
     hf_names=LLAMA_HF,
     gguf_names=LLAMA_GGUF,
     spec_from_hf=_spec,
+    hf_config=_hf_config,
 )

@@ -5,11 +5,10 @@ import os
 from pathlib import Path
 
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
 from lmforge.errors import CheckpointError
 from lmforge.registry import resolve
 
-__all__ = ["Checkpoint", "TensorInfo", "ModelSpec", "RopeScaling", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
 
 
 def open_checkpoint(model: str | os.PathLike) -> Checkpoint:

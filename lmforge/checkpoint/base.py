@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from lmforge.arch import Arch
-from lmforge.checkpoint.spec import ModelSpec
+from lmforge.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,22 @@
 """GGUF files: metadata -> ModelSpec, tensors -> numpy (dequantized) or raw quantized blocks.
 
-llama.cpp's converter interleaves the rows of Llama-family q/k projections for its rotary
-layout and stores Gemma norms as 1 + w; the stream undoes both so it is in HF order and values.
+llama.cpp's converter stores some tensors in its own row order or values (see each family's
+`Arch.from_gguf`); the stream undoes that, so it is in HF order and values.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from lmforge.arch import get_gguf_arch
+from lmforge.arch import Arch, get_gguf_arch
+from lmforge.arch.common import GGUF_KEYS, GGUF_WINDOW, f32
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
 from lmforge.checkpoint.gguf_format import parse
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
 from lmforge.errors import CheckpointError
+from lmforge.spec import ModelSpec, RopeScaling
 
 # Tensors that carry hyper-parameters rather than weights.
 DEQUANT_ROWS = 2048  # rows dequantized at a time
@@ -32,27 +32,6 @@ class QuantizedTensor:
     blocks: np.ndarray
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row interleave: rows (head, pair, half) -> (head, half, pair).
-
-    Works on weights (rows, cols), biases (rows,) and raw block rows (rows, bytes)."""
-    rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's q/k row interleave (what its HF converter applies); inverse of `unpermute_qk`."""
-    rows = w.shape[0]
-    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def _f32(x) -> float:
-    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
-    return float(str(np.float32(x)))
-
-
 def read_metadata(path: Path) -> dict:
     """A GGUF file's key-value metadata as plain Python values (arrays as lists)."""
     meta, _, mm = parse(Path(path))
@@ -60,93 +39,80 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def spec_from_gguf(meta: dict, arch, tensors: dict, floats) -> ModelSpec:
+def _rope_scaling(g, tensors: dict, floats, context: int) -> RopeScaling | None:
+    """Rope scaling as llama.cpp stores it: Phi-3 longrope factors and Llama 3 frequency
+    divisors as tensors, linear and yarn as keys."""
+    kind = g("rope.scaling.type")
+    if "rope_factors_long.weight" in tensors:
+        orig = int(g("rope.scaling.original_context_length", context))
+        attn = g("rope.scaling.attn_factor")
+        return RopeScaling("longrope", factor=context / orig, original_context_length=orig,
+                           short_factor=tuple(floats("rope_factors_short.weight").tolist()),
+                           long_factor=tuple(floats("rope_factors_long.weight").tolist()),
+                           attention_factor=f32(attn) if attn is not None else None)
+    if "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
+        return RopeScaling("freq_factors", long_factor=tuple(floats("rope_freqs.weight").tolist()))
+    if kind == "linear":
+        return RopeScaling("linear", factor=f32(g("rope.scaling.factor")))
+    if kind == "yarn":
+        return RopeScaling("yarn", factor=f32(g("rope.scaling.factor")),
+                           original_context_length=int(g("rope.scaling.original_context_length")))
+    return None
+
+
+def _hparams(g, meta: dict, tensors: dict) -> dict:
+    """The `{arch}.*` hyper-parameters every family has (GGUF_KEYS), with llama.cpp's defaults."""
+    v = {}
+    for key, (attr, _) in GGUF_KEYS.items():
+        v.setdefault(attr, g(key))  # the first key of an attribute (key_length, not value_length)
+    if None in (v["hidden_size"], v["n_heads"], v["n_layers"], v["intermediate_size"]):
+        raise CheckpointError(f"GGUF file lacks {meta.get('general.architecture')}.embedding_length/block_count/...; "
+                              "it is incomplete")
+
+    def get(attr, default):
+        return default if v[attr] is None else v[attr]
+
+    hidden, n_heads = int(v["hidden_size"]), int(v["n_heads"])
+    head_dim = int(get("head_dim", hidden // n_heads))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = v["vocab_size"] or (len(tokens) if tokens else int(tensors["token_embd.weight"].shape[0]))
+    return dict(hidden_size=hidden, n_layers=int(v["n_layers"]), n_heads=n_heads,
+                n_kv_heads=int(get("n_kv_heads", n_heads)), head_dim=head_dim,
+                intermediate_size=int(v["intermediate_size"]), vocab_size=int(vocab),
+                context_length=int(get("context_length", 2048)), rope_theta=f32(get("rope_theta", 10000.0)),
+                norm_eps=f32(get("norm_eps", 1e-5)), partial_rotary_factor=int(get("rotary_dim", head_dim)) / head_dim)
+
+
+def spec_from_gguf(meta: dict, arch: Arch, tensors: dict, floats) -> ModelSpec:
     """ModelSpec from GGUF metadata; `tensors` maps GGUF names to entries (llama.cpp infers the
     tied output, biases and q/k norms from the tensor list) and `floats(name)` reads a small
-    float tensor (rope factors)."""
+    float tensor (rope factors). The family adds its own fields (`Arch.gguf_spec`)."""
     a = meta.get("general.architecture")
 
     def g(key, default=None):
         return meta.get(f"{a}.{key}", default)
 
-    try:
-        hidden = int(g("embedding_length"))
-        n_heads = int(g("attention.head_count"))
-        n_layers = int(g("block_count"))
-        ffn = int(g("feed_forward_length"))
-    except TypeError:
-        raise CheckpointError(f"GGUF file lacks {a}.embedding_length/block_count/...; it is incomplete") from None
-    n_kv = int(g("attention.head_count_kv", n_heads))
-    head_dim = int(g("attention.key_length", hidden // n_heads))
-    rotary = int(g("rope.dimension_count", head_dim))
-    tokens = meta.get("tokenizer.ggml.tokens")
-    embed = tensors.get("token_embd.weight")
-    vocab = g("vocab_size") or (len(tokens) if tokens else int(embed.shape[0]))
-    context = int(g("context_length", 2048))
+    def has(canonical: str) -> bool:
+        return arch.source_name(canonical, "gguf") in tensors
 
-    scaling = None
-    kind = g("rope.scaling.type")
-    if "rope_factors_long.weight" in tensors:
-        orig = int(g("rope.scaling.original_context_length", context))
-        long_f = tuple(floats("rope_factors_long.weight").tolist())
-        short_f = tuple(floats("rope_factors_short.weight").tolist())
-        attn = g("rope.scaling.attn_factor")
-        scaling = RopeScaling("longrope", factor=context / orig, original_context_length=orig,
-                              short_factor=short_f, long_factor=long_f,
-                              attention_factor=_f32(attn) if attn is not None else None)
-    elif "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
-        scaling = RopeScaling("freq_factors",
-                              long_factor=tuple(floats("rope_freqs.weight").tolist()))
-    elif kind == "linear":
-        scaling = RopeScaling("linear", factor=_f32(g("rope.scaling.factor")))
-    elif kind == "yarn":
-        scaling = RopeScaling("yarn", factor=_f32(g("rope.scaling.factor")),
-                              original_context_length=int(g("rope.scaling.original_context_length")))
-
-    window = g("attention.sliding_window")
-    layer_types: tuple[str, ...] = ()
-    extra = {}
-    if arch.model_type == "gemma3_text":
-        from lmforge.arch.gemma3 import pattern_layer_types
-
-        pattern = g("attention.sliding_window_pattern")
-        if isinstance(pattern, list):
-            layer_types = tuple("sliding" if p else "full" for p in pattern)
-        else:
-            layer_types = pattern_layer_types(n_layers, int(pattern) if pattern else 6)
-        extra = dict(rope_local_theta=_f32(g("rope.freq_base_swa", 10000.0)),
-                     # llama.cpp scales by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): hidden/heads
-                     query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else head_dim),
-                     embedding_scale=math.sqrt(hidden), norm_offset=1.0)
-    elif window:
-        layer_types = ("sliding",) * n_layers
-
+    fields = _hparams(g, meta, tensors)
+    window = g(GGUF_WINDOW)
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    return ModelSpec(
-        # llama.cpp writes Mistral as `llama`; a window (which only lmforge's files keep) tells it apart
-        arch="mistral" if a == "llama" and window else a,
-        hidden_size=hidden,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        intermediate_size=ffn,
-        vocab_size=int(vocab),
-        context_length=context,
-        rope_theta=_f32(g("rope.freq_base", 10000.0)),
-        norm_eps=_f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        tied_embeddings="output.weight" not in tensors,
+    fields.update(
+        arch=arch.name,
+        tied_embeddings=not has("lm_head"),
         activation=arch.activation,
-        rope_scaling=scaling,
-        partial_rotary_factor=rotary / head_dim,
-        attention_bias="blk.0.attn_q.bias" in tensors,
+        rope_scaling=_rope_scaling(g, tensors, floats, fields["context_length"]),
+        attention_bias=has("layers.0.q.bias"),
         sliding_window=int(window) if window else None,
-        layer_types=layer_types,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        layer_types=("sliding",) * fields["n_layers"] if window else (),
+        qk_norm=has("layers.0.q_norm"),
+        post_norms=has("layers.0.post_attn_norm"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
-        **extra,
     )
+    fields.update(arch.gguf_spec(g, fields))
+    return ModelSpec(**fields)
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -163,7 +129,7 @@ class GGUFCheckpoint(Checkpoint):
         gguf_arch = self.meta.get("general.architecture")
         if not gguf_arch:
             raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
-        self.arch = get_gguf_arch(gguf_arch)
+        self.arch = get_gguf_arch(gguf_arch, lambda key, default=None: self.meta.get(f"{gguf_arch}.{key}", default))
         by_name = {e.name: e for e in entries}
         self.spec = spec_from_gguf(self.meta, self.arch, by_name, lambda n: self._dequantize(by_name[n]))
         match = self.arch.matcher("gguf")
@@ -175,7 +141,8 @@ class GGUFCheckpoint(Checkpoint):
             name = match(e.name)
             if name is None:
                 raise CheckpointError(
-                    f"tensor {e.name!r} has no place in lmforge's {gguf_arch} table; this GGUF variant is not supported")
+                    f"tensor {e.name!r} has no place in lmforge's {gguf_arch} table; "
+                    "this GGUF variant is not supported")
             self._entries[name] = e
             qtype = gguf.GGMLQuantizationType(e.qtype).name
             self.infos.append(TensorInfo(name, e.name, e.shape, qtype, e.nbytes))
@@ -197,32 +164,16 @@ class GGUFCheckpoint(Checkpoint):
             out[r:r + DEQUANT_ROWS] = gguf.quants.dequantize(rows[r:r + DEQUANT_ROWS], qtype)
         return out.reshape(e.shape)
 
-    def _heads_for(self, name: str) -> int | None:
-        """Number of heads to un-permute by, when `name` is a permuted q/k tensor."""
-        if not self.arch.permute_qk:
-            return None
-        kind = name.split(".")[2] if name.startswith("layers.") else ""
-        return {"q": self.spec.n_heads, "k": self.spec.n_kv_heads}.get(kind)
-
     def read(self, name: str) -> np.ndarray:
         """One tensor by canonical name, dequantized to float32, in HF order and values."""
-        arr = self._dequantize(self._entries[name])
-        heads = self._heads_for(name)
-        if heads:
-            arr = unpermute_qk(arr, heads)
-        if self.arch.gguf_norm_offset and name.endswith("norm"):
-            arr = arr - np.float32(self.arch.gguf_norm_offset)
-        return arr
+        return self.arch.from_gguf(name, self._dequantize(self._entries[name]), self.spec)
 
     def read_raw(self, name: str) -> QuantizedTensor:
-        """One tensor's stored blocks (rows un-permuted for q/k), for lossless transcoding."""
+        """One tensor's stored blocks (rows in HF order), for lossless transcoding."""
         import gguf
 
         e = self._entries[name]
-        blocks = self._rows(e)
-        heads = self._heads_for(name)
-        if heads:
-            blocks = unpermute_qk(blocks, heads)
+        blocks = self.arch.from_gguf(name, self._rows(e), self.spec, raw=True)
         return QuantizedTensor(gguf.GGMLQuantizationType(e.qtype).name, e.shape, blocks)
 
     def stored_blocks(self, name: str) -> np.ndarray:

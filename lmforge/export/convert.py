@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 
+from lmforge.arch import get_arch
 from lmforge.checkpoint import open_checkpoint
 from lmforge.export.atomic import atomic_folder, check_output
 from lmforge.export.folder import FULL_FILE, GENAI_FILE, META_FILE, MODEL_FILE
@@ -46,9 +47,6 @@ def write_tokenizer(ckpt, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-GENAI_TYPES = {"gemma3": "gemma3_text"}  # onnxruntime-genai's "gemma3" means the vision-language package
-
-
 def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> dict:
     """onnxruntime-genai's genai_config.json for a folder with full logits."""
     context = context or spec.context_length
@@ -73,7 +71,9 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> d
             },
             "eos_token_id": list(eos_ids),
             "pad_token_id": eos_ids[0],
-            "type": GENAI_TYPES.get(spec.arch, spec.arch),
+            # onnxruntime-genai names decoder types after HF's model_type (its "gemma3" is the
+            # vision-language package, "gemma3_text" the text model)
+            "type": get_arch(spec.arch).model_type,
             "vocab_size": spec.vocab_size,
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
@@ -113,7 +113,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
         show = shown(progress)
         awq = None
         if t.quant is not None and t.quant.method == "awq":
-            from lmforge.quant.awq import compute_awq_scales
+            from lmforge.export.awq import compute_awq_scales
 
             awq = compute_awq_scales(ckpt, t.quant, calibration=calibration, progress=show)
         src = WeightSource(ckpt, t.quant, awq)
@@ -140,7 +140,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
             "files": {name: (tmp / name).stat().st_size for name in files},
             "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
         }
-        (tmp / GENAI_FILE).write_text(json.dumps(genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions), indent=2))
+        genai = genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions)
+        (tmp / GENAI_FILE).write_text(json.dumps(genai, indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

@@ -1,8 +1,9 @@
 """GGUF files for llama.cpp from any source lmforge reads (HF folder, GGUF, known name).
 
-Metadata follows llama.cpp's converter per architecture (Mistral is written as `llama`); the
-q/k rows of Llama-family attention are interleaved for llama.cpp's rotary layout, Gemma norms
-stored as 1 + w, Phi-3's longrope factors written as tensors. The file is streamed: every
+Metadata follows llama.cpp's converter per architecture (each family's `Arch` gives its GGUF
+name, its own keys and the tensor transforms, such as the q/k row interleave of Llama-family
+attention); rope scaling goes in as llama.cpp stores it (Phi-3's longrope factors and Llama 3's
+frequency divisors as tensors). The file is streamed: every
 tensor info first (types are decided from names and shapes), then the data one tensor at a time
 into a hidden temporary file beside OUT, renamed into place when complete.
 """
@@ -16,37 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.arch import gguf_general_name
+from lmforge.arch.common import GGUF_KEYS
+from lmforge.arch.llama import llama3_inv_freq
 from lmforge.checkpoint import open_checkpoint
 from lmforge.checkpoint.base import TensorInfo
-from lmforge.checkpoint.gguf import permute_qk
-from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
 from lmforge.export.gguf_vocab import hf_vocab
 from lmforge.progress import Progress
+from lmforge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 QUANTIZATION_VERSION = 2
 NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
-def _arch_metadata(spec: ModelSpec, gguf_arch: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """`{arch}.*` hyper-parameters (key -> (value, type)) and hyper-parameter tensors."""
-    a = gguf_arch
-    meta = {
-        f"{a}.context_length": (spec.context_length, "uint32"),
-        f"{a}.embedding_length": (spec.hidden_size, "uint32"),
-        f"{a}.block_count": (spec.n_layers, "uint32"),
-        f"{a}.feed_forward_length": (spec.intermediate_size, "uint32"),
-        f"{a}.attention.head_count": (spec.n_heads, "uint32"),
-        f"{a}.attention.head_count_kv": (spec.n_kv_heads, "uint32"),
-        f"{a}.attention.key_length": (spec.head_dim, "uint32"),
-        f"{a}.attention.value_length": (spec.head_dim, "uint32"),
-        f"{a}.attention.layer_norm_rms_epsilon": (spec.norm_eps, "float32"),
-        f"{a}.rope.dimension_count": (spec.rotary_dim, "uint32"),
-        f"{a}.rope.freq_base": (spec.rope_theta, "float32"),
-        f"{a}.vocab_size": (spec.vocab_size, "uint32"),
-    }
+def _arch_metadata(ckpt) -> tuple[dict, dict[str, np.ndarray]]:
+    """`{arch}.*` hyper-parameters (key -> (value, type)) and hyper-parameter tensors: the keys
+    every family has (GGUF_KEYS), rope scaling, then the family's own (`Arch.gguf_metadata`)."""
+    spec, a = ckpt.spec, ckpt.arch.gguf_arch
+    meta = {f"{a}.{key}": (getattr(spec, attr), kind) for key, (attr, kind) in GGUF_KEYS.items()}
     tensors: dict[str, np.ndarray] = {}
     rs = spec.rope_scaling
     if rs is not None:
@@ -68,28 +59,15 @@ def _arch_metadata(spec: ModelSpec, gguf_arch: str) -> tuple[dict, dict[str, np.
             tensors["rope_freqs.weight"] = np.asarray(rs.long_factor, dtype=np.float32)
         else:
             raise LmforgeError(f"writing GGUF for rope scaling {rs.kind!r} is not supported")
-    if spec.arch == "gemma3":
-        meta[f"{a}.attention.sliding_window"] = (spec.sliding_window or spec.context_length, "uint32")
-        meta[f"{a}.attention.sliding_window_pattern"] = ([t == "sliding" for t in spec.layer_types], "array")
-        meta[f"{a}.rope.freq_base_swa"] = (spec.rope_local_theta or 10000.0, "float32")
-    elif spec.sliding_window:
-        meta[f"{a}.attention.sliding_window"] = (spec.sliding_window, "uint32")
-    if spec.sliding_window and spec.arch == "mistral":  # written as `llama`, which has no window in llama.cpp
-        log.warning(f"llama.cpp's {a} architecture has no sliding window; this model's window of "
-                    f"{spec.sliding_window} tokens is dropped, so outputs differ once a sequence is longer")
+    meta.update({f"{a}.{key}": value for key, value in ckpt.arch.gguf_metadata(spec).items()})
     return meta, tensors
 
 
 def llama3_freq_factors(spec: ModelSpec) -> np.ndarray:
-    """Llama 3 rope scaling as llama.cpp stores it: one divisor per rotary frequency."""
-    rs = spec.rope_scaling
+    """Llama 3 rope scaling as llama.cpp stores it: one divisor per rotary frequency (float64
+    frequencies, then float32)."""
     inv = 1.0 / spec.rope_theta ** (np.arange(0, spec.rotary_dim, 2, dtype=np.float64) / spec.rotary_dim)
-    wavelen = 2 * math.pi / inv
-    low = rs.original_context_length / rs.low_freq_factor
-    high = rs.original_context_length / rs.high_freq_factor
-    smooth = (rs.original_context_length / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-    factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, rs.factor, 1.0 / ((1 - smooth) / rs.factor + smooth)))
-    return factors.astype(np.float32)
+    return (inv / llama3_inv_freq(inv, spec.rope_scaling)).astype(np.float32)
 
 
 def _add(writer, key: str, value, kind: str) -> None:
@@ -134,7 +112,8 @@ class _Plan:
         for info in names:
             gname = arch.source_name(info.name, "gguf")
             if gname is None:
-                raise LmforgeError(f"tensor {info.name!r} has no GGUF name for {spec.arch}; this model cannot be written as GGUF")
+                raise LmforgeError(f"tensor {info.name!r} has no GGUF name for {spec.arch}; "
+                                   "this model cannot be written as GGUF")
             qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
             if note:
                 self.notes.append(note)
@@ -154,25 +133,6 @@ def _encode(arr: np.ndarray, qtype) -> np.ndarray:
     from lmforge.quant.ggml import quantize
 
     return quantize(np.ascontiguousarray(arr, dtype=np.float32).reshape(arr.shape[0], -1), qtype)
-
-
-def _transform(ckpt, canonical: str, arr: np.ndarray) -> np.ndarray:
-    """HF order and values -> llama.cpp's: q/k rows interleaved, Gemma norms as 1 + w."""
-    spec, arch = ckpt.spec, ckpt.arch
-    parts = canonical.split(".")
-    if arch.permute_qk and len(parts) >= 3 and parts[0] == "layers" and parts[2] in ("q", "k"):
-        arr = permute_qk(arr, spec.n_heads if parts[2] == "q" else spec.n_kv_heads)
-    if arch.gguf_norm_offset and canonical.endswith("norm"):
-        arr = arr + np.float32(arch.gguf_norm_offset)
-    return arr
-
-
-def _model_name(name: str, tokens) -> str:
-    """general.name; llama.cpp sets token attributes of Phi-3 models by name and stops loading
-    when a name containing "phi3" meets a vocabulary without those tokens."""
-    if any(k in name.lower() for k in ("phi3", "phi-3")) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(tokens):
-        return name.lower().replace("phi-3", "phi").replace("phi3", "phi")
-    return name
 
 
 def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, progress: bool | None = None) -> Path:
@@ -197,7 +157,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     else:
         copied, vocab = [], hf_vocab(ckpt.path, spec.vocab_size)
         tokens = vocab["tokenizer.ggml.tokens"][0]
-    meta, extra = _arch_metadata(spec, ckpt.arch.gguf_arch)
+    meta, extra = _arch_metadata(ckpt)
     plan = _Plan(ckpt, ft, extra)
     if plan.notes:  # one line per kind of fallback, as a summary
         log.warning(f"{len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
@@ -212,7 +172,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
     try:
         if "general.name" not in copied:
-            writer.add_name(_model_name(ckpt.path.stem, tokens))
+            writer.add_name(gguf_general_name(ckpt.path.stem, tokens))
         for key in copied:
             _copy(writer, ckpt.meta, key)
         writer.add_file_type(int(ft.ftype))
@@ -235,7 +195,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
             elif ckpt.format == "gguf" and info.dtype == qtype.name:
                 data = ckpt.stored_blocks(info.name)  # same type: the stored bytes, untouched
             else:
-                data = _encode(_transform(ckpt, info.name, ckpt.read(info.name)), qtype)
+                data = _encode(ckpt.arch.to_gguf(info.name, ckpt.read(info.name), spec), qtype)
             writer.write_tensor_data(data)
             bar.update()
         bar.close()

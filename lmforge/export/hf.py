@@ -11,15 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.arch import get_arch
 from lmforge.checkpoint import open_checkpoint
-from lmforge.checkpoint.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.atomic import atomic_folder, check_output
-
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text"}
-LAYER_TYPES = {"sliding": "sliding_attention", "full": "full_attention"}
+from lmforge.spec import ModelSpec
 
 
 def _rope_scaling(spec: ModelSpec) -> dict | None:
@@ -35,25 +31,26 @@ def _rope_scaling(spec: ModelSpec) -> dict | None:
         return {"rope_type": "longrope", "short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor),
                 "original_max_position_embeddings": rs.original_context_length, "attention_factor": rs.attention_factor}
     if rs.kind == "yarn":
-        return {"rope_type": "yarn", "factor": rs.factor, "original_max_position_embeddings": rs.original_context_length}
+        return {"rope_type": "yarn", "factor": rs.factor,
+                "original_max_position_embeddings": rs.original_context_length}
     raise LmforgeError(f"writing an HF folder for rope scaling {rs.kind!r} (as GGUF stores it) is not supported; "
                        "convert from the original HF checkpoint instead")
 
 
 def hf_config(spec: ModelSpec) -> dict:
-    """config.json for `spec` (llama, mistral, qwen2, phi3, gemma3), as transformers writes it."""
-    if spec.arch not in HF_CLASSES:
-        raise LmforgeError(f"writing an HF folder for {spec.arch!r} is not supported yet; "
-                           f"supported: {', '.join(HF_CLASSES)}")
+    """config.json for `spec`, as transformers writes it: the Llama-style keys every family has,
+    then the family's own (`Arch.hf_config`)."""
+    arch = get_arch(spec.arch)
     cfg = {
-        "architectures": [HF_CLASSES[spec.arch]], "model_type": MODEL_TYPES.get(spec.arch, spec.arch),
+        "architectures": [arch.hf_class], "model_type": arch.model_type,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
         "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
         "max_position_embeddings": spec.context_length, "rms_norm_eps": spec.norm_eps,
         "rope_theta": spec.rope_theta, "tie_word_embeddings": spec.tied_embeddings,
         "vocab_size": spec.vocab_size, "hidden_act": "silu", "torch_dtype": "float32",
-        "bos_token_id": spec.bos_token_id, "pad_token_id": None,  # Phi-3's class default (32000) may lie outside the vocabulary
+        # pad_token_id: Phi-3's class default (32000) may lie outside the vocabulary
+        "bos_token_id": spec.bos_token_id, "pad_token_id": None,
         "eos_token_id": spec.eos_token_ids[0] if len(spec.eos_token_ids) == 1 else list(spec.eos_token_ids),
     }
     scaling = _rope_scaling(spec)
@@ -63,20 +60,7 @@ def hf_config(spec: ModelSpec) -> dict:
             cfg["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     if spec.partial_rotary_factor != 1.0:
         cfg["partial_rotary_factor"] = spec.partial_rotary_factor
-    if spec.arch == "llama":
-        cfg.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
-    if spec.arch == "gemma3":
-        scalar = spec.query_pre_attn_scalar
-        cfg.update(hidden_activation="gelu_pytorch_tanh",
-                   query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
-                   sliding_window=spec.sliding_window, rope_local_base_freq=spec.rope_local_theta,
-                   layer_types=[LAYER_TYPES[t] for t in spec.layer_types])
-        del cfg["hidden_act"]
-    elif spec.sliding_window:
-        cfg["sliding_window"] = spec.sliding_window
-        if spec.arch == "qwen2":
-            first = next((i for i, t in enumerate(spec.layer_types) if t == "sliding"), spec.n_layers)
-            cfg.update(use_sliding_window=True, max_window_layers=first)
+    arch.hf_config(spec, cfg)
     return cfg
 
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from lmforge.checkpoint.base import Checkpoint
-from lmforge.checkpoint.spec import ModelSpec
+from lmforge.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.rope import rope_tables
 from lmforge.export.weights import QuantOptions, WeightSource

@@ -2,29 +2,17 @@
 (float32 inverse frequencies, float32 angle products) so exported graphs match it closely."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from lmforge.checkpoint.spec import ModelSpec, RopeScaling
+from lmforge.arch.llama import llama3_inv_freq
 from lmforge.errors import LmforgeError
+from lmforge.spec import ModelSpec, RopeScaling
 
 
 def base_inv_freq(theta: float, rotary_dim: int) -> np.ndarray:
     """1 / theta^(2i/d), float32, shape (rotary_dim/2,)."""
     exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
     return (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
-
-
-def _llama3(inv: np.ndarray, s: RopeScaling) -> np.ndarray:
-    low_wavelen = s.original_context_length / s.low_freq_factor
-    high_wavelen = s.original_context_length / s.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
-    smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def inv_freqs(theta: float, rotary_dim: int, scaling: RopeScaling | None) -> dict[str, np.ndarray]:
@@ -36,7 +24,7 @@ def inv_freqs(theta: float, rotary_dim: int, scaling: RopeScaling | None) -> dic
     if kind == "linear":
         return {"": (inv / np.float32(scaling.factor)).astype(np.float32)}
     if kind == "llama3":
-        return {"": _llama3(inv, scaling)}
+        return {"": llama3_inv_freq(inv, scaling)}
     if kind == "freq_factors":
         return {"": (inv / np.asarray(scaling.long_factor, dtype=np.float32)).astype(np.float32)}
     if kind == "longrope":

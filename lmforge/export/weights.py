@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmforge.arch import FUSED_GROUPS
 from lmforge.checkpoint.base import Checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.quant.nbits import NBits, concat, rtn
@@ -89,10 +90,12 @@ class WeightSource:
         return w if div is None else (w / div).astype(np.float32)
 
     def qkv_parts(self, i: int) -> list[str]:
-        return [f"layers.{i}.qkv"] if f"layers.{i}.qkv" in self.names else [f"layers.{i}.{p}" for p in "qkv"]
+        """Layer i's q, k, v tensors in the stream: one fused tensor or three (the arch says which)."""
+        return self.ckpt.arch.parts(i, "qkv")
 
     def gate_up_parts(self, i: int) -> list[str]:
-        return [f"layers.{i}.gate_up"] if f"layers.{i}.gate_up" in self.names else [f"layers.{i}.gate", f"layers.{i}.up"]
+        """Layer i's gate and up tensors in the stream: one fused tensor or two."""
+        return self.ckpt.arch.parts(i, "gate_up")
 
     def qkv_bias(self, i: int) -> np.ndarray | None:
         fused = self.get(f"layers.{i}.qkv.bias")
@@ -106,9 +109,9 @@ class WeightSource:
         for p in parts:
             w = self.get(p)
             i = p.split(".")[1] if p.startswith("layers.") else None
-            # fused tensors: the AWQ row divisor of their tail part (up, v) applies to their tail rows
-            for tail, fused in (("up", "gate_up"), ("v", "qkv")):
-                div = self.awq.row_div.get(f"layers.{i}.{tail}")
+            # fused tensors: the AWQ row divisor of their last part (v, up) applies to their last rows
+            for fused, group in FUSED_GROUPS.items():
+                div = self.awq.row_div.get(f"layers.{i}.{group[-1]}")
                 if div is not None and p == f"layers.{i}.{fused}":
                     w = w.copy()
                     w[-len(div):] /= div[:, None]

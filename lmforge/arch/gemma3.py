@@ -54,6 +54,7 @@ def _spec(cfg: dict):
         layer_types=layer_types,
         rope_local_theta=float(local_theta),
         qk_norm=True,
+        post_norms=True,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256),
         embedding_scale=math.sqrt(hidden),
         norm_offset=1.0,

@@ -143,6 +143,7 @@ def spec_from_gguf(meta: dict, arch, tensors: dict, floats) -> ModelSpec:
         sliding_window=int(window) if window else None,
         layer_types=layer_types,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        post_norms="blk.0.post_attention_norm.weight" in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
         **extra,

@@ -55,6 +55,7 @@ class ModelSpec:
     layer_types: tuple[str, ...] = field(default=())
     rope_local_theta: float | None = None  # rope base of sliding layers (Gemma 3)
     qk_norm: bool = False                  # per-head RMSNorm on q and k (Gemma 3)
+    post_norms: bool = False               # RMSNorm on attention and MLP outputs too (Gemma 3's sandwich)
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
     embedding_scale: float | None = None   # token embeddings multiplied by this (Gemma: sqrt(hidden))
     norm_offset: float = 0.0               # RMSNorm weight is (offset + w) (Gemma: 1)

@@ -294,7 +294,7 @@ def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
             g.outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]))
         g.taps[f"{p}.o"] = attn
         o = _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
-        if spec.qk_norm:  # Gemma 3's sandwich norms
+        if spec.post_norms:  # Gemma 3's sandwich norms
             o = g.node("RMSNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         h, residual = _skip_norm(g, residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm")), eps)
@@ -305,7 +305,7 @@ def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
             else g.node("Mul", [gate, g.node("Sigmoid", [gate])])
         g.taps[f"{p}.down"] = g.node("Mul", [act, up])
         m = _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
-        if spec.qk_norm:
+        if spec.post_norms:
             m = g.node("RMSNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
                        axis=-1, epsilon=eps, stash_type=1)
         nxt = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"

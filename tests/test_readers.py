@@ -80,7 +80,7 @@ def test_gemma3_layer_types_and_extras(tiny_factory):
     spec = open_checkpoint(tiny_factory(("gemma3", "float32", False, None))).spec
     assert spec.layer_types == ("sliding", "full")
     assert spec.rope_local_theta == 10000.0 and spec.rope_theta == 1000000.0
-    assert spec.qk_norm and spec.norm_offset == 1.0 and spec.activation == "gelu_tanh"
+    assert spec.qk_norm and spec.post_norms and spec.norm_offset == 1.0 and spec.activation == "gelu_tanh"
     assert spec.embedding_scale == 8.0  # sqrt(64)
 
 

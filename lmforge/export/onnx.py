@@ -6,10 +6,14 @@ as past/present inputs and outputs; a fused gate|up MatMul feeds the gated MLP.
 
 Weights stream: the builder asks the checkpoint for one layer's tensors at a time and appends
 each to the external-data file as soon as it is laid out, so memory holds about one layer.
+
+Read top-down: the weights as the graph refers to them, the ops a layer is made of, the graph's
+inputs and outputs, the rotary tables, one decoder layer, the embedding and head, then `build`.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +46,11 @@ class GraphOptions:
     max_positions: int | None = None
     taps: bool = False  # also output each linear group's input ("tap.layers.{i}.qkv", ...) for AWQ
     separate_rotary: bool = False  # DirectML: q/k/v projections apart, RotaryEmbedding with position_ids
+
+    @property
+    def accuracy_level(self) -> int:
+        """MatMulNBits' accuracy_level (0 for float weights, which have no MatMulNBits)."""
+        return self.quant.accuracy_level if self.quant else 0
 
 
 class WeightFile:
@@ -107,12 +116,68 @@ class Graph:
         return name
 
 
+# ---- weights as the graph reads them --------------------------------------------------------
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A float matrix W (N, K), as in HF, stored as the initializer `name`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """A matrix W (N, K) stored as MatMulNBits' initializers: its packed codes
+    (N, n_blocks, block_size * bits / 8), scales (N, n_blocks), packed zero points (None: the
+    implicit 2^(bits-1)) and per-block offsets (n_blocks, N) (None unless the source has them)."""
+
+    qweight: str
+    scales: str
+    zero_points: str | None
+    offsets: str | None
+    bits: int
+    block_size: int
+    K: int
+    N: int
+
+
+HeadWeight = DenseWeight | NBitsWeight  # the output head is stored either way
+
+
+def _nbits_weights(g: Graph, w: NBits, name: str) -> NBitsWeight:
+    """Write W's codes once, as the initializers `name`.qweight, .scales, .zero_points, .offsets."""
+    zp = w.packed_zero_points()
+    return NBitsWeight(
+        qweight=g.weight(name + ".qweight", w.packed_b()), scales=g.weight(name + ".scales", w.scales),
+        zero_points=g.weight(name + ".zero_points", zp) if zp is not None else None,
+        offsets=g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None,
+        bits=w.bits, block_size=w.block_size, K=w.K, N=w.N)
+
+
+def _write_head(g: Graph, w: np.ndarray | NBits) -> HeadWeight:
+    """The output head W (V, H) written as `lm_head`."""
+    return _nbits_weights(g, w, "lm_head") if isinstance(w, NBits) else DenseWeight(g.weight("lm_head", w))
+
+
+def _norm_weight(g: Graph, src: WeightSource, name: str) -> str:
+    """The RMSNorm weight `name` (H,), with the architecture's offset folded in by the source."""
+    return g.weight(name, src.norm(name))
+
+
+# ---- the ops a layer is made of -------------------------------------------------------------
+
 def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tuple[str, str]:
     """RMSNorm(residual + x) and the new residual, one SkipSimplifiedLayerNormalization; its mean
     and inverse-deviation outputs stay unnamed so the kernel does not write them."""
     h, _, _, res = g.node("SkipSimplifiedLayerNormalization", [residual, x, weight], n_out=4, domain=MS, epsilon=eps)
     g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""
     return h, res
+
+
+def _rms_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
+    """RMSNorm of x over its last axis with the norm weight `name`."""
+    return g.node("RMSNormalization", [x, _norm_weight(g, src, name)], axis=-1, epsilon=float(src.spec.norm_eps),
+                  stash_type=1)
 
 
 def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
@@ -126,30 +191,101 @@ def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accu
     return y
 
 
-def _nbits_weights(g: Graph, w: NBits, name: str) -> tuple:
-    """Write W's codes once; returns ("nbits", W, qweight, scales, zero points, offsets) names."""
-    zp = w.packed_zero_points()
-    return ("nbits", w, g.weight(name + ".qweight", w.packed_b()), g.weight(name + ".scales", w.scales),
-            g.weight(name + ".zero_points", zp) if zp is not None else None,
-            g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None)
-
-
-def _matmul_nbits(g: Graph, x: str, desc: tuple, accuracy_level: int) -> str:
+def _matmul_nbits(g: Graph, x: str, w: NBitsWeight, accuracy_level: int) -> str:
     """MatMulNBits over written codes, plus each block's offset times that block's input sum."""
-    _, w, qweight, scales, zp, offsets = desc
-    y = g.node("MatMulNBits", [x, qweight, scales] + ([zp] if zp else []), domain=MS, K=w.K, N=w.N,
-               bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
-    if offsets:
+    y = g.node("MatMulNBits", [x, w.qweight, w.scales] + ([w.zero_points] if w.zero_points else []), domain=MS,
+               K=w.K, N=w.N, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+    if w.offsets:
         sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])],
-                      keepdims=0)                                                                      # (B, S, n_blocks)
-        y = g.node("Add", [y, g.node("MatMul", [sums, offsets])])
+                      keepdims=0)                                                                 # (B, S, n_blocks)
+        y = g.node("Add", [y, g.node("MatMul", [sums, w.offsets])])
     return y
 
 
-def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions, level: int) -> tuple[str, str, str]:
+# spec.activation -> the nodes computing it on x
+ACTIVATIONS = {"silu": lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x])]),
+               "gelu_tanh": lambda g, x: g.node("FastGelu", [x], domain=MS)}
+
+
+# ---- graph inputs and outputs ---------------------------------------------------------------
+
+def _past(i: int) -> tuple[str, str]:
+    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+
+
+def _present(i: int) -> tuple[str, str]:
+    return f"present.{i}.key", f"present.{i}.value"
+
+
+def _declare_io(g: Graph, spec: ModelSpec, options: GraphOptions) -> None:
+    """The graph inputs (token ids, attention mask, DirectML's position ids, each layer's past KV
+    cache) and each layer's present KV cache output, named as onnxruntime-genai expects them."""
+    info, onnx_dtype, kv, hd = helper.make_tensor_value_info, NP_TO_ONNX[g.dtype], spec.n_kv_heads, spec.head_dim
+    g.inputs += [info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                 info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    if options.separate_rotary:
+        g.inputs.append(info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+    for i in range(spec.n_layers):
+        g.inputs += [info(name, onnx_dtype, ["batch_size", kv, "past_sequence_length", hd]) for name in _past(i)]
+    for i in range(spec.n_layers):
+        g.outputs += [info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]) for name in _present(i)]
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    """What attention_mask says about the batch, computed once per graph."""
+
+    mask_sum: str   # (B,) int64: each row's valid positions, past and new (rows are right-padded)
+    seqlens_k: str  # (B,) int32: the same less one, as GroupQueryAttention takes it
+    total_len: str  # () int32: past plus new positions
+
+
+def _lengths(g: Graph) -> _Lengths:
+    """The lengths GroupQueryAttention and the last-position gather read, from attention_mask."""
+    mask_sum = g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0)
+    seqlens_k = g.node("Cast", [g.node("Sub", [mask_sum, g.const(1)])], to=TensorProto.INT32)
+    total_len = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)])],
+                       to=TensorProto.INT32)
+    return _Lengths(mask_sum, seqlens_k, total_len)
+
+
+# ---- rotary tables --------------------------------------------------------------------------
+
+def _local_rope(spec: ModelSpec, i: int) -> bool:
+    """Whether layer i rotates with the sliding layers' own base (Gemma 3) instead of the global one."""
+    return spec.layer_types[i] == "sliding" and bool(spec.rope_local_theta)
+
+
+def _rotary_caches(g: Graph, spec: ModelSpec, options: GraphOptions, total_len: str) -> dict[bool, tuple[str, str]]:
+    """{_local_rope: (cos, sin)} caches, each (max_positions, rotary_dim / 2), for the layer kinds present."""
+    n_pos = options.max_positions or spec.context_length
+    caches = {}
+    for local in sorted({_local_rope(spec, i) for i in range(spec.n_layers)}):
+        tables = rope_tables(spec, n_pos, local=local)
+        names = {k: (g.weight(f"cos_cache{'_local' if local else ''}{'_' + k if k else ''}", c),
+                     g.weight(f"sin_cache{'_local' if local else ''}{'_' + k if k else ''}", s))
+                 for k, (c, s) in tables.items()}
+        if "long" in names:  # Phi-3 longrope: long factors once the sequence passes the original context
+            is_long = g.node("Greater", [total_len, g.const(spec.rope_scaling.original_context_length, np.int32)])
+            names = {"": tuple(g.node("Where", [is_long, names["long"][j], names["short"][j]]) for j in range(2))}
+        caches[local] = names[""]
+    return caches
+
+
+# ---- one decoder layer ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Shared:
+    """Tensors computed once per graph that every layer's attention reads."""
+
+    lengths: _Lengths
+    rotary: dict[bool, tuple[str, str]]  # from _rotary_caches
+
+
+def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions) -> tuple[str, str, str]:
     """q, k, v for layer i: one packed projection (GroupQueryAttention unpacks it when k and v are
     empty), unpacked with Split when q/k need norms, or three projections for DirectML."""
-    spec, p = src.spec, f"layers.{i}"
+    spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
     if options.separate_rotary and not src.qkv_parts(i) == [f"{p}.qkv"]:
         return tuple(_linear(g, h, src.matrix([f"{p}.{t}"], f"{p}.qkv"), f"{p}.{t}", src.get(f"{p}.{t}.bias"), level)
                      for t in "qkv")
@@ -160,6 +296,12 @@ def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions, lev
     return qkv, "", ""
 
 
+def _per_head_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
+    """RMSNorm over each head of x (B, S, n_heads * head_dim) with the norm weight `name` (head_dim,)."""
+    heads = g.node("Reshape", [x, g.const([0, 0, -1, src.spec.head_dim])])                 # (B, S, n_heads, head_dim)
+    return g.node("Reshape", [_rms_norm(g, src, heads, name), g.const([0, 0, -1])])
+
+
 def window_size(spec: ModelSpec, i: int) -> int:
     """GroupQueryAttention's local_window_size for layer i: the model's sliding window (the same
     count transformers masks with, checked against it in the tests); -1 for global layers."""
@@ -168,52 +310,151 @@ def window_size(spec: ModelSpec, i: int) -> int:
     return -1
 
 
-def _embedding(g: Graph, src: WeightSource, options: GraphOptions):
+def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, shared: _Shared) -> str:
+    """Self-attention of layer i over its normed input h (B, S, H), reading and extending the KV
+    cache; returns the o projection's output (B, S, H)."""
+    spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
+    g.taps[f"{p}.qkv"] = h
+    cos, sin = shared.rotary[_local_rope(spec, i)]
+    q, k, v = _qkv(g, h, src, i, options)
+    if spec.qk_norm:  # per-head RMSNorm on q and k before rotary
+        q, k = (_per_head_norm(g, src, t, f"{p}.{n}_norm") for t, n in ((q, "q"), (k, "k")))
+    if options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
+        rot = {"rotary_embedding_dim": spec.rotary_dim} if spec.rotary_dim != spec.head_dim else {}
+        q, k = (g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0,
+                       num_heads=n, **rot) for t, n in ((q, spec.n_heads), (k, spec.n_kv_heads)))
+        fused_rotary, caches = {}, []
+    else:
+        fused_rotary, caches = {"do_rotary": 1, "rotary_interleaved": 0}, [cos, sin]
+    attn, present_k, present_v = g.node(
+        "GroupQueryAttention", [q, k, v, *_past(i), shared.lengths.seqlens_k, shared.lengths.total_len] + caches,
+        n_out=3, domain=MS, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads,
+        scale=1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim),
+        local_window_size=window_size(spec, i), **fused_rotary)
+    for out, name in zip((present_k, present_v), _present(i)):
+        g.nodes.append(helper.make_node("Identity", [out], [name]))
+    g.taps[f"{p}.o"] = attn
+    return _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
+
+
+def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
+    """The gated MLP of layer i over its normed input h (B, S, H): down(act(gate) * up), with
+    gate|up one fused projection; returns (B, S, H)."""
+    spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
+    g.taps[f"{p}.gate_up"] = h
+    gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
+    gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
+    g.taps[f"{p}.down"] = g.node("Mul", [ACTIVATIONS[spec.activation](g, gate), up])
+    return _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
+
+
+def _layer(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, residual: str,
+           shared: _Shared) -> tuple[str, str]:
+    """Decoder layer i from its normed input h and the residual stream (both (B, S, H)); returns
+    the next layer's normed input (after the last layer: the final norm's output) and residual."""
+    spec, p, eps = src.spec, f"layers.{i}", float(src.spec.norm_eps)
+    o = _attention(g, src, options, i, h, shared)
+    if spec.post_norms:  # Gemma 3's sandwich norms
+        o = _rms_norm(g, src, o, f"{p}.post_attn_norm")
+    h, residual = _skip_norm(g, residual, o, _norm_weight(g, src, f"{p}.mlp_norm"), eps)
+    m = _mlp(g, src, options, i, h)
+    if spec.post_norms:
+        m = _rms_norm(g, src, m, f"{p}.post_mlp_norm")
+    following = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"
+    return _skip_norm(g, residual, m, _norm_weight(g, src, following), eps)
+
+
+# ---- embedding and head ---------------------------------------------------------------------
+
+def _gatherable(w: NBits) -> bool:
+    """GatherBlockQuantized reads these codes: integer zero points, no offsets, whole blocks per row."""
+    return w.zp_kind != "float" and w.offsets is None and w.K % w.block_size == 0
+
+
+def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str, Callable[[], HeadWeight]]:
     """The embedded tokens (B, S, H) and the output head: written now when the embedding shares
     it, else a function that writes it once after the layers (holding nothing meanwhile).
     When quantizing, an untied embedding table is stored quantized too (head_bits).
 
     A tied, quantized embedding is stored once: GatherBlockQuantized reads the head's
-    MatMulNBits codes through a Reshape (integer zero points, no block offsets, and whole blocks
-    per row; otherwise the input side gets a float table)."""
+    MatMulNBits codes through a Reshape (when _gatherable; otherwise the input side gets a float table)."""
     spec, quant = src.spec, options.quant
     if spec.tied_embeddings:
-        head = src.matrix(["embed"]) if quant and quant.share_tied else src.get("embed")
+        table = src.matrix(["embed"]) if quant and quant.share_tied else src.get("embed")
     else:
-        head = src.matrix(["embed"]) if quant else src.get("embed")  # the input table alone
-    if isinstance(head, NBits) and head.zp_kind != "float" and head.offsets is None and head.K % head.block_size == 0:
-        name = "lm_head" if spec.tied_embeddings else "embed"
-        desc = _nbits_weights(g, head, name)
-        _, w, qweight, scales, zp, _ = desc
-        table = g.node("Reshape", [qweight, g.const([w.N, -1])])                                     # (V, H*bits/8)
-        x = g.node("GatherBlockQuantized", [table, "input_ids", scales] + ([zp] if zp else []), domain=MS,
-                   bits=w.bits, block_size=w.block_size, quantize_axis=1, gather_axis=0)
+        table = src.matrix(["embed"]) if quant else src.get("embed")  # the input table alone
+    codes = None
+    if isinstance(table, NBits) and _gatherable(table):
+        codes = _nbits_weights(g, table, "lm_head" if spec.tied_embeddings else "embed")
+        packed = g.node("Reshape", [codes.qweight, g.const([codes.N, -1])])                        # (V, H*bits/8)
+        x = g.node("GatherBlockQuantized", [packed, "input_ids", codes.scales]
+                   + ([codes.zero_points] if codes.zero_points else []), domain=MS,
+                   bits=codes.bits, block_size=codes.block_size, quantize_axis=1, gather_axis=0)
     else:
-        desc = None
-        table = g.weight("embed", head.dequantize() if isinstance(head, NBits) else head)
-        x = g.node("Gather", [table, "input_ids"])
+        dense = g.weight("embed", table.dequantize() if isinstance(table, NBits) else table)
+        x = g.node("Gather", [dense, "input_ids"])
     if not spec.tied_embeddings:
-
-        def untied():
-            w = src.matrix(["lm_head"])
-            return _nbits_weights(g, w, "lm_head") if isinstance(w, NBits) else ("float", g.weight("lm_head", w))
-
-        return x, untied
-    if desc is not None:
-        return x, lambda: desc
-    if isinstance(head, NBits):
-        return x, lambda: _nbits_weights(g, head, "lm_head")
-    return x, lambda: ("float", table)
+        return x, lambda: _write_head(g, src.matrix(["lm_head"]))
+    if codes is not None:
+        return x, lambda: codes
+    return x, lambda: _write_head(g, table) if isinstance(table, NBits) else DenseWeight(dense)
 
 
-def _head(g: Graph, h: str, desc: tuple, spec: ModelSpec, accuracy_level: int) -> str:
+def _head(g: Graph, h: str, w: HeadWeight, spec: ModelSpec, accuracy_level: int) -> str:
     """Logits (B, S, V) from hidden states (B, S, H)."""
-    if desc[0] == "nbits":
-        return _matmul_nbits(g, h, desc, accuracy_level)
-    flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), desc[1]], transB=1)
+    if isinstance(w, NBitsWeight):
+        return _matmul_nbits(g, h, w, accuracy_level)
+    flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), w.name], transB=1)
     shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
     return g.node("Reshape", [flat, shape])
 
+
+def _last_positions(g: Graph, h: str, mask_sum: str, hidden: int) -> str:
+    """h (B, S, H) at the last valid position of each (right-padded) row: (B, 1, H)."""
+    seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
+    idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])                          # (B,)
+    column = g.node("Reshape", [idx, g.const([-1, 1, 1])])                                          # (B, 1, 1)
+    shape = g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, hidden])], axis=0)
+    idx = g.node("Expand", [column, shape])                                                          # (B, 1, H)
+    return g.node("GatherElements", [h, idx], axis=1)
+
+
+def _tap_outputs(g: Graph, options: GraphOptions) -> list:
+    """With options.taps, one output "tap.{group}" per linear group: the tensor feeding it (for AWQ)."""
+    taps = []
+    for name, tensor in (g.taps.items() if options.taps else ()):
+        g.nodes.append(helper.make_node("Identity", [tensor], [f"tap.{name}"]))
+        taps.append(helper.make_tensor_value_info(f"tap.{name}", NP_TO_ONNX[g.dtype], None))
+    return taps
+
+
+def _model(g: Graph, outputs: list) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, "lmforge", g.inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)],
+                              producer_name="lmforge")
+    model.ir_version = 11  # opset 23: RMSNormalization
+    return model
+
+
+def _graphs(g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: HeadWeight,
+            mask_sum: str) -> dict[str, onnx.ModelProto]:
+    """The two variants over the shared body whose final hidden states are h (B, S, H): "full"
+    (every position's logits) and "last" (each row's last valid position's)."""
+    taps = _tap_outputs(g, options)
+    common_nodes, common_inits = list(g.nodes), list(g.initializers)
+    graphs = {}
+    for variant in ("full", "last"):
+        g.nodes, g.initializers = list(common_nodes), list(common_inits)
+        hv = _last_positions(g, h, mask_sum, spec.hidden_size) if variant == "last" else h
+        g.nodes.append(helper.make_node("Identity", [_head(g, hv, head, spec, options.accuracy_level)], ["logits"]))
+        positions = "sequence_length" if variant == "full" else 1
+        dims = ["batch_size", positions, spec.vocab_size]
+        logits = helper.make_tensor_value_info("logits", NP_TO_ONNX[g.dtype], dims)
+        graphs[variant] = _model(g, [logits] + g.outputs + taps)
+    return graphs
+
+
+# ---- the whole graph ------------------------------------------------------------------------
 
 def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSource | None = None,
           progress=None) -> dict[str, onnx.ModelProto]:
@@ -231,110 +472,20 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         weights.close()
 
 
-def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph, progress) -> dict[str, onnx.ModelProto]:
+def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
+           progress) -> dict[str, onnx.ModelProto]:
+    """Inputs, rotary tables, embedding, each layer in turn (one layer's weights at a time), head."""
     spec = ckpt.spec
-    dtype = g.dtype.type
-    onnx_dtype = NP_TO_ONNX[g.dtype]
-    level = options.quant.accuracy_level if options.quant else 0
-    H, kv, hd = spec.hidden_size, spec.n_kv_heads, spec.head_dim
-
-    g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-                 helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    if options.separate_rotary:
-        g.inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
-    mask_sum = g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0)                    # (B,)
-    seqlens_k = g.node("Cast", [g.node("Sub", [mask_sum, g.const(1)])], to=TensorProto.INT32)        # (B,)
-    total_len = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)])],
-                       to=TensorProto.INT32)                                                         # ()
-
-    n_pos = options.max_positions or spec.context_length
-    caches = {}
-    for local in sorted({t == "sliding" and bool(spec.rope_local_theta) for t in spec.layer_types}):
-        tables = rope_tables(spec, n_pos, local=local)
-        names = {k: (g.weight(f"cos_cache{'_local' if local else ''}{'_' + k if k else ''}", c),
-                     g.weight(f"sin_cache{'_local' if local else ''}{'_' + k if k else ''}", s))
-                 for k, (c, s) in tables.items()}
-        if "long" in names:  # Phi-3 longrope: long factors once the sequence passes the original context
-            is_long = g.node("Greater", [total_len, g.const(spec.rope_scaling.original_context_length, np.int32)])
-            names = {"": tuple(g.node("Where", [is_long, names["long"][j], names["short"][j]]) for j in range(2))}
-        caches[local] = names[""]
-
-    x, head = _embedding(g, src, options)                                                          # (B, S, H)
+    _declare_io(g, spec, options)
+    lengths = _lengths(g)
+    shared = _Shared(lengths, _rotary_caches(g, spec, options, lengths.total_len))
+    x, write_head = _embedding(g, src, options)                                                    # (B, S, H)
     if spec.embedding_scale:
-        x = g.node("Mul", [x, g.const(spec.embedding_scale, dtype)])
-    eps = float(spec.norm_eps)
-    h = g.node("RMSNormalization", [x, g.weight("layers.0.attn_norm", src.norm("layers.0.attn_norm"))],
-               axis=-1, epsilon=eps, stash_type=1)
-    residual = x
-    scale = 1.0 / math.sqrt(spec.query_pre_attn_scalar) if spec.query_pre_attn_scalar else 1.0 / math.sqrt(hd)
+        x = g.node("Mul", [x, g.const(spec.embedding_scale, g.dtype.type)])
+    h, residual = _rms_norm(g, src, x, "layers.0.attn_norm"), x
     for i in range(spec.n_layers):
-        p = f"layers.{i}"
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        for name in (past_k, past_v):
-            g.inputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "past_sequence_length", hd]))
-        g.taps[f"{p}.qkv"] = h
-        cos, sin = caches[spec.layer_types[i] == "sliding" and bool(spec.rope_local_theta)]
-        q, k, v = _qkv(g, h, src, i, options, level)
-        if spec.qk_norm:  # per-head RMSNorm on q and k before rotary
-            q, k = (g.node("Reshape", [g.node("RMSNormalization", [
-                        g.node("Reshape", [t, g.const([0, 0, -1, hd])]), g.weight(f"{p}.{n}_norm", src.norm(f"{p}.{n}_norm"))],
-                        axis=-1, epsilon=eps, stash_type=1), g.const([0, 0, -1])])
-                    for t, n in ((q, "q"), (k, "k")))
-        if options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
-            rot = {"rotary_embedding_dim": spec.rotary_dim} if spec.rotary_dim != hd else {}
-            q, k = (g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0,
-                           num_heads=n, **rot) for t, n in ((q, spec.n_heads), (k, kv)))
-        rotary = {} if options.separate_rotary else {"do_rotary": 1, "rotary_interleaved": 0}
-        attn, present_k, present_v = g.node(
-            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len] + ([] if options.separate_rotary else [cos, sin]),
-            n_out=3, domain=MS, num_heads=spec.n_heads, kv_num_heads=kv, scale=scale,
-            local_window_size=window_size(spec, i), **rotary)
-        for out, name in ((present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")):
-            g.nodes.append(helper.make_node("Identity", [out], [name]))
-            g.outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch_size", kv, "total_sequence_length", hd]))
-        g.taps[f"{p}.o"] = attn
-        o = _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
-        if spec.qk_norm:  # Gemma 3's sandwich norms
-            o = g.node("RMSNormalization", [o, g.weight(f"{p}.post_attn_norm", src.norm(f"{p}.post_attn_norm"))],
-                       axis=-1, epsilon=eps, stash_type=1)
-        h, residual = _skip_norm(g, residual, o, g.weight(f"{p}.mlp_norm", src.norm(f"{p}.mlp_norm")), eps)
-        g.taps[f"{p}.gate_up"] = h
-        gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
-        gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
-        act = g.node("FastGelu", [gate], domain=MS) if spec.activation == "gelu_tanh" \
-            else g.node("Mul", [gate, g.node("Sigmoid", [gate])])
-        g.taps[f"{p}.down"] = g.node("Mul", [act, up])
-        m = _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
-        if spec.qk_norm:
-            m = g.node("RMSNormalization", [m, g.weight(f"{p}.post_mlp_norm", src.norm(f"{p}.post_mlp_norm"))],
-                       axis=-1, epsilon=eps, stash_type=1)
-        nxt = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"
-        h, residual = _skip_norm(g, residual, m, g.weight(nxt, src.norm(nxt)), eps)
+        h, residual = _layer(g, src, options, i, h, residual, shared)
         if progress:
             progress(i + 1, spec.n_layers)
-    head = head()  # write the output head's weights once; both graph variants read them
-    taps = []
-    for name, tensor in (g.taps.items() if options.taps else ()):
-        g.nodes.append(helper.make_node("Identity", [tensor], [f"tap.{name}"]))
-        taps.append(helper.make_tensor_value_info(f"tap.{name}", onnx_dtype, None))
-    common_nodes, common_inits = list(g.nodes), list(g.initializers)
-    graphs = {}
-    for variant in ("full", "last"):
-        g.nodes, g.initializers = list(common_nodes), list(common_inits)
-        hv = h
-        if variant == "last":  # the last valid position of each (right-padded) row only
-            seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
-            idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])                  # (B,)
-            idx = g.node("Expand", [g.node("Reshape", [idx, g.const([-1, 1, 1])]),
-                                    g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, H])], axis=0)])
-            hv = g.node("GatherElements", [h, idx], axis=1)                                           # (B, 1, H)
-        logits = _head(g, hv, head, spec, level)
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-        out = helper.make_tensor_value_info("logits", onnx_dtype,
-                                            ["batch_size", "sequence_length" if variant == "full" else 1, spec.vocab_size])
-        graph = helper.make_graph(g.nodes, "lmforge", g.inputs, [out] + g.outputs + taps, g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)],
-                                  producer_name="lmforge")
-        model.ir_version = 11  # opset 23: RMSNormalization
-        graphs[variant] = model
-    return graphs
+    head = write_head()  # write the output head's weights once; both graph variants read them
+    return _graphs(g, spec, options, h, head, lengths.mask_sum)

@@ -32,4 +32,6 @@ run: $(VENV)/.run-stamp
 	$(VENV)/bin/lmforge run smollm2-135m -p "What is the capital of France?"
 
 test: $(VENV)/.test-stamp
+	$(PY) -m ruff check lmforge tests benchmarks
+	$(PY) -m ruff format --check lmforge tests benchmarks
 	$(PY) -m pytest -q

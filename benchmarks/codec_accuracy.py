@@ -14,6 +14,7 @@ timed tensor by tensor, interleaved).
 
 Writes benchmarks/results/codec_accuracy.md.
 """
+
 from __future__ import annotations
 
 import platform
@@ -27,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
+from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 from tests import ggml_ref  # noqa: E402
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 TYPES = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
@@ -50,8 +51,10 @@ def main():
 
     ckpt = open_checkpoint(known_model_path(DEFAULT_MODEL))
     names = [i.name for i in ckpt.infos if len(i.shape) == 2]
-    acc = {t: dict(blocks=0, identical=0, worst_steps=0.0, ratios=[], s_ours=0.0, s_ref=0.0, bytes=0, dropped=0)
-           for t in TYPES}
+    acc = {
+        t: dict(blocks=0, identical=0, worst_steps=0.0, ratios=[], s_ours=0.0, s_ref=0.0, bytes=0, dropped=0)
+        for t in TYPES
+    }
     for n, name in enumerate(names):
         w = ckpt.read(name)
         for t in TYPES:
@@ -76,22 +79,39 @@ def main():
     rows = []
     for t, a in acc.items():
         r = np.array(a["ratios"])
-        rows.append({"type": t.name, "tensors": len(r), "blocks": a["blocks"], "identical_blocks": a["identical"],
-                     "identical_rate": a["identical"] / a["blocks"], "worst_steps": a["worst_steps"],
-                     "worst_rmse_ratio": float(r.max()), "mean_rmse_ratio": float(r.mean()),
-                     "ours_mb_s": a["bytes"] / 1e6 / a["s_ours"], "llamacpp_mb_s": a["bytes"] / 1e6 / a["s_ref"],
-                     "values_dropped": a["dropped"]})
-    lines = [f"# ggml codecs: lmforge vs llama.cpp (ggml {ggml_ref.ggml_commit()}), every 2-D tensor of "
-             f"SmolLM2-135M-Instruct ({len(names)} tensors)", "",
-             "Same float32 rows into both encoders; K-quants on the flat data in rows of 256. "
-             "Steps: largest |ours - llama.cpp| of a decoded value over llama.cpp's quantization step there. "
-             f"Speed: MB/s of float32 input, one thread, {platform.machine()} / {platform.python_version()}.", "",
-             "| type | blocks | identical blocks | worst step distance | worst RMSE ratio | mean RMSE ratio "
-             "| lmforge MB/s | llama.cpp MB/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['type']} | {r['blocks']} | {100 * r['identical_rate']:.4f}% | {r['worst_steps']:.3g} | "
-              f"{r['worst_rmse_ratio']:.6f} | {r['mean_rmse_ratio']:.6f} | {r['ours_mb_s']:.0f} | "
-              f"{r['llamacpp_mb_s']:.0f} |" for r in rows]
+        rows.append(
+            {
+                "type": t.name,
+                "tensors": len(r),
+                "blocks": a["blocks"],
+                "identical_blocks": a["identical"],
+                "identical_rate": a["identical"] / a["blocks"],
+                "worst_steps": a["worst_steps"],
+                "worst_rmse_ratio": float(r.max()),
+                "mean_rmse_ratio": float(r.mean()),
+                "ours_mb_s": a["bytes"] / 1e6 / a["s_ours"],
+                "llamacpp_mb_s": a["bytes"] / 1e6 / a["s_ref"],
+                "values_dropped": a["dropped"],
+            }
+        )
+    lines = [
+        f"# ggml codecs: lmforge vs llama.cpp (ggml {ggml_ref.ggml_commit()}), every 2-D tensor of "
+        f"SmolLM2-135M-Instruct ({len(names)} tensors)",
+        "",
+        "Same float32 rows into both encoders; K-quants on the flat data in rows of 256. "
+        "Steps: largest |ours - llama.cpp| of a decoded value over llama.cpp's quantization step there. "
+        f"Speed: MB/s of float32 input, one thread, {platform.machine()} / {platform.python_version()}.",
+        "",
+        "| type | blocks | identical blocks | worst step distance | worst RMSE ratio | mean RMSE ratio "
+        "| lmforge MB/s | llama.cpp MB/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['type']} | {r['blocks']} | {100 * r['identical_rate']:.4f}% | {r['worst_steps']:.3g} | "
+        f"{r['worst_rmse_ratio']:.6f} | {r['mean_rmse_ratio']:.6f} | {r['ours_mb_s']:.0f} | "
+        f"{r['llamacpp_mb_s']:.0f} |"
+        for r in rows
+    ]
     save("codec_accuracy", "\n".join(lines))
 
 

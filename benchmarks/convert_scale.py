@@ -9,6 +9,7 @@ The checkpoint (7.6 GB) is written once into --work (default: a temporary folder
 23 GiB on this 24 GiB machine when measured before: it may be killed). Writes
 benchmarks/results/convert_scale.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 PHI3_MINI = {  # microsoft/Phi-3-mini-4k-instruct config.json
-    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-    "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "rope_scaling": None, "sliding_window": 2047, "tie_word_embeddings": False,
-    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000, "torch_dtype": "bfloat16",
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "sliding_window": 2047,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -38,9 +54,16 @@ def shapes(cfg) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(n):
         p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                    p + "self_attn.qkv_proj.weight": (3 * h, h), p + "self_attn.o_proj.weight": (h, h),
-                    p + "mlp.gate_up_proj.weight": (2 * f, h), p + "mlp.down_proj.weight": (h, f)})
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.qkv_proj.weight": (3 * h, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_up_proj.weight": (2 * f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     return out
 
 
@@ -68,8 +91,11 @@ def write_checkpoint(folder: Path) -> int:
             cols = int(np.prod(shape)) // rows
             for r in range(0, rows, 4096):
                 n = min(4096, rows - r)
-                x = np.ones((n, cols), np.float32) if "norm" in name else \
-                    rng.standard_normal((n, cols), dtype=np.float32) * np.float32(0.02)
+                x = (
+                    np.ones((n, cols), np.float32)
+                    if "norm" in name
+                    else rng.standard_normal((n, cols), dtype=np.float32) * np.float32(0.02)
+                )
                 f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
     return sum(int(np.prod(s)) for s in table.values())
 
@@ -130,30 +156,65 @@ def main():
         print(f"wrote {n / 1e9:.2f}B parameters in {time.time() - t:.0f} s", flush=True)
     rows = []
     out = work / "cpu-int4"
-    rc, wall, peak = peak_rss_of([sys.executable, "-m", "lmforge", "convert", str(src), "-o", str(out),
-                                  "--target", "cpu-int4", "--force"])
-    row = {"tool": "lmforge convert --target cpu-int4", "exit": rc, "seconds": round(wall, 1),
-           "peak_rss_gib": round(peak / 2**30, 2)}
+    rc, wall, peak = peak_rss_of(
+        [sys.executable, "-m", "lmforge", "convert", str(src), "-o", str(out), "--target", "cpu-int4", "--force"]
+    )
+    row = {
+        "tool": "lmforge convert --target cpu-int4",
+        "exit": rc,
+        "seconds": round(wall, 1),
+        "peak_rss_gib": round(peak / 2**30, 2),
+    }
     if rc == 0:
         row.update(decode_tok_s=decode_speed(out, args.decode_tokens), output_gib=folder_gib(out))
     rows.append(row)
     print(row, flush=True)
     if args.with_builder:
-        rc, wall, peak = peak_rss_of([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o",
-                                      str(work / "genai"), "-p", "int4", "-e", "cpu", "-c", str(work / "cache")])
-        rows.append({"tool": "onnxruntime-genai builder -p int4 -e cpu", "exit": rc, "seconds": round(wall, 1),
-                     "peak_rss_gib": round(peak / 2**30, 2)})
+        rc, wall, peak = peak_rss_of(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(src),
+                "-o",
+                str(work / "genai"),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "cache"),
+            ]
+        )
+        rows.append(
+            {
+                "tool": "onnxruntime-genai builder -p int4 -e cpu",
+                "exit": rc,
+                "seconds": round(wall, 1),
+                "peak_rss_gib": round(peak / 2**30, 2),
+            }
+        )
         if rc == 0:
-            rows[-1].update(decode_tok_s=decode_speed(work / "genai", args.decode_tokens, genai=True),
-                            output_gib=folder_gib(work / "genai"))
+            rows[-1].update(
+                decode_tok_s=decode_speed(work / "genai", args.decode_tokens, genai=True),
+                output_gib=folder_gib(work / "genai"),
+            )
         print(rows[-1], flush=True)
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "convert_scale.json").write_text(json.dumps(rows, indent=2))
-    lines = ["# Converting a 3.8B Phi-3-mini-shaped checkpoint (bf16, random weights) on 2 cores / 24 GiB", "",
-             "| tool | exit | seconds | peak RSS GiB | decode tok/s | output GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['tool']} | {r['exit']} | {r['seconds']} | {r['peak_rss_gib']} | {r.get('decode_tok_s', '')} | "
-              f"{r.get('output_gib', '')} |" for r in rows]
+    lines = [
+        "# Converting a 3.8B Phi-3-mini-shaped checkpoint (bf16, random weights) on 2 cores / 24 GiB",
+        "",
+        "| tool | exit | seconds | peak RSS GiB | decode tok/s | output GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['tool']} | {r['exit']} | {r['seconds']} | {r['peak_rss_gib']} | {r.get('decode_tok_s', '')} | "
+        f"{r.get('output_gib', '')} |"
+        for r in rows
+    ]
     (res / "convert_scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -11,6 +11,7 @@ folder lmforge writes from the GGUF) and lmforge's cpu-fp32 (whose model.genai.o
 
 Writes benchmarks/results/engine_speed.{md,json}. Run it on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,11 @@ def bench_session(folder, ids, gen, threads):
     dtype = np.float16 if meta["dtype"] == "float16" else np.float32
     names = [o.name for o in sess.get_outputs()]
     del onnx
-    feed = {f"past_key_values.{i}.{kv}": np.zeros((1, meta["n_kv_heads"], 0, meta["head_dim"]), dtype)
-            for i in range(meta["n_layers"]) for kv in ("key", "value")}
+    feed = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, meta["n_kv_heads"], 0, meta["head_dim"]), dtype)
+        for i in range(meta["n_layers"])
+        for kv in ("key", "value")
+    }
     feed.update(input_ids=np.array([ids], dtype=np.int64), attention_mask=np.ones((1, len(ids)), np.int64))
     t0 = time.perf_counter()
     outs = dict(zip(names, sess.run(None, feed)))
@@ -75,8 +79,11 @@ def bench_session(folder, ids, gen, threads):
     for _ in range(gen):
         token = int(outs["logits"][0, -1].argmax())
         total += 1
-        feed = {f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"]
-                for i in range(meta["n_layers"]) for kv in ("key", "value")}
+        feed = {
+            f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"]
+            for i in range(meta["n_layers"])
+            for kv in ("key", "value")
+        }
         feed.update(input_ids=np.array([[token]], dtype=np.int64), attention_mask=np.ones((1, total), np.int64))
         outs = dict(zip(names, sess.run(None, feed)))
     t2 = time.perf_counter()
@@ -95,8 +102,21 @@ def build_graphs(work: Path) -> dict[str, Path]:
 
     graphs = {}
     hf = convert_to_hf("smollm2-135m", work / "hf")
-    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(work / "genai-int4"),
-               "-p", "int4", "-e", "cpu", "-c", str(work / "cache")]
+    builder = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf),
+        "-o",
+        str(work / "genai-int4"),
+        "-p",
+        "int4",
+        "-e",
+        "cpu",
+        "-c",
+        str(work / "cache"),
+    ]
     r = subprocess.run(builder, capture_output=True, text=True)
     if r.returncode == 0:
         graphs["genai builder int4"] = work / "genai-int4"
@@ -132,15 +152,28 @@ def main():
             for name, rs in results.items():
                 pre = statistics.median(r[0] for r in rs)
                 dec = statistics.median(r[1] for r in rs)
-                rows.append({"graph": gname, "runner": name, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1),
-                             "lmforge_prefill_ratio": round(statistics.median(b[0] for b in base) / pre, 2),
-                             "lmforge_decode_ratio": round(statistics.median(b[1] for b in base) / dec, 2)})
-    lines = [f"# Engine speed: SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, "
-             f"{args.threads} threads, median of {args.repetitions}", "",
-             "| graph | runner | prefill tok/s | decode tok/s | lmforge / runner prefill | lmforge / runner decode |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['graph']} | {r['runner']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-              f"{r['lmforge_prefill_ratio']}x | {r['lmforge_decode_ratio']}x |" for r in rows]
+                rows.append(
+                    {
+                        "graph": gname,
+                        "runner": name,
+                        "prefill_tok_s": round(pre, 1),
+                        "decode_tok_s": round(dec, 1),
+                        "lmforge_prefill_ratio": round(statistics.median(b[0] for b in base) / pre, 2),
+                        "lmforge_decode_ratio": round(statistics.median(b[1] for b in base) / dec, 2),
+                    }
+                )
+    lines = [
+        f"# Engine speed: SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, "
+        f"{args.threads} threads, median of {args.repetitions}",
+        "",
+        "| graph | runner | prefill tok/s | decode tok/s | lmforge / runner prefill | lmforge / runner decode |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['graph']} | {r['runner']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
+        f"{r['lmforge_prefill_ratio']}x | {r['lmforge_decode_ratio']}x |"
+        for r in rows
+    ]
     save("engine_speed", "\n".join(lines), {"args": vars(args), "rows": rows})
 
 

@@ -9,6 +9,7 @@ llama.cpp (llama-cpp-python; ctx 512, second halves scored, first N windows).
 
 Writes benchmarks/results/gguf_quality.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+
+from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 
 TYPES = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_1", "q4_0"]
 
@@ -34,7 +36,9 @@ def tensors(path: Path) -> dict:
     from lmforge.checkpoint.gguf_format import parse
 
     _, entries, mm = parse(path)
-    out = {e.name: (gguf.GGMLQuantizationType(e.qtype).name, bytes(mm[e.offset:e.offset + e.nbytes])) for e in entries}
+    out = {
+        e.name: (gguf.GGMLQuantizationType(e.qtype).name, bytes(mm[e.offset : e.offset + e.nbytes])) for e in entries
+    }
     mm.close()
     return out
 
@@ -72,21 +76,35 @@ def main():
             same_bytes = same_types and all(a[n][1] == b[n][1] for n in b)
             ppl_ours, n = llamacpp_perplexity(ours, wins, args.threads)
             ppl_theirs, _ = llamacpp_perplexity(theirs, wins, args.threads)
-            row = {"type": kind, "ppl_lmforge": round(ppl_ours, 4), "ppl_llamacpp": round(ppl_theirs, 4),
-                   "ppl_ratio": round(ppl_ours / ppl_theirs, 5), "bytes_lmforge": ours.stat().st_size,
-                   "bytes_llamacpp": theirs.stat().st_size,
-                   "bytes_ratio": round(ours.stat().st_size / theirs.stat().st_size, 5),
-                   "same_types": same_types, "same_tensor_bytes": same_bytes, "tokens_scored": n,
-                   "seconds_lmforge": round(t_ours, 1), "seconds_llamacpp": round(t_theirs, 1)}
+            row = {
+                "type": kind,
+                "ppl_lmforge": round(ppl_ours, 4),
+                "ppl_llamacpp": round(ppl_theirs, 4),
+                "ppl_ratio": round(ppl_ours / ppl_theirs, 5),
+                "bytes_lmforge": ours.stat().st_size,
+                "bytes_llamacpp": theirs.stat().st_size,
+                "bytes_ratio": round(ours.stat().st_size / theirs.stat().st_size, 5),
+                "same_types": same_types,
+                "same_tensor_bytes": same_bytes,
+                "tokens_scored": n,
+                "seconds_lmforge": round(t_ours, 1),
+                "seconds_llamacpp": round(t_theirs, 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = [f"# lmforge GGUF vs llama.cpp's quantizer (default model, WikiText-2, ctx 512, {args.chunks} windows)", "",
-             "| type | ppl lmforge | ppl llama.cpp | ratio | MB lmforge | MB llama.cpp | size ratio | same types | same bytes "
-             "| s lmforge | s llama.cpp |", "|---" * 11 + "|"]
+    lines = [
+        f"# lmforge GGUF vs llama.cpp's quantizer (default model, WikiText-2, ctx 512, {args.chunks} windows)",
+        "",
+        "| type | ppl lmforge | ppl llama.cpp | ratio | MB lmforge | MB llama.cpp | size ratio | same types "
+        "| same bytes | s lmforge | s llama.cpp |",
+        "|---" * 11 + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['type']} | {r['ppl_lmforge']:.4f} | {r['ppl_llamacpp']:.4f} | {r['ppl_ratio']:.5f} | "
-                     f"{r['bytes_lmforge'] / 1e6:.2f} | {r['bytes_llamacpp'] / 1e6:.2f} | {r['bytes_ratio']:.5f} | "
-                     f"{r['same_types']} | {r['same_tensor_bytes']} | {r['seconds_lmforge']} | {r['seconds_llamacpp']} |")
+        lines.append(
+            f"| {r['type']} | {r['ppl_lmforge']:.4f} | {r['ppl_llamacpp']:.4f} | {r['ppl_ratio']:.5f} | "
+            f"{r['bytes_lmforge'] / 1e6:.2f} | {r['bytes_llamacpp'] / 1e6:.2f} | {r['bytes_ratio']:.5f} | "
+            f"{r['same_types']} | {r['same_tensor_bytes']} | {r['seconds_lmforge']} | {r['seconds_llamacpp']} |"
+        )
     save("gguf_quality", "\n".join(lines), rows)
 
 

@@ -9,6 +9,7 @@ file, and the original Q4_1 file. Protocol: llama-perplexity's (ctx 512, second 
 
 Writes benchmarks/results/quality_{chunks}.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+
+from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 
 FORMS = [  # (label, convert options)
     ("lmforge cpu-fp32", dict(target="cpu-fp32")),
@@ -48,8 +50,14 @@ def main():
         for label, opts in FORMS:
             folder = convert("smollm2-135m", tmp / label.replace(" ", "_").replace("/", ""), progress=False, **opts)
             r = perplexity(folder, chunks=chunks, progress=False)
-            rows.append({"form": label, "ppl": round(r.ppl, 4), "tokens_scored": r.tokens_scored,
-                         "onnx_data_mb": round((folder / "model.onnx.data").stat().st_size / 2**20, 1)})
+            rows.append(
+                {
+                    "form": label,
+                    "ppl": round(r.ppl, 4),
+                    "tokens_scored": r.tokens_scored,
+                    "onnx_data_mb": round((folder / "model.onnx.data").stat().st_size / 2**20, 1),
+                }
+            )
             print(rows[-1], flush=True)
             if label == "lmforge cpu-fp32":
                 tok = Tokenizer.from_folder(folder)
@@ -57,17 +65,31 @@ def main():
         src = resolve("smollm2-135m")
         f32 = dequantized_gguf(src, tmp / "f32.gguf")
         q40 = llamacpp_quantize(f32, tmp / "q4_0.gguf", "Q4_0")
-        for label, path in (("llama.cpp F32 (same weights)", f32), ("llama.cpp Q4_0 of that F32", q40),
-                            ("llama.cpp Q4_1 (the original file)", src)):
+        for label, path in (
+            ("llama.cpp F32 (same weights)", f32),
+            ("llama.cpp Q4_0 of that F32", q40),
+            ("llama.cpp Q4_1 (the original file)", src),
+        ):
             t = time.time()
             ppl, n = llamacpp_perplexity(path, wins)
-            rows.append({"form": label, "ppl": round(ppl, 4), "tokens_scored": n,
-                         "gguf_mb": round(path.stat().st_size / 2**20, 1), "seconds": round(time.time() - t, 1)})
+            rows.append(
+                {
+                    "form": label,
+                    "ppl": round(ppl, 4),
+                    "tokens_scored": n,
+                    "gguf_mb": round(path.stat().st_size / 2**20, 1),
+                    "seconds": round(time.time() - t, 1),
+                }
+            )
             print(rows[-1], flush=True)
     name = f"quality_{args.chunks or 'all'}"
-    lines = [f"# Perplexity, SmolLM2-135M-Instruct, WikiText-2 test, ctx 512, "
-             f"{'all' if not chunks else chunks} windows (llama-perplexity protocol)", "",
-             "| form | perplexity | tokens scored |", "| --- | ---: | ---: |"]
+    lines = [
+        f"# Perplexity, SmolLM2-135M-Instruct, WikiText-2 test, ctx 512, "
+        f"{'all' if not chunks else chunks} windows (llama-perplexity protocol)",
+        "",
+        "| form | perplexity | tokens scored |",
+        "| --- | ---: | ---: |",
+    ]
     lines += [f"| {r['form']} | {r['ppl']:.4f} | {r['tokens_scored']} |" for r in rows]
     save(name, "\n".join(lines), rows)
 

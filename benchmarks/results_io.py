@@ -1,4 +1,5 @@
 """Where every benchmark leaves its figures: benchmarks/results/NAME.md (and NAME.json)."""
+
 from __future__ import annotations
 
 import json

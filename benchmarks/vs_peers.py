@@ -14,12 +14,14 @@ llama-cpp-python on the same windows).
 Writes benchmarks/results/vs_peers.{md,json}; prints each figure and lmforge's ratio to the best
 peer. Run it on a quiet machine: llama.cpp's spinning threads make every runner sensitive to load.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
 from pathlib import Path
+
 from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,45 +47,72 @@ def main():
     from tests.llamacpp_ref import llamacpp_perplexity
 
     with tempfile.TemporaryDirectory() as tmp:
-        forms = [convert("smollm2-135m", Path(tmp) / "exact", target="cpu-int4", progress=False),
-                 convert("smollm2-135m", Path(tmp) / "rtn", target="cpu-int4", requantize=True, progress=False),
-                 convert("smollm2-135m", Path(tmp) / "rtn-h4", target="cpu-int4", requantize=True, head_bits=4,
-                         progress=False),
-                 convert("smollm2-135m", Path(tmp) / "awq-128", target="cpu-int4", requantize=True, quant="awq",
-                         block_size=128, progress=False)]
-        rows = bench([str(f) for f in forms], args.prompt_tokens, args.gen_tokens,
-                     args.repetitions, args.threads, ("llamacpp", "ortgenai"), rounds=args.rounds)
+        forms = [
+            convert("smollm2-135m", Path(tmp) / "exact", target="cpu-int4", progress=False),
+            convert("smollm2-135m", Path(tmp) / "rtn", target="cpu-int4", requantize=True, progress=False),
+            convert(
+                "smollm2-135m", Path(tmp) / "rtn-h4", target="cpu-int4", requantize=True, head_bits=4, progress=False
+            ),
+            convert(
+                "smollm2-135m",
+                Path(tmp) / "awq-128",
+                target="cpu-int4",
+                requantize=True,
+                quant="awq",
+                block_size=128,
+                progress=False,
+            ),
+        ]
+        rows = bench(
+            [str(f) for f in forms],
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.repetitions,
+            args.threads,
+            ("llamacpp", "ortgenai"),
+            rounds=args.rounds,
+        )
         src = resolve("smollm2-135m")
         ppl = [perplexity(f, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
         tok = Tokenizer.from_folder(forms[0])
         wins = windows(tok.encode(read_text(None)), 512, 40, tok.bos_id if tok.add_bos else None)
-        ppl += [llamacpp_perplexity(src, wins, args.threads)[0],
-                perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl]
-    names = ["lmforge cpu-int4 (exact from the Q4_1 GGUF)", "lmforge cpu-int4 --requantize (RTN)",
-             "lmforge cpu-int4 --requantize --head-bits 4 (RTN, genai's configuration)",
-             "lmforge cpu-int4 --requantize --quant awq --block-size 128"]
+        ppl += [
+            llamacpp_perplexity(src, wins, args.threads)[0],
+            perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl,
+        ]
+    names = [
+        "lmforge cpu-int4 (exact from the Q4_1 GGUF)",
+        "lmforge cpu-int4 --requantize (RTN)",
+        "lmforge cpu-int4 --requantize --head-bits 4 (RTN, genai's configuration)",
+        "lmforge cpu-int4 --requantize --quant awq --block-size 128",
+    ]
     for row, name in zip(rows, names):
         row["runner"] = name
     for row, value in zip(rows, ppl):
         row["ppl_40"] = round(value, 4)
     peers = [r for r in rows if not r["runner"].startswith("lmforge") and "error" not in r]
     if not peers:
-        raise SystemExit(f"no peer could be measured: {[r.get('error') for r in rows[len(forms):]]}")
+        raise SystemExit(f"no peer could be measured: {[r.get('error') for r in rows[len(forms) :]]}")
     best_pre = max(r["prefill_mean"] for r in peers)
     best_dec = max(r["decode_mean"] for r in peers)
-    lines = [f"# SmolLM2-135M int4 forms, {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens, "
-             f"{args.threads} threads, mean of {args.repetitions} runs x {args.rounds} interleaved rounds", "",
-             "| runner | prefill tok/s | decode tok/s | prefill / best peer | decode / best peer | perplexity (40) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# SmolLM2-135M int4 forms, {args.prompt_tokens}-token prompt, {args.gen_tokens} tokens, "
+        f"{args.threads} threads, mean of {args.repetitions} runs x {args.rounds} interleaved rounds",
+        "",
+        "| runner | prefill tok/s | decode tok/s | prefill / best peer | decode / best peer | perplexity (40) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['runner']} | {r['error']} | | | | |")
             continue
         r["prefill_vs_best_peer"] = round(r["prefill_mean"] / best_pre, 2)
         r["decode_vs_best_peer"] = round(r["decode_mean"] / best_dec, 2)
-        lines.append(f"| {r['runner']} | {r['prefill_mean']:.1f} ± {r['prefill_std']:.1f} | "
-                     f"{r['decode_mean']:.1f} ± {r['decode_std']:.1f} | {r['prefill_vs_best_peer']}x | "
-                     f"{r['decode_vs_best_peer']}x | {r.get('ppl_40', float('nan')):.2f} |")
+        lines.append(
+            f"| {r['runner']} | {r['prefill_mean']:.1f} ± {r['prefill_std']:.1f} | "
+            f"{r['decode_mean']:.1f} ± {r['decode_std']:.1f} | {r['prefill_vs_best_peer']}x | "
+            f"{r['decode_vs_best_peer']}x | {r.get('ppl_40', float('nan')):.2f} |"
+        )
     save("vs_peers", "\n".join(lines), {"args": vars(args), "rows": rows})
 
 

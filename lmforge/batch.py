@@ -9,15 +9,16 @@ any record: fix the line and give it a new id to rerun it). One job writes an ou
 With `ray`, the same job runs as a Ray Data pipeline with one engine per actor, on a local Ray or
 a cluster.
 """
+
 from __future__ import annotations
 
 import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.errors import LmforgeError
 from lmforge.progress import Progress
@@ -135,12 +136,20 @@ def generate_record(model, item: Item) -> dict:
     except (TypeError, ValueError) as e:
         return {"id": item.id, "line": item.line, "error": f"bad request fields ({e})"}
     last = steps[-1]
-    record = {"id": item.id, "text": "".join(r.text for r in steps), "finish_reason": last.finish_reason,
-              "usage": {"prompt_tokens": len(ids), "completion_tokens": last.generation_tokens,
-                        "total_tokens": len(ids) + last.generation_tokens}}
+    record = {
+        "id": item.id,
+        "text": "".join(r.text for r in steps),
+        "finish_reason": last.finish_reason,
+        "usage": {
+            "prompt_tokens": len(ids),
+            "completion_tokens": last.generation_tokens,
+            "total_tokens": len(ids) + last.generation_tokens,
+        },
+    }
     if params.logprobs:
-        record["logprobs"] = [{"token": i.token, "logprob": i.logprob, "top_logprobs": i.top}
-                              for r in steps for i in r.logprobs]
+        record["logprobs"] = [
+            {"token": i.token, "logprob": i.logprob, "top_logprobs": i.top} for r in steps for i in r.logprobs
+        ]
     return record
 
 
@@ -159,8 +168,15 @@ def plan(inp: Path, out: Path) -> tuple[list[Item], list[Item], list[Item], int]
     return todo, bad, dups, len(done)
 
 
-def run_batch(model: str, inp: str | os.PathLike, out: str | os.PathLike, target: str | None = None,
-              ray: str | bool | None = None, workers: int = 1, progress: bool | None = None) -> dict:
+def run_batch(
+    model: str,
+    inp: str | os.PathLike,
+    out: str | os.PathLike,
+    target: str | None = None,
+    ray: str | bool | None = None,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> dict:
     """Run every pending line of INP through MODEL into OUT; returns counts.
 
     Args: the model (anything `lmforge.load` takes); input and output JSONL paths; target preset

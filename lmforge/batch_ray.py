@@ -1,5 +1,6 @@
 """The batch job as a Ray Data pipeline: one engine per actor, records streamed back to the
 driver, which appends them (so resuming works exactly as without Ray). Extra `ray`."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ class _Generator:
 
         from lmforge.batch import Item, generate_record
 
-        records = [json.dumps(generate_record(self.model, Item(int(line), json.loads(id_), json.loads(req))))
-                   for line, id_, req in zip(batch["line"], batch["id"], batch["request"])]
+        records = [
+            json.dumps(generate_record(self.model, Item(int(line), json.loads(id_), json.loads(req))))
+            for line, id_, req in zip(batch["line"], batch["id"], batch["request"])
+        ]
         return {"record": np.array(records, dtype=object)}
 
 
@@ -42,16 +45,27 @@ def run_on_ray(model: str, items: list, writer, target: str | None, address: str
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        ray.init(
+            address=address,
+            ignore_reinit_error=True,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise LmforgeError(f"cannot reach Ray at {address or 'a new local instance'}: {str(e).splitlines()[0][:160]}") from None
+        raise LmforgeError(
+            f"cannot reach Ray at {address or 'a new local instance'}: {str(e).splitlines()[0][:160]}"
+        ) from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     rows = [{"line": it.line, "id": json.dumps(it.id), "request": json.dumps(it.request)} for it in items]
     ds = ray.data.from_items(rows).map_batches(
-        _Generator, fn_constructor_kwargs={"model": str(model), "target": target}, concurrency=max(1, workers),
-        batch_size=4, batch_format="numpy")
+        _Generator,
+        fn_constructor_kwargs={"model": str(model), "target": target},
+        concurrency=max(1, workers),
+        batch_size=4,
+        batch_format="numpy",
+    )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for record in batch["record"]:
             writer.write(json.loads(record))

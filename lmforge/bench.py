@@ -7,6 +7,7 @@ of `gen_tokens`; mean and standard deviation per figure, time to first token, fi
 memory bandwidth decode achieves (weight bytes x decode tok/s). With `rounds` > 1 the runners take
 turns, a fresh process each turn, and each figure pools every turn's runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def _run_llamacpp(path: str, ids: list[int], gen: int, reps: int, threads: int |
     import numpy as np
 
     t = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        path, n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     load = time.perf_counter() - t
     n_vocab = llm.n_vocab()
 
@@ -111,8 +113,13 @@ def _worker(kind: str, path: str, job: str) -> dict:
     load, once = RUNNERS[kind](path, ids, gen, reps, threads)
     once()  # warm-up
     runs = [once() for _ in range(reps)]
-    return {"load_s": load, "prefill": [len(ids) / r[0] for r in runs], "decode": [gen / r[1] for r in runs],
-            "ttft_ms": [1000 * r[2] for r in runs], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "load_s": load,
+        "prefill": [len(ids) / r[0] for r in runs],
+        "decode": [gen / r[1] for r in runs],
+        "ttft_ms": [1000 * r[2] for r in runs],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -126,8 +133,9 @@ def _size(path: Path) -> tuple[int, int]:
 
 def _figures(kind: str, path: Path, job: Path) -> dict:
     """One runner in a fresh process: its raw figures, or {"error": its last stderr line}."""
-    r = subprocess.run([sys.executable, "-m", "lmforge.bench", kind, str(path), str(job)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge.bench", kind, str(path), str(job)], capture_output=True, text=True
+    )
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:200]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -139,9 +147,14 @@ def _row(label: str, path: Path, passes: list[dict]) -> dict:
     if "error" in passes[-1]:
         return {"runner": label, "error": passes[-1]["error"]}
     file_bytes, weight_bytes = _size(path)
-    row = {"runner": label, "path": str(path), "file_bytes": file_bytes,
-           "load_s": round(statistics.mean(p["load_s"] for p in passes), 3),
-           "peak_rss_bytes": max(p["peak_rss_bytes"] for p in passes), "processes": len(passes)}
+    row = {
+        "runner": label,
+        "path": str(path),
+        "file_bytes": file_bytes,
+        "load_s": round(statistics.mean(p["load_s"] for p in passes), 3),
+        "peak_rss_bytes": max(p["peak_rss_bytes"] for p in passes),
+        "processes": len(passes),
+    }
     for key in ("prefill", "decode", "ttft_ms"):
         values = [v for p in passes for v in p[key]]
         row[f"{key}_mean"] = round(statistics.mean(values), 2)
@@ -163,8 +176,25 @@ def _genai_folder(source: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_file():
             hf = convert_to_hf(source, Path(tmp) / "hf")
-        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                            "-p", "int4", "-e", "cpu", "-c", str(Path(tmp) / "cache")], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf),
+                "-o",
+                str(out),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(Path(tmp) / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     if r.returncode:
         raise LmforgeError(f"onnxruntime-genai's builder failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}")
     return out
@@ -194,8 +224,16 @@ def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path]]:
     return peers
 
 
-def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 5,
-          threads: int | None = None, vs: tuple[str, ...] = (), target: str = "cpu-int4", rounds: int = 1) -> list[dict]:
+def bench(
+    models: list[str],
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    repetitions: int = 5,
+    threads: int | None = None,
+    vs: tuple[str, ...] = (),
+    target: str = "cpu-int4",
+    rounds: int = 1,
+) -> list[dict]:
     """Figures for each MODEL (converted to `target` when needed) and, for the first, its peers.
 
     Runner processes follow each other with a pause of PAUSE_S. `rounds` > 1 interleaves the
@@ -225,8 +263,10 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"ids": ids, "gen": gen_tokens, "reps": repetitions, "threads": threads}))
-        runners = [("lmforge", f"lmforge {meta.get('target', 'onnx')}" + (f" {m}" if len(models) > 1 else ""), f)
-                   for m, f, meta in zip(models, folders, metas)] + peers
+        runners = [
+            ("lmforge", f"lmforge {meta.get('target', 'onnx')}" + (f" {m}" if len(models) > 1 else ""), f)
+            for m, f, meta in zip(models, folders, metas)
+        ] + peers
         passes: list[list[dict]] = [[] for _ in runners]
         for rnd in range(rounds):
             for i, ((kind, _, path), done) in enumerate(zip(runners, passes)):
@@ -246,10 +286,18 @@ def bench(models: list[str], prompt_tokens: int = 512, gen_tokens: int = 128, re
 
 def table(rows: list[dict], fmt: str = "text") -> str:
     """The rows as aligned text, Markdown or CSV."""
-    cols = [("runner", "runner"), ("prefill tok/s", "prefill"), ("decode tok/s", "decode"), ("ttft ms", "ttft_ms"),
-            ("load s", "load_s"), ("peak RSS MiB", "peak_rss_bytes"), ("file MiB", "file_bytes"),
-            ("decode GB/s", "decode_gb_s"), ("lmforge/x prefill", "lmforge_prefill_ratio"),
-            ("lmforge/x decode", "lmforge_decode_ratio")]
+    cols = [
+        ("runner", "runner"),
+        ("prefill tok/s", "prefill"),
+        ("decode tok/s", "decode"),
+        ("ttft ms", "ttft_ms"),
+        ("load s", "load_s"),
+        ("peak RSS MiB", "peak_rss_bytes"),
+        ("file MiB", "file_bytes"),
+        ("decode GB/s", "decode_gb_s"),
+        ("lmforge/x prefill", "lmforge_prefill_ratio"),
+        ("lmforge/x decode", "lmforge_decode_ratio"),
+    ]
 
     def cell(r, key):
         if "error" in r:
@@ -260,7 +308,9 @@ def table(rows: list[dict], fmt: str = "text") -> str:
             return f"{r[key] / 2**20:.0f}"
         return str(r.get(key, ""))
 
-    grid = [[name for name, _ in cols]] + [[cell(r, k) if k != "runner" else r["runner"] for _, k in cols] for r in rows]
+    grid = [[name for name, _ in cols]] + [
+        [cell(r, k) if k != "runner" else r["runner"] for _, k in cols] for r in rows
+    ]
     if fmt == "csv":
         import csv
         import io

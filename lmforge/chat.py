@@ -4,6 +4,7 @@ Templates come from checkpoints people download; the sandbox refuses attribute a
 could reach Python internals (`__class__`, `__globals__`, ...), so a hostile template fails
 with a one-line error instead of running code.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,7 @@ def _raise_exception(message):
 
 def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
     # HF's tojson keeps non-ASCII text as is (Jinja's default filter escapes it).
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
-                      separators=separators)
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators)
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
@@ -36,16 +36,22 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = True,
-           bos_token: str = "", eos_token: str = "", tools: list[dict] | None = None, **extra) -> str:
+def render(
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+    tools: list[dict] | None = None,
+    **extra,
+) -> str:
     """Render `messages` with a Jinja chat `template` in the sandbox.
 
     Args: the template text; OpenAI-style messages; whether to open the assistant's turn;
@@ -55,8 +61,14 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Tr
     env = _environment()
     try:
         compiled = env.from_string(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
+        return compiled.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            tools=tools,
+            **extra,
+        )
     except SecurityError as e:
         raise ChatTemplateError(f"chat template tried to leave the sandbox ({e}); use a trusted template") from None
     except ChatTemplateError:
@@ -93,9 +105,13 @@ def template_from_folder(folder: Path) -> str | None:
 def render_with(template: str, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render `messages` with `template` and the BOS/EOS strings of `tokenizer`."""
     name = tokenizer.id_to_token
-    return render(template, messages, add_generation_prompt,
-                  bos_token=name(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
-                  eos_token=name(tokenizer.eos_ids[0]) if tokenizer.eos_ids else "")
+    return render(
+        template,
+        messages,
+        add_generation_prompt,
+        bos_token=name(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
+        eos_token=name(tokenizer.eos_ids[0]) if tokenizer.eos_ids else "",
+    )
 
 
 def render_for(checkpoint, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -2,6 +2,7 @@
 
 User errors (`LmforgeError`) print one line on stderr and exit 2; `--debug` shows the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,19 +88,38 @@ def cmd_convert(args) -> int:
         return 0
     from lmforge.export.convert import convert
 
-    out = convert(args.source, args.output, target=args.target, force=args.force, quant=args.quant,
-                  block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
-                  requantize=args.requantize or None, calibration=args.calibration, head_bits=args.head_bits)
+    out = convert(
+        args.source,
+        args.output,
+        target=args.target,
+        force=args.force,
+        quant=args.quant,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        accuracy_level=args.accuracy_level,
+        requantize=args.requantize or None,
+        calibration=args.calibration,
+        head_bits=args.head_bits,
+    )
     print(out)
     return 0
 
 
 def _sampling(args) -> dict:
     """The sampling options of `run`/`chat` under SamplingParams' names."""
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias or ()), seed=args.seed,
-                stop=tuple(args.stop or ()))
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias or ()),
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
 
 
 def _logit_bias(text: str) -> tuple[int, float]:
@@ -114,8 +134,10 @@ def _stats(model) -> str:
     r = model.last
     if r is None:
         return ""
-    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
-            f"{r.generation_tps:.1f} tok/s | time to first token: {r.ttft * 1000:.0f} ms")
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
+        f"{r.generation_tps:.1f} tok/s | time to first token: {r.ttft * 1000:.0f} ms"
+    )
 
 
 def cmd_run(args) -> int:
@@ -186,20 +208,32 @@ def cmd_eval_ppl(args) -> int:
         width = max(len(r["model"]) for r in rows)
         print(f"{'model':<{width}}  {'ppl':>9}  tokens scored  chunks  seconds")
         for r in rows:
-            print(f"{r['model']:<{width}}  {r['ppl']:9.4f}  {r['tokens_scored']:>13}  {r['chunks']:>6}  {r['seconds']:>7}")
+            print(
+                f"{r['model']:<{width}}  {r['ppl']:9.4f}  {r['tokens_scored']:>13}  {r['chunks']:>6}  {r['seconds']:>7}"
+            )
     return 0
 
 
 def cmd_eval_kld(args) -> int:
     from lmforge.evaluate import kl_divergence
 
-    r = kl_divergence(args.model, args.ref, data=args.data, ctx=args.ctx, chunks=args.chunks,
-                      target=args.target, threads=args.threads, ref_target=args.ref_target)
+    r = kl_divergence(
+        args.model,
+        args.ref,
+        data=args.data,
+        ctx=args.ctx,
+        chunks=args.chunks,
+        target=args.target,
+        threads=args.threads,
+        ref_target=args.ref_target,
+    )
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
-        print(f"KL divergence: mean {r.mean:.6f}, 99th percentile {r.p99:.6f} | same top token {100 * r.same_top:.2f}% | "
-              f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks")
+        print(
+            f"KL divergence: mean {r.mean:.6f}, 99th percentile {r.p99:.6f} | same top token {100 * r.same_top:.2f}% | "
+            f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks"
+        )
     return 0
 
 
@@ -227,15 +261,16 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lmforge.bench import bench, plot, table
-
     from pathlib import Path
+
+    from lmforge.bench import bench, plot, table
 
     vs = tuple(v for v in (args.vs or "").split(",") if v)
     if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise LmforgeError(f"the folder of --plot {args.plot} does not exist")
-    rows = bench(args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target,
-                 args.rounds)
+    rows = bench(
+        args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target, args.rounds
+    )
     print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
     sys.stdout.flush()
     if args.plot:
@@ -251,17 +286,30 @@ def cmd_batch(args) -> int:
     from lmforge.batch import run_batch
 
     counts = run_batch(args.model, args.input, args.output, target=args.target, ray=args.ray, workers=args.workers)
-    print(f"batch: {counts['ran']} generated, {counts['errors']} bad lines recorded, {counts['already_done']} done "
-          f"before, {counts['duplicates']} duplicate ids skipped", file=sys.stderr)
+    print(
+        f"batch: {counts['ran']} generated, {counts['errors']} bad lines recorded, {counts['already_done']} done "
+        f"before, {counts['duplicates']} duplicate ids skipped",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_serve(args) -> int:
     from lmforge.server.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_tokens_limit=args.max_tokens_limit, engine=args.engine, device=args.device, target=args.target,
-          threads=args.threads, name=args.name)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_tokens_limit=args.max_tokens_limit,
+        engine=args.engine,
+        device=args.device,
+        target=args.target,
+        threads=args.threads,
+        name=args.name,
+    )
     return 0
 
 
@@ -272,19 +320,29 @@ def _add_generation_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0,
-                   help="over the last 64 tokens; 1 is off")
+    p.add_argument(
+        "--repetition-penalty", "--repeat-penalty", type=float, default=1.0, help="over the last 64 tokens; 1 is off"
+    )
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens")
-    p.add_argument("--logit-bias", type=_logit_bias, action="append", metavar="ID=BIAS",
-                   help="add BIAS (-100..100) to token ID's logit; repeatable")
+    p.add_argument(
+        "--logit-bias",
+        type=_logit_bias,
+        action="append",
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit; repeatable",
+    )
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT; repeatable")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int, help="ONNX Runtime / llama.cpp threads (default: all cores)")
-    p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
-                   help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else ONNX Runtime")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", *ENGINES],
+        help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else ONNX Runtime",
+    )
 
 
 def _add_eval_args(p) -> None:
@@ -308,8 +366,9 @@ def _tokenize_parser(sub) -> None:
     p.add_argument("model")
     p.add_argument("text", nargs="?")
     p.add_argument("--file", help="tokenize this UTF-8 file instead of TEXT")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the text as a user message in the model's chat template first")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the text as a user message in the model's chat template first"
+    )
     p.set_defaults(func=cmd_tokenize)
 
 
@@ -319,21 +378,41 @@ def _convert_parser(sub) -> None:
     p.add_argument("-o", "--output", help="output folder (written atomically)")
     p.add_argument("--target", default="cpu-fp32", help="preset (see --list-targets)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quant", choices=["rtn", "awq"], help="override the preset's quantization (adds it to a float preset)")
+    p.add_argument(
+        "--quant", choices=["rtn", "awq"], help="override the preset's quantization (adds it to a float preset)"
+    )
     p.add_argument("--block-size", type=int, help="quantization block size: a power of two >= 16")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
-                     help="codes around an implicit zero point (default)")
+    sym.add_argument(
+        "--symmetric",
+        dest="symmetric",
+        action="store_true",
+        default=None,
+        help="codes around an implicit zero point (default)",
+    )
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="an integer zero point per block")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)")
-    p.add_argument("--requantize", action="store_true", help="GGUF input: dequantize and quantize again instead of exact transcoding")
-    p.add_argument("--head-bits", type=int, choices=[4, 8],
-                   help="bits of a quantized output head / tied embedding (default 8; 4 as onnxruntime-genai's builder)")
+    p.add_argument(
+        "--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits accuracy_level (4: int8 activations)"
+    )
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="GGUF input: dequantize and quantize again instead of exact transcoding",
+    )
+    p.add_argument(
+        "--head-bits",
+        type=int,
+        choices=[4, 8],
+        help="bits of a quantized output head / tied embedding (default 8; 4 as onnxruntime-genai's builder)",
+    )
     p.add_argument("--calibration", help="AWQ calibration text file (default: Python's own documentation)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--hf", action="store_true", help="write an HF folder (config.json + fp32 safetensors) instead")
-    form.add_argument("--gguf", metavar="TYPE", help="write a GGUF file for llama.cpp instead: f32 f16 bf16 q8_0 q4_0 q4_1 "
-                      "q5_0 q5_1 q4_k_m q5_k_m q6_k")
+    form.add_argument(
+        "--gguf",
+        metavar="TYPE",
+        help="write a GGUF file for llama.cpp instead: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m q5_k_m q6_k",
+    )
     p.add_argument("--list-targets", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_convert)
 
@@ -368,8 +447,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repetitions", type=int, default=5, help="measured runs per runner process, after a warm-up")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="interleave the runners this many times (fresh processes; figures pooled)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="interleave the runners this many times (fresh processes; figures pooled)"
+    )
     p.add_argument("--threads", type=int)
     p.add_argument("--target", default="cpu-int4", help="preset for MODELs that must be converted first")
     p.add_argument("--vs", help="peers measured on the first MODEL: llamacpp,ortgenai")
@@ -388,8 +468,14 @@ def _batch_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--workers", type=int, default=1, help="engines (Ray actors) with --ray")
-    p.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
-                   help="run on Ray: a local instance, or the cluster at ADDRESS")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="run on Ray: a local instance, or the cluster at ADDRESS",
+    )
     p.set_defaults(func=cmd_batch)
 
 
@@ -417,12 +503,19 @@ def _serve_parser(sub) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LMFORGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (ONNX Runtime on the CPU)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on a request's max_tokens")
-    p.add_argument("--engine", default="ort", choices=ENGINES,
-                   help="ort (default): continuous batching; llamacpp: a .gguf file, one request at a time")
+    p.add_argument(
+        "--engine",
+        default="ort",
+        choices=ENGINES,
+        help="ort (default): continuous batching; llamacpp: a .gguf file, one request at a time",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
@@ -431,8 +524,18 @@ def _serve_parser(sub) -> None:
 
 
 # in `lmforge --help` order
-SUBCOMMAND_PARSERS = (_inspect_parser, _tokenize_parser, _convert_parser, _run_parser, _eval_parser, _bench_parser,
-                      _batch_parser, _machine_parsers, _chat_parser, _serve_parser)
+SUBCOMMAND_PARSERS = (
+    _inspect_parser,
+    _tokenize_parser,
+    _convert_parser,
+    _run_parser,
+    _eval_parser,
+    _bench_parser,
+    _batch_parser,
+    _machine_parsers,
+    _chat_parser,
+    _serve_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """What this machine offers: ONNX Runtime's execution providers, GPUs, CPU features, memory,
 and whether llama.cpp and onnxruntime-genai are installed."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,22 @@ import shutil
 import subprocess
 from importlib import metadata
 
-CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                "amx_tile", "amx_int8", "neon", "asimd", "sve")
+CPU_FEATURES = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "neon",
+    "asimd",
+    "sve",
+)
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -52,8 +67,12 @@ def _gpus() -> list[dict]:
     if not shutil.which("nvidia-smi"):
         return []
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     gpus = []
@@ -96,20 +115,23 @@ def devices() -> dict:
         "onnxruntime": {"version": ort.__version__, "providers": ort.get_available_providers()},
         "onnxruntime_genai": _version("onnxruntime-genai"),
         "gpus": _gpus(),
-        "cpu": {"model": name, "logical_cores": os.cpu_count(),
-                "features": [f for f in CPU_FEATURES if f in flags]},
-        "memory_bytes": mem.get("MemTotal"), "available_bytes": mem.get("MemAvailable"),
+        "cpu": {"model": name, "logical_cores": os.cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]},
+        "memory_bytes": mem.get("MemTotal"),
+        "available_bytes": mem.get("MemAvailable"),
         "llama_cpp": _llamacpp(),
     }
 
 
 def describe(info: dict) -> str:
     """The report as lines of text."""
-    gib = 2 ** 30
-    lines = [f"ONNX Runtime {info['onnxruntime']['version']}: {', '.join(info['onnxruntime']['providers'])}",
-             f"onnxruntime-genai: {info['onnxruntime_genai'] or 'not installed'}"]
+    gib = 2**30
+    lines = [
+        f"ONNX Runtime {info['onnxruntime']['version']}: {', '.join(info['onnxruntime']['providers'])}",
+        f"onnxruntime-genai: {info['onnxruntime_genai'] or 'not installed'}",
+    ]
     cpu = info["cpu"]
-    lines.append(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores, {' '.join(cpu['features']) or 'no SIMD flags read'}")
+    features = " ".join(cpu["features"]) or "no SIMD flags read"
+    lines.append(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores, {features}")
     if info["memory_bytes"]:
         free = f", {info['available_bytes'] / gib:.1f} GiB available" if info["available_bytes"] else ""
         lines.append(f"RAM: {info['memory_bytes'] / gib:.1f} GiB{free}")
@@ -123,7 +145,9 @@ def describe(info: dict) -> str:
     if lc is None:
         lines.append("llama.cpp: not installed (pip install 'lmforge[llamacpp]')")
     else:
-        lines.append(f"llama.cpp: llama-cpp-python {lc['version']}, GPU offload {'yes' if lc.get('gpu_offload') else 'no'}")
+        lines.append(
+            f"llama.cpp: llama-cpp-python {lc['version']}, GPU offload {'yes' if lc.get('gpu_offload') else 'no'}"
+        )
         if lc.get("system_info"):
             lines.append(f"  {lc['system_info']}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """User-facing errors: one line that says what is wrong and what to do; the CLI exits 2."""
+
 from __future__ import annotations
 
 import os

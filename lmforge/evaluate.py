@@ -4,6 +4,7 @@ The text is tokenized once; it is cut into non-overlapping windows of `ctx` toke
 model adds BOS, each window's first token is replaced by BOS; each window runs from an empty
 cache and only its second half is scored (every token there has at least ctx/2 of context).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,13 @@ class PerplexityResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        return {"ppl": self.ppl, "tokens_scored": self.tokens_scored, "chunks": self.chunks, "ctx": self.ctx,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "ppl": self.ppl,
+            "tokens_scored": self.tokens_scored,
+            "chunks": self.chunks,
+            "ctx": self.ctx,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 def read_text(path: str | os.PathLike | None) -> str:
@@ -57,7 +63,7 @@ def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None)
     n = min(n, chunks) if chunks else n
     out = []
     for i in range(n):
-        w = list(tokens[i * ctx:(i + 1) * ctx])
+        w = list(tokens[i * ctx : (i + 1) * ctx])
         if bos_id is not None:
             w[0] = bos_id
         out.append(w)
@@ -68,13 +74,20 @@ def nll_of_window(logits: np.ndarray, window: list[int]) -> tuple[float, int]:
     """Sum of -log p(next token) over the window's second half, and how many were scored."""
     ctx = len(window)
     first = ctx // 2
-    lp = log_softmax(logits[first:ctx - 1])                                    # predict window[first+1:]
-    targets = np.asarray(window[first + 1:], dtype=np.int64)
+    lp = log_softmax(logits[first : ctx - 1])  # predict window[first+1:]
+    targets = np.asarray(window[first + 1 :], dtype=np.int64)
     return float(-lp[np.arange(len(targets)), targets].sum()), len(targets)
 
 
-def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | None = None,
-               target: str | None = None, threads: int | None = None, progress: bool | None = None) -> PerplexityResult:
+def perplexity(
+    model,
+    data: str | None = None,
+    ctx: int = 512,
+    chunks: int | None = None,
+    target: str | None = None,
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> PerplexityResult:
     """Perplexity of MODEL (anything `lmforge.load` takes) on DATA with llama-perplexity's protocol.
 
     Args: the model; text file (default WikiText-2 test); window length; at most this many
@@ -103,9 +116,9 @@ def perplexity(model, data: str | None = None, ctx: int = 512, chunks: int | Non
 
 @dataclass
 class KLResult:
-    mean: float          # mean KL(P_ref || P_model) per scored token, nats
-    p99: float           # its 99th percentile
-    same_top: float      # share of scored tokens where both put the same token first
+    mean: float  # mean KL(P_ref || P_model) per scored token, nats
+    p99: float  # its 99th percentile
+    same_top: float  # share of scored tokens where both put the same token first
     ppl: float
     ref_ppl: float
     tokens_scored: int
@@ -119,14 +132,22 @@ def kl_of_window(logits: np.ndarray, ref_logits: np.ndarray, window: list[int]) 
     """Per scored position (the window's second half): KL(P_ref || P) in nats and whether the
     two distributions share their most likely token."""
     first = len(window) // 2
-    la = log_softmax(logits[first:len(window) - 1])
-    lb = log_softmax(ref_logits[first:len(window) - 1])
+    la = log_softmax(logits[first : len(window) - 1])
+    lb = log_softmax(ref_logits[first : len(window) - 1])
     kl = (np.exp(lb) * (lb - la)).sum(axis=1)
     return kl, la.argmax(1) == lb.argmax(1)
 
 
-def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: int | None = None,
-                  target: str | None = None, threads: int | None = None, ref_target: str | None = None) -> KLResult:
+def kl_divergence(
+    model,
+    ref,
+    data: str | None = None,
+    ctx: int = 512,
+    chunks: int | None = None,
+    target: str | None = None,
+    threads: int | None = None,
+    ref_target: str | None = None,
+) -> KLResult:
     """KL divergence of MODEL's next-token distributions from REF's on the same windows, as
     llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token).
     `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting."""
@@ -140,8 +161,10 @@ def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: i
     for e in engines:
         check_ctx(ctx, e)
     if engines[0].vocab_size != engines[1].vocab_size:
-        raise LmforgeError(f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
-                           "KL divergence needs one vocabulary")
+        raise LmforgeError(
+            f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
+            "KL divergence needs one vocabulary"
+        )
     tok = Tokenizer.from_folder(folders[1])
     wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
     kls, same, nll, ref_nll = [], [], 0.0, 0.0
@@ -154,5 +177,12 @@ def kl_divergence(model, ref, data: str | None = None, ctx: int = 512, chunks: i
         ref_nll += nll_of_window(ref_logits, w)[0]
     kl = np.concatenate(kls)
     n = len(kl)
-    return KLResult(float(kl.mean()), float(np.percentile(kl, 99)), float(np.concatenate(same).mean()),
-                    math.exp(nll / n), math.exp(ref_nll / n), n, len(wins))
+    return KLResult(
+        float(kl.mean()),
+        float(np.percentile(kl, 99)),
+        float(np.concatenate(same).mean()),
+        math.exp(nll / n),
+        math.exp(ref_nll / n),
+        n,
+        len(wins),
+    )

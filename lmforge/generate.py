@@ -6,11 +6,12 @@ longer begin, the streaming detokenizer, logprobs, max tokens and the finish rea
 drives it: `stream_generate` (library, CLI, batch) through `sequence_deltas`, the server's
 schedulers row by row in a batch.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -25,8 +26,9 @@ class ContextLengthError(LmforgeError):
 def fit_to_context(n_prompt: int, params: SamplingParams, context_length: int) -> SamplingParams:
     """`params` with max_tokens cut to what the context leaves after the prompt."""
     if n_prompt >= context_length:
-        raise ContextLengthError(f"the prompt has {n_prompt} tokens but the model's context is {context_length}; "
-                                 "shorten the prompt")
+        raise ContextLengthError(
+            f"the prompt has {n_prompt} tokens but the model's context is {context_length}; shorten the prompt"
+        )
     room = context_length - n_prompt
     return params if params.max_tokens <= room else replace(params, max_tokens=room)
 
@@ -85,8 +87,9 @@ class SequenceState:
 
     tokenizer None: tokens only, no text (parity checks). `vocab_size` checks logit_bias ids."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_token_ids,
-                 vocab_size: int | None = None):
+    def __init__(
+        self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_token_ids, vocab_size: int | None = None
+    ):
         self.prompt_ids = list(prompt_ids)
         self.tokens = list(prompt_ids)  # the prompt and every generated token, for the penalties
         self.params = params
@@ -111,7 +114,7 @@ class SequenceState:
             lp = log_softmax(logits)
             info = [TokenLogprob(token, float(lp[token]), _top_logprobs(lp, p.top_logprobs))]
         if token in self.eos:
-            return self._finish(self.text[self.emitted:], token, [], "stop")
+            return self._finish(self.text[self.emitted :], token, [], "stop")
         self.n += 1
         self.tokens.append(token)
         self.process.generated(token)
@@ -119,11 +122,11 @@ class SequenceState:
             self.text += self.detok.add(token)
         cut = _find_stop(self.text, self.stops, self.emitted)
         if cut >= 0:
-            return self._finish(self.text[self.emitted:cut], token, info, "stop")
+            return self._finish(self.text[self.emitted : cut], token, info, "stop")
         safe = len(self.text) - _stop_hold(self.text, self.stops)
-        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
         if self.n >= p.max_tokens:
-            rest = self.text[self.emitted:] + (self.detok.flush() if self.detok is not None else "")
+            rest = self.text[self.emitted :] + (self.detok.flush() if self.detok is not None else "")
             return self._finish(piece + rest, token, info, "length")
         self.next_token = token
         return Delta(piece, token, info, None, len(self.prompt_ids), self.n)
@@ -162,8 +165,13 @@ class GenerationResponse:
     ttft: float  # seconds from the call to the first generated token
 
 
-def stream_generate(engine, tokenizer, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    eos_token_ids: Sequence[int] | None = None) -> Iterator[GenerationResponse]:
+def stream_generate(
+    engine,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token (text may be empty while a character or
     a possible stop string is incomplete); the last one carries `finish_reason`.
 
@@ -182,9 +190,17 @@ def stream_generate(engine, tokenizer, prompt_ids: Sequence[int], params: Sampli
             first = first or now
             t_first, decode_time = first - start, now - first
             n = d.completion_tokens
-            yield GenerationResponse(d.text, d.token, d.logprobs, d.finish_reason, d.prompt_tokens, n,
-                                     d.prompt_tokens / t_first if t_first > 0 else 0.0,
-                                     (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0, t_first)
+            yield GenerationResponse(
+                d.text,
+                d.token,
+                d.logprobs,
+                d.finish_reason,
+                d.prompt_tokens,
+                n,
+                d.prompt_tokens / t_first if t_first > 0 else 0.0,
+                (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+                t_first,
+            )
     finally:
         steps.close()
 

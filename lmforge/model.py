@@ -3,14 +3,15 @@
 A source that is not already an ONNX folder (known name, HF folder, GGUF file) is converted
 once into the cache folder, under a file lock so concurrent runs convert it only once.
 """
+
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.chat import render_with, template_from_folder
 from lmforge.errors import LmforgeError
@@ -115,7 +116,7 @@ def _is_gguf(path: Path) -> bool:
 
 
 def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: str | None = None) -> str:
-    """"ort" or "llamacpp" for a resolved model path: `auto` takes llama.cpp for a GGUF file when
+    """ "ort" or "llamacpp" for a resolved model path: `auto` takes llama.cpp for a GGUF file when
     llama-cpp-python is installed (and no ONNX target or DirectML was asked for; for CUDA, when it
     is a CUDA build), else ONNX Runtime."""
     from importlib.util import find_spec
@@ -131,13 +132,22 @@ def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: s
             return "llamacpp" if supports_gpu_offload() else "ort"
         return "llamacpp"
     if engine == "llamacpp" and not _is_gguf(path):
-        raise LmforgeError(f"the llama.cpp engine runs .gguf files and {path} is not one; "
-                           f"write one first (lmforge convert {path} -o model.gguf --gguf q8_0) or use --engine ort")
+        raise LmforgeError(
+            f"the llama.cpp engine runs .gguf files and {path} is not one; "
+            f"write one first (lmforge convert {path} -o model.gguf --gguf q8_0) or use --engine ort"
+        )
     return engine
 
 
-def load(model: str | os.PathLike, device: str = "cpu", target: str | None = None, threads: int | None = None,
-         progress: bool | None = None, engine: str = "auto", session_config: dict[str, str] | None = None) -> Model:
+def load(
+    model: str | os.PathLike,
+    device: str = "cpu",
+    target: str | None = None,
+    threads: int | None = None,
+    progress: bool | None = None,
+    engine: str = "auto",
+    session_config: dict[str, str] | None = None,
+) -> Model:
     """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
 
     Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting to ONNX

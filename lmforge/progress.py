@@ -1,5 +1,6 @@
 """Progress bars for long work (convert, AWQ, GGUF writing, eval, batch): a tqdm bar on stderr
 when it is a terminal, nothing otherwise, unless the caller says `progress=True/False`."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

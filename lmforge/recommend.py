@@ -5,6 +5,7 @@ model's folders and files) plus a KV cache for `context` tokens and the runtime'
 Quality cost is the perplexity increase measured on the default model (WikiText-2, 40 windows).
 Among the forms that fit, the one with the least quality cost wins, then the smallest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ LLAMACPP = "llama.cpp"
 class Form:
     target: str
     bytes_per_param: float  # measured: default model (515 MB fp32, 109 MB int4 folders; 143 MB Q8_0, 105 MB Q4_K_M)
-    kv_bytes: int           # per cached value
-    needs: str              # execution provider, or llama.cpp
+    kv_bytes: int  # per cached value
+    needs: str  # execution provider, or llama.cpp
     quality: str
     speed: str
-    cost: float             # perplexity increase in %, from a float source
+    cost: float  # perplexity increase in %, from a float source
     cost_from_quantized: float | None = None  # from a quantized GGUF (its own weights), when different
 
     @property
@@ -38,8 +39,16 @@ FORMS = (
     Form("cpu-fp32", 4.0, 4, "CPUExecutionProvider", "reference", "1.0x decode", 0.0),
     Form("cuda-fp16", 2.0, 2, "CUDAExecutionProvider", "~reference (fp16)", "GPU", 0.0),
     Form("cuda-int4", 0.85, 2, "CUDAExecutionProvider", "int4: as cpu-int4", "GPU", 27.0, 0.3),
-    Form("cpu-int4", 0.85, 4, "CPUExecutionProvider",
-         "int4: +0.3% ppl from a Q4_1 GGUF (its own weights); quantizing those again: +27%", "~2.2x decode", 27.0, 0.3),
+    Form(
+        "cpu-int4",
+        0.85,
+        4,
+        "CPUExecutionProvider",
+        "int4: +0.3% ppl from a Q4_1 GGUF (its own weights); quantizing those again: +27%",
+        "~2.2x decode",
+        27.0,
+        0.3,
+    ),
     Form("gguf-q8_0", 1.06, 2, LLAMACPP, "Q8_0: +0.5% ppl", "~1.9x decode", 0.5),
     Form("gguf-q4_k_m", 0.78, 2, LLAMACPP, "Q4_K_M: +6% ppl", "~1.9x decode", 6.0),
 )
@@ -61,8 +70,11 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
     if not budget:
         raise LmforgeError("cannot read this machine's memory; pass --memory GB")
     # GPU forms live in GPU memory: without --memory, measure them against the freest GPU
-    gpu_budget = int(memory_gb * 2**30) if memory_gb is not None else \
-        max((g["free_bytes"] or 0 for g in info["gpus"]), default=0)
+    gpu_budget = (
+        int(memory_gb * 2**30)
+        if memory_gb is not None
+        else max((g["free_bytes"] or 0 for g in info["gpus"]), default=0)
+    )
     providers = set(info["onnxruntime"]["providers"])
     if info.get("llama_cpp") and "error" not in info["llama_cpp"]:
         providers.add(LLAMACPP)
@@ -77,17 +89,34 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
         # a quantized GGUF already carries int4 weights: transcoding them loses nothing more
         cost = f.cost_from_quantized if quantized_source and f.cost_from_quantized is not None else f.cost
         room = gpu_budget if f.needs == "CUDAExecutionProvider" else budget
-        rows.append({"target": f.target, "memory_bytes": need, "fits": need <= room and f.needs in providers,
-                     "provider": f.needs, "quality": f.quality, "speed": f.speed, "ppl_cost_percent": cost})
+        rows.append(
+            {
+                "target": f.target,
+                "memory_bytes": need,
+                "fits": need <= room and f.needs in providers,
+                "provider": f.needs,
+                "quality": f.quality,
+                "speed": f.speed,
+                "ppl_cost_percent": cost,
+            }
+        )
     fitting = [r for r in rows if r["fits"]]
     if not fitting:
         smallest = min(r["memory_bytes"] for r in rows) / 2**30
-        raise LmforgeError(f"no form of this model fits in {budget / 2**30:.1f} GiB (the smallest needs {smallest:.1f} GiB)")
+        raise LmforgeError(
+            f"no form of this model fits in {budget / 2**30:.1f} GiB (the smallest needs {smallest:.1f} GiB)"
+        )
     best = min(fitting, key=lambda r: (r["ppl_cost_percent"], r["memory_bytes"]))
     form = next(f for f in FORMS if f.target == best["target"])
     if form.gguf_type:
         command = f"lmforge convert {model} -o {ckpt.path.stem}-{form.gguf_type}.gguf --gguf {form.gguf_type}"
     else:
         command = f"lmforge convert {model} -o {ckpt.path.stem}-{best['target']} --target {best['target']}"
-    return {"model": str(ckpt.path), "budget_bytes": budget, "context": ctx, "recommended": best["target"],
-            "command": command, "forms": rows}
+    return {
+        "model": str(ckpt.path),
+        "budget_bytes": budget,
+        "context": ctx,
+        "recommended": best["target"],
+        "command": command,
+        "forms": rows,
+    }

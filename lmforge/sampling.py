@@ -1,10 +1,11 @@
 """Sampling: one `SamplingParams` for every caller (library, CLI, server, batch), validated once,
 and the pure functions over one row of float32 logits that apply it."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -67,12 +68,13 @@ class SamplingParams:
             raise SamplingError("repetition_penalty", "repetition penalty (repetition_penalty) must be > 0")
 
     @classmethod
-    def from_options(cls, options: Mapping) -> "SamplingParams":
+    def from_options(cls, options: Mapping) -> SamplingParams:
         """SamplingParams from keyword options; an unknown name is a user error naming the valid ones."""
         unknown = sorted(set(options) - OPTION_NAMES)
         if unknown:
-            raise SamplingError(unknown[0], f"unknown sampling option {unknown[0]!r}; valid: "
-                                            f"{', '.join(sorted(OPTION_NAMES))}")
+            raise SamplingError(
+                unknown[0], f"unknown sampling option {unknown[0]!r}; valid: {', '.join(sorted(OPTION_NAMES))}"
+            )
         return cls(**options)
 
     @property
@@ -82,10 +84,16 @@ class SamplingParams:
 
 OPTION_NAMES = frozenset(f.name for f in fields(SamplingParams))
 _RANGES = (  # (name, min, max, type): OpenAI's documented limits where it has them
-    ("max_tokens", 1, math.inf, int), ("temperature", 0.0, 2.0, float), ("top_p", 0.0, 1.0, float),
-    ("top_k", 0, math.inf, int), ("min_p", 0.0, 1.0, float), ("repetition_penalty", 0.0, math.inf, float),
-    ("presence_penalty", -2.0, 2.0, float), ("frequency_penalty", -2.0, 2.0, float),
-    ("seed", -math.inf, math.inf, int), ("top_logprobs", 0, 20, int),
+    ("max_tokens", 1, math.inf, int),
+    ("temperature", 0.0, 2.0, float),
+    ("top_p", 0.0, 1.0, float),
+    ("top_k", 0, math.inf, int),
+    ("min_p", 0.0, 1.0, float),
+    ("repetition_penalty", 0.0, math.inf, float),
+    ("presence_penalty", -2.0, 2.0, float),
+    ("frequency_penalty", -2.0, 2.0, float),
+    ("seed", -math.inf, math.inf, int),
+    ("top_logprobs", 0, 20, int),
 )
 
 
@@ -94,7 +102,7 @@ def _biases(bias) -> tuple[tuple[int, float], ...]:
     try:
         pairs = [(t, v) for t, v in (bias.items() if isinstance(bias, Mapping) else bias)]
     except (TypeError, ValueError):
-        raise SamplingError("logit_bias", "logit_bias must map token ids to biases, e.g. {\"2\": -100}") from None
+        raise SamplingError("logit_bias", 'logit_bias must map token ids to biases, e.g. {"2": -100}') from None
     out = []
     for token, value in pairs:
         token = int(token) if isinstance(token, str) and token.isdigit() else token
@@ -126,8 +134,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> np.ndarray:
+def filter_logits(
+    logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> np.ndarray:
     """logits / temperature with every token outside the top_k, the top_p nucleus and the min_p
     band set to -inf (applied in that order, as transformers' warpers are). Float64."""
     z = logits.astype(np.float64) / temperature
@@ -154,7 +163,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     `filter_logits`. The same seed gives the same draws."""
     if params.greedy:
         return lambda logits: int(np.argmax(logits))
-    rng = np.random.default_rng(None if params.seed is None else params.seed % 2 ** 64)  # any int, as OpenAI's
+    rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # any int, as OpenAI's
     temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
 
     def sample(logits: np.ndarray) -> int:
@@ -166,8 +175,9 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-def repetition_penalty(logits: np.ndarray, tokens: list[int], penalty: float,
-                       window: int = REPETITION_WINDOW) -> np.ndarray:
+def repetition_penalty(
+    logits: np.ndarray, tokens: list[int], penalty: float, window: int = REPETITION_WINDOW
+) -> np.ndarray:
     """transformers'/llama.cpp's rule over the last `window` tokens: positive logits are divided
     by the penalty and negative ones multiplied. Returns a new array."""
     recent = np.unique(np.asarray(tokens[-window:], dtype=np.int64))
@@ -191,8 +201,9 @@ class LogitsProcessor:
         self.bias_ids = np.array([t for t, _ in bias], dtype=np.int64)
         self.bias_values = np.array([b for _, b in bias], dtype=np.float32)
         self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
-        self.active = bool(bias) or params.repetition_penalty != 1.0 or bool(
-            params.presence_penalty or params.frequency_penalty)
+        self.active = (
+            bool(bias) or params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+        )
 
     def __call__(self, tokens: list[int], logits: np.ndarray) -> np.ndarray:
         """The processed copy of one row of logits (V,); `tokens` is the prompt and what followed."""

@@ -3,6 +3,7 @@
 Readers (HF config.json, GGUF metadata) produce it; architectures, writers and engines consume
 it, so it sits below all of them. Raw config dicts stop at the reader that parsed them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,7 @@ class RopeScaling:
     kind: str
     factor: float = 1.0
     original_context_length: int | None = None
-    low_freq_factor: float | None = None   # llama3
+    low_freq_factor: float | None = None  # llama3
     high_freq_factor: float | None = None  # llama3
     short_factor: tuple[float, ...] | None = None  # longrope, one per rotary frequency
     long_factor: tuple[float, ...] | None = None
@@ -46,19 +47,19 @@ class ModelSpec:
     rope_theta: float
     norm_eps: float
     tied_embeddings: bool
-    activation: str = "silu"               # "silu" | "gelu_tanh"
+    activation: str = "silu"  # "silu" | "gelu_tanh"
     rope_scaling: RopeScaling | None = None
     partial_rotary_factor: float = 1.0
-    attention_bias: bool = False           # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
     mlp_bias: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = field(default=())
     rope_local_theta: float | None = None  # rope base of sliding layers (Gemma 3)
-    qk_norm: bool = False                  # per-head RMSNorm on q and k (Gemma 3)
-    post_norms: bool = False               # RMSNorm after attention and after the MLP too (Gemma 3's sandwich)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Gemma 3)
+    post_norms: bool = False  # RMSNorm after attention and after the MLP too (Gemma 3's sandwich)
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
-    embedding_scale: float | None = None   # token embeddings multiplied by this (Gemma: sqrt(hidden))
-    norm_offset: float = 0.0               # RMSNorm weight is (offset + w) (Gemma: 1)
+    embedding_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(hidden))
+    norm_offset: float = 0.0  # RMSNorm weight is (offset + w) (Gemma: 1)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
 

@@ -7,6 +7,7 @@ GGUF vocabularies are rebuilt to tokenize exactly as llama.cpp does:
   highest-scoring vocabulary entry, leftmost first, then falls back to <0xXX> byte tokens; the
   same result comes from a BPE model whose merge ranks follow the merged token's score.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ from lmforge.errors import TokenizerError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # tokenizer.ggml.pre -> regexes applied in order (llama.cpp's llama-vocab.cpp table).
@@ -64,7 +67,8 @@ def gpt2_from_gguf(meta: dict) -> HFTokenizer:
     tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
     splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZERS[pre]]
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_tokens(_added_tokens(tokens, meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))))
     return tok
@@ -94,8 +98,9 @@ def spm_from_gguf(meta: dict) -> HFTokenizer:
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * n
     unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
     vocab = {t: i for i, t in enumerate(tokens)}
-    model = models.BPE(vocab, spm_merges(tokens, scores, types), unk_token=tokens[unk_id],
-                       fuse_unk=True, byte_fallback=True)
+    model = models.BPE(
+        vocab, spm_merges(tokens, scores, types), unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True
+    )
     tok = HFTokenizer(model)
     steps = [normalizers.Replace(" ", "\u2581")]
     if meta.get("tokenizer.ggml.add_space_prefix", True):
@@ -119,32 +124,38 @@ class Tokenizer:
     llama.cpp's `tokenize(add_bos=False, special=False)`; chat prompts pass `parse_special=True`.
     """
 
-    def __init__(self, hf: HFTokenizer, bos_id: int | None = None, eos_ids: tuple[int, ...] = (),
-                 add_bos: bool = False):
+    def __init__(
+        self, hf: HFTokenizer, bos_id: int | None = None, eos_ids: tuple[int, ...] = (), add_bos: bool = False
+    ):
         self.hf = hf
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos and bos_id is not None
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+    def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind not in GGUF_TOKENIZERS:
             raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; lmforge reads gpt2 and llama")
         eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-        return cls(GGUF_TOKENIZERS[kind](meta), meta.get("tokenizer.ggml.bos_token_id"),
-                   tuple(dict.fromkeys(e for e in eos if e is not None)),
-                   bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")))
+        return cls(
+            GGUF_TOKENIZERS[kind](meta),
+            meta.get("tokenizer.ggml.bos_token_id"),
+            tuple(dict.fromkeys(e for e in eos if e is not None)),
+            bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        )
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "Tokenizer":
+    def from_folder(cls, folder: Path) -> Tokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.exists():
             raise TokenizerError(f"{folder} has no tokenizer.json; add the model's tokenizer files to the folder")
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise TokenizerError(f"{path} cannot be read ({str(e).splitlines()[0][:120]}); fix or re-download it") from None
+            raise TokenizerError(
+                f"{path} cannot be read ({str(e).splitlines()[0][:120]}); fix or re-download it"
+            ) from None
         cfg_path = Path(folder) / "tokenizer_config.json"
         try:
             cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
@@ -181,15 +192,18 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
 
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
     def save(self, folder: Path) -> None:
         """Write tokenizer.json (and a tokenizer_config.json) so transformers can load the folder."""
         folder = Path(folder)
         self.hf.save(str(folder / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
-               "clean_up_tokenization_spaces": False}
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": False,
+        }
         if self.bos_id is not None:
             cfg["bos_token"] = self.hf.id_to_token(self.bos_id)
         if self.eos_ids:
@@ -207,23 +221,23 @@ class StreamingDetokenizer:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix = 0  # window start
-        self.read = 0    # ids before this index have been emitted
+        self.read = 0  # ids before this index have been emitted
 
     def add(self, token_id: int) -> str:
         """Feed one id; returns the new text (possibly empty)."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
-        emitted = decode(self.ids[self.prefix:self.read])
-        text = decode(self.ids[self.prefix:])
+        emitted = decode(self.ids[self.prefix : self.read])
+        text = decode(self.ids[self.prefix :])
         if len(text) > len(emitted) and not text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return text[len(emitted):]
+            return text[len(emitted) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is held back at the end of the stream (may hold U+FFFD for a cut character)."""
         decode = self.tokenizer.decode
-        emitted = decode(self.ids[self.prefix:self.read])
-        text = decode(self.ids[self.prefix:])
+        emitted = decode(self.ids[self.prefix : self.read])
+        text = decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return text[len(emitted):]
+        return text[len(emitted) :]

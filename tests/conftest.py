@@ -1,4 +1,5 @@
 """Session fixtures: the default model, the WikiText-2 test text, and tiny random checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ TINY_CASES = [
 
 def case_id(case) -> str:
     arch, dtype, sharded, variant = case
-    return "-".join(x for x in (arch, "bf16" if dtype == "bfloat16" else "fp32",
-                                "sharded" if sharded else "", variant or "") if x)
+    return "-".join(
+        x for x in (arch, "bf16" if dtype == "bfloat16" else "fp32", "sharded" if sharded else "", variant or "") if x
+    )
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +123,19 @@ def tiny_factory(tmp_path_factory, tokenizer_folders):
 def tiny_case(request, tiny_factory):
     """(case, folder) for each tiny checkpoint."""
     return request.param, tiny_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def int4_folder():
+    """The default model as cpu-int4, converted once into the session's LMFORGE_HOME."""
+    from lmforge.model import cached_onnx
+
+    return cached_onnx("smollm2-135m", "cpu-int4", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(int4_folder):
+    """The same model in this process: each prompt generated alone (Model.generate/chat)."""
+    from lmforge.model import load
+
+    return load(int4_folder, threads=1)

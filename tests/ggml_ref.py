@@ -4,6 +4,7 @@ The ggml library shipped inside llama-cpp-python holds the reference quantizers
 (`ggml_quantize_chunk` with no importance matrix runs `quantize_row_*_ref`) and the row
 dequantizers; this module calls them on NumPy arrays.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,8 +25,15 @@ def _lib() -> ctypes.CDLL:
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, _F32P, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, _F32P]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        _F32P,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        _F32P,
+    ]
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_commit.restype = ctypes.c_char_p
@@ -55,7 +63,7 @@ def dequantize(q: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int) -> np
     """llama.cpp's `dequantize_row_*` on (rows, row_bytes) uint8 -> (rows, n_per_row) float32."""
     q = np.ascontiguousarray(q, dtype=np.uint8)
     floats = {GGMLQuantizationType.F16: "ggml_fp16_to_fp32_row", GGMLQuantizationType.BF16: "ggml_bf16_to_fp32_row"}
-    name = floats.get(qtype) or f"dequantize_row_q{qtype.name[1:]}"   # e.g. dequantize_row_q4_K
+    name = floats.get(qtype) or f"dequantize_row_q{qtype.name[1:]}"  # e.g. dequantize_row_q4_K
     fn = getattr(_lib(), name)
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_int64]
@@ -94,8 +102,8 @@ class Comparison:
     """Our encoding of a tensor beside llama.cpp's."""
 
     n_blocks: int
-    identical: int          # blocks whose bytes are equal
-    worst_steps: float      # largest |ours - llama.cpp| of a dequantized value, in llama.cpp's steps
+    identical: int  # blocks whose bytes are equal
+    worst_steps: float  # largest |ours - llama.cpp| of a dequantized value, in llama.cpp's steps
     rmse_ours: float
     rmse_ref: float
 

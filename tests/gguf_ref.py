@@ -3,6 +3,7 @@ gguf-py's own tensor-name map, q/k rows permuted for Llama-family attention, Gem
 stored as 1 + w, Phi-3 rope factors as tensors. Independent of lmforge's readers on purpose:
 weights come from the `safetensors` package, hyper-parameters straight from config.json.
 """
+
 from __future__ import annotations
 
 import json

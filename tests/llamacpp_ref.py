@@ -1,5 +1,6 @@
 """llama.cpp references for the benchmarks: an F32 GGUF of a quantized GGUF's weights, llama.cpp's
 own quantizer on it, and perplexity through llama-cpp-python with lmforge's windows."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def dequantized_gguf(src: Path, dst: Path) -> Path:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        writer.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape),
-                                                       dtype=np.float32))
+        writer.add_tensor(
+            t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,4 +1,5 @@
 """`lmforge batch`: resumable under SIGKILL, one record per id, Ray gives the same texts."""
+
 import json
 import random
 import signal
@@ -14,13 +15,17 @@ from tests.test_errors import assert_user_error, run_cli
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_factory, tmp_path_factory):
-    return convert(tiny_factory(("llama", "float32", False, None)), tmp_path_factory.mktemp("batch") / "m", progress=False)
+    return convert(
+        tiny_factory(("llama", "float32", False, None)), tmp_path_factory.mktemp("batch") / "m", progress=False
+    )
 
 
 def write_requests(path, n, max_tokens=24):
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": i, "prompt": f"Request number {i}: tell me a fact.", "max_tokens": max_tokens}) + "\n")
+            f.write(
+                json.dumps({"id": i, "prompt": f"Request number {i}: tell me a fact.", "max_tokens": max_tokens}) + "\n"
+            )
 
 
 def records(path):
@@ -55,13 +60,18 @@ def test_killed_three_times_still_one_complete_record_per_id(tiny_onnx, tmp_path
 
 def test_bad_lines_become_records_and_duplicates_run_once(tiny_onnx, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("\n".join([
-        json.dumps({"id": "a", "prompt": "Hello", "max_tokens": 4}),
-        "{not json",
-        json.dumps({"id": "b", "max_tokens": 4}),
-        json.dumps({"id": "a", "prompt": "again", "max_tokens": 4}),
-        json.dumps({"id": "c", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
-    ]) + "\n")
+    inp.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "prompt": "Hello", "max_tokens": 4}),
+                "{not json",
+                json.dumps({"id": "b", "max_tokens": 4}),
+                json.dumps({"id": "a", "prompt": "again", "max_tokens": 4}),
+                json.dumps({"id": "c", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+            ]
+        )
+        + "\n"
+    )
     r = run_cli("batch", tiny_onnx, inp, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "id 'a' on line 4 repeats" in r.stderr
@@ -90,8 +100,11 @@ def test_ray_gives_the_same_texts(tiny_onnx, tmp_path):
 def test_one_job_per_output_and_output_checks(tiny_onnx, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_requests(inp, 200)
-    first = subprocess.Popen([sys.executable, "-m", "lmforge", "batch", str(tiny_onnx), str(inp), "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "batch", str(tiny_onnx), str(inp), "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (out.exists() and out.stat().st_size):

@@ -1,12 +1,24 @@
 """`lmforge bench`: every figure for lmforge and its peers, measured in one run."""
+
 import json
 
 import pytest
 
 from tests.test_errors import assert_user_error, run_cli
 
-FIGURES = ("prefill_mean", "prefill_std", "decode_mean", "decode_std", "ttft_ms_mean", "load_s", "peak_rss_bytes",
-           "file_bytes", "decode_gb_s", "lmforge_prefill_ratio", "lmforge_decode_ratio")
+FIGURES = (
+    "prefill_mean",
+    "prefill_std",
+    "decode_mean",
+    "decode_std",
+    "ttft_ms_mean",
+    "load_s",
+    "peak_rss_bytes",
+    "file_bytes",
+    "decode_gb_s",
+    "lmforge_prefill_ratio",
+    "lmforge_decode_ratio",
+)
 
 
 def test_bench_default_model_against_both_peers(tmp_path):
@@ -14,8 +26,21 @@ def test_bench_default_model_against_both_peers(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("onnx_ir")
     png = tmp_path / "bench.png"
-    r = run_cli("bench", "smollm2-135m", "--vs", "llamacpp,ortgenai", "--prompt-tokens", "64", "--gen-tokens", "8",
-                "--repetitions", "2", "--json", "--plot", png)
+    r = run_cli(
+        "bench",
+        "smollm2-135m",
+        "--vs",
+        "llamacpp,ortgenai",
+        "--prompt-tokens",
+        "64",
+        "--gen-tokens",
+        "8",
+        "--repetitions",
+        "2",
+        "--json",
+        "--plot",
+        png,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["runner"].split()[0] for row in rows] == ["lmforge", "llama.cpp", "onnxruntime-genai"]
@@ -34,7 +59,9 @@ def test_bench_table_formats_and_bad_peers(tiny_factory, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("| runner | prefill tok/s") and "±" in lines[2]
     assert_user_error(run_cli("bench", src, "--vs", "ollama"), "unknown peer 'ollama'")
-    assert_user_error(run_cli("bench", src, "--vs", "llamacpp", "--prompt-tokens", "16"), "needs the first MODEL to be a .gguf")
+    assert_user_error(
+        run_cli("bench", src, "--vs", "llamacpp", "--prompt-tokens", "16"), "needs the first MODEL to be a .gguf"
+    )
     assert_user_error(run_cli("bench", src, "--rounds", "0"), "--rounds must be at least 1")
 
 
@@ -45,8 +72,21 @@ def test_bench_folder_runs_peers_on_its_source(tmp_path):
     from lmforge.export.convert import convert
 
     folder = convert("smollm2-135m", tmp_path / "int4", target="cpu-int4", progress=False)
-    r = run_cli("bench", folder, "--vs", "llamacpp", "--prompt-tokens", "16", "--gen-tokens", "4",
-                "--repetitions", "1", "--rounds", "2", "--json")
+    r = run_cli(
+        "bench",
+        folder,
+        "--vs",
+        "llamacpp",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repetitions",
+        "1",
+        "--rounds",
+        "2",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["runner"].split()[0] for row in rows] == ["lmforge", "llama.cpp"]

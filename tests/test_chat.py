@@ -1,4 +1,5 @@
 """Chat templates rendered in the sandbox, against transformers' apply_chat_template."""
+
 import pytest
 
 from lmforge.chat import render, render_for
@@ -7,8 +8,12 @@ from lmforge.errors import ChatTemplateError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello! ✓"}, {"role": "user", "content": "Name a prime."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! ✓"},
+        {"role": "user", "content": "Name a prime."},
+    ],
 ]
 
 
@@ -34,9 +39,11 @@ def test_default_model_prompt_tokens(default_model_path):
 
 
 def test_hf_template_globals():
-    tpl = ("{{ bos_token }}{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}"
-           "{% if tools %}{{ tools | length }}{% endif %}{{ strftime_now('%Y') | length }}"
-           "{% if add_generation_prompt %}>{% endif %}")
+    tpl = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}"
+        "{% if tools %}{{ tools | length }}{% endif %}{{ strftime_now('%Y') | length }}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
     out = render(tpl, [{"role": "user", "content": "é"}], bos_token="<s>", tools=[{"name": "f"}])
     assert out == '<s>"é"14>'
     with pytest.raises(ChatTemplateError, match="refused the conversation: no system"):

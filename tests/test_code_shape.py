@@ -1,4 +1,5 @@
 """House rules that a reader should not have to check by eye: short functions."""
+
 import ast
 from pathlib import Path
 

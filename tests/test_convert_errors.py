@@ -1,4 +1,5 @@
 """Bad input around conversion and running: one line, exit code 2, nothing half-written."""
+
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,11 @@ def tiny_llama(tiny_factory):
 
 
 def test_unknown_target(tiny_llama, tmp_path):
-    assert_user_error(run_cli("convert", tiny_llama, "-o", tmp_path / "out", "--target", "tpu-int3"),
-                      "unknown target 'tpu-int3'", "cpu-fp32")
+    assert_user_error(
+        run_cli("convert", tiny_llama, "-o", tmp_path / "out", "--target", "tpu-int3"),
+        "unknown target 'tpu-int3'",
+        "cpu-fp32",
+    )
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -55,8 +59,11 @@ def test_output_parent_missing(tiny_llama, tmp_path):
 
 def test_killed_conversion_leaves_nothing_complete(default_model_path, tmp_path):
     out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "convert", "smollm2-135m", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "convert", "smollm2-135m", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     data = None
     while time.time() < deadline:  # wait until weights are being written

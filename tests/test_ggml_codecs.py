@@ -1,5 +1,6 @@
 """lmforge.quant.ggml against llama.cpp's own quantizer and dequantizer (ctypes, tests/ggml_ref.py)
 and gguf-py's decoders, on real weights of the default model and on edge-case blocks."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -47,8 +48,8 @@ def edge_blocks() -> dict[str, np.ndarray]:
         "negative_constant": np.full(256, -1.25, np.float32),
         "negative_only": -np.abs(normal()) - 0.01,
         "positive_only": np.abs(normal()) + 0.5,
-        "tiny": normal(1e-9),            # scales underflow float16
-        "huge": normal(3e5),             # scales overflow float16
+        "tiny": normal(1e-9),  # scales underflow float16
+        "huge": normal(3e5),  # scales overflow float16
         "integers": rng.integers(-8, 8, 256).astype(np.float32),
         "half_ties": (rng.integers(-16, 16, 256) + 0.5).astype(np.float32),
     }
@@ -70,6 +71,7 @@ def edge_blocks() -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # layout: our bytes decode like llama.cpp's, and llama.cpp's bytes decode like ours
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qtype", QUANTIZED + [T.F16, T.BF16], ids=lambda t: t.name)
 def test_layout_matches_gguf_and_llamacpp(qtype, weights):
@@ -94,6 +96,7 @@ def test_f32_round_trip(weights):
 # accuracy against llama.cpp's quantizer on real weights
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
 def test_legacy_blocks_match_llamacpp(qtype, weights):
     for name, x in weights.items():
@@ -113,7 +116,7 @@ def test_kquant_rmse_within_1pct_of_llamacpp(qtype, weights):
 @pytest.mark.parametrize("qtype", QUANTIZED + [T.F16, T.BF16], ids=lambda t: t.name)
 def test_edge_blocks_match_llamacpp(qtype):
     cases = edge_blocks()
-    x = np.stack(list(cases.values()))                      # (n_cases, 256)
+    x = np.stack(list(cases.values()))  # (n_cases, 256)
     ours, theirs = ggml.quantize(x, qtype), ggml_ref.quantize(x, qtype)
     different = [name for name, a, b in zip(cases, ours, theirs) if not np.array_equal(a, b)]
     assert not different, f"{qtype.name}: bytes differ from llama.cpp for {different}"
@@ -123,18 +126,20 @@ def test_edge_blocks_match_llamacpp(qtype):
 # whole-tensor API
 # ---------------------------------------------------------------------------------------------
 
+
 def test_slabs_do_not_change_bytes(weights, monkeypatch):
-    x = weights["layers.7.down"]                            # (576, 1536): many slabs of 1,024 values
+    x = weights["layers.7.down"]  # (576, 1536): many slabs of 1,024 values
     whole = {t: ggml.quantize(rows_for(x, t), t) for t in (T.Q4_1, T.Q6_K)}
     monkeypatch.setattr(ggml, "SLAB_VALUES", 1024)
     for t, q in whole.items():
         np.testing.assert_array_equal(ggml.quantize(rows_for(x, t), t), q)
-        np.testing.assert_array_equal(ggml.dequantize(q, t, rows_for(x, t).shape),
-                                      gguf.quants.dequantize(q, t).reshape(rows_for(x, t).shape))
+        np.testing.assert_array_equal(
+            ggml.dequantize(q, t, rows_for(x, t).shape), gguf.quants.dequantize(q, t).reshape(rows_for(x, t).shape)
+        )
 
 
 def test_memory_stays_bounded():
-    x = np.random.default_rng(0).standard_normal((1024, 8192)).astype(np.float32)   # 32 MiB
+    x = np.random.default_rng(0).standard_normal((1024, 8192)).astype(np.float32)  # 32 MiB
     tracemalloc.start()
     try:
         q = ggml.quantize(x, T.Q4_K)

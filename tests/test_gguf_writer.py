@@ -1,5 +1,6 @@
 """GGUF writer + llama.cpp engine against the outside references: transformers' forward pass,
 llama.cpp's loader and tokenizer, and llama.cpp's own quantizer's choice of types."""
+
 import json
 import os
 
@@ -32,8 +33,12 @@ def gguf_factory(tmp_path_factory, tiny_factory):
 
 # llama.cpp writes Mistral as `llama`, which has no sliding window: past the tiny model's window
 # of 16 its logits must differ (strict xfail); within the window they must match.
-CASES = [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="llama.cpp's llama arch has no sliding window"))
-         if c[0] == "mistral" else c for c in PARITY_CASES] + [("mistral", None, 8)]
+CASES = [
+    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="llama.cpp's llama arch has no sliding window"))
+    if c[0] == "mistral"
+    else c
+    for c in PARITY_CASES
+] + [("mistral", None, 8)]
 
 
 @pytest.mark.parametrize("arch,variant,n", CASES, ids=lambda x: str(x))
@@ -46,8 +51,11 @@ def test_llamacpp_on_our_f32_gguf_matches_transformers(arch, variant, n, gguf_fa
     assert max(errors) <= TOL, errors
 
 
-@pytest.mark.parametrize("case", [("llama", None), ("mistral", None), ("qwen2", None), ("phi3", None),
-                                  ("phi3", "longrope"), ("gemma3", None)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [("llama", None), ("mistral", None), ("qwen2", None), ("phi3", None), ("phi3", "longrope"), ("gemma3", None)],
+    ids=str,
+)
 def test_hf_gguf_hf_round_trip_keeps_tensors(case, gguf_factory, tmp_path):
     """HF -> GGUF f32 -> HF: every tensor identical to the source (safetensors package), and
     transformers loads the result with the same logits."""
@@ -67,7 +75,7 @@ def test_hf_gguf_hf_round_trip_keeps_tensors(case, gguf_factory, tmp_path):
     for name, ref in theirs.items():
         if arch == "gemma3" and name.endswith("norm.weight"):
             # llama.cpp stores Gemma's norms as 1 + w: (1 + w) - 1 is w to within float32's step at 1
-            np.testing.assert_allclose(ours[name], ref, rtol=0, atol=2 ** -23, err_msg=name)
+            np.testing.assert_allclose(ours[name], ref, rtol=0, atol=2**-23, err_msg=name)
         else:
             np.testing.assert_array_equal(ours[name], ref, err_msg=name)
     ids = prompt_ids(20, 256)
@@ -77,8 +85,10 @@ def test_hf_gguf_hf_round_trip_keeps_tensors(case, gguf_factory, tmp_path):
     assert rel_err(b, a) <= 1e-5
 
 
-TOKENIZER_TEXT = ("The quick brown fox, 1234567 times!\n\n  Indented\tcode() -> x_y = 3.14159;\r\n"
-                  "caf\u00e9 na\u00efve \u6771\u4eac \U0001F680 it's 'quoted' DON'T   spaces   end")
+TOKENIZER_TEXT = (
+    "The quick brown fox, 1234567 times!\n\n  Indented\tcode() -> x_y = 3.14159;\r\n"
+    "caf\u00e9 na\u00efve \u6771\u4eac \U0001f680 it's 'quoted' DON'T   spaces   end"
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])  # bpe (smollm), bpe (qwen2 regex), spm
@@ -86,14 +96,16 @@ def test_llamacpp_tokenizes_our_gguf_like_the_source(arch, gguf_factory, wikitex
     """The vocabulary we write makes llama.cpp tokenize as the source's tokenizer.json does."""
     import llama_cpp
 
-    from lmforge.tokenizer import Tokenizer
-
     from lmforge.checkpoint.gguf import read_metadata
+    from lmforge.tokenizer import Tokenizer
 
     src, path = gguf_factory(arch)
     meta = read_metadata(path)
-    assert (meta["tokenizer.ggml.model"], meta.get("tokenizer.ggml.pre")) == \
-        {"llama": ("gpt2", "smollm"), "qwen2": ("gpt2", "qwen2"), "phi3": ("llama", None)}[arch]
+    assert (meta["tokenizer.ggml.model"], meta.get("tokenizer.ggml.pre")) == {
+        "llama": ("gpt2", "smollm"),
+        "qwen2": ("gpt2", "qwen2"),
+        "phi3": ("llama", None),
+    }[arch]
     source = Tokenizer.from_folder(src)
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text in (TOKENIZER_TEXT, wikitext[:20000]):
@@ -112,7 +124,9 @@ def _tensors(path):
     from lmforge.checkpoint.gguf_format import parse
 
     _, entries, mm = parse(path)
-    out = {e.name: (gguf.GGMLQuantizationType(e.qtype).name, bytes(mm[e.offset:e.offset + e.nbytes])) for e in entries}
+    out = {
+        e.name: (gguf.GGMLQuantizationType(e.qtype).name, bytes(mm[e.offset : e.offset + e.nbytes])) for e in entries
+    }
     mm.close()
     return out
 
@@ -154,8 +168,12 @@ def test_k256_model_types_and_blocks_equal_llamacpps_quantizer(kind, tiny_factor
 
     f32 = write(tiny_factory(("llama", "float32", False, "k256")), tmp_path / "k256-f32.gguf")
     ours = _same_as_llamacpp(f32, kind, tmp_path)
-    expected = {"q4_k_m": {"F32", "Q4_K", "Q6_K"}, "q5_k_m": {"F32", "Q5_K", "Q6_K"}, "q6_k": {"F32", "Q6_K"},
-                "q4_1": {"F32", "Q4_1", "Q6_K"}}[kind]
+    expected = {
+        "q4_k_m": {"F32", "Q4_K", "Q6_K"},
+        "q5_k_m": {"F32", "Q5_K", "Q6_K"},
+        "q6_k": {"F32", "Q6_K"},
+        "q4_1": {"F32", "Q4_1", "Q6_K"},
+    }[kind]
     assert {t for t, _ in ours.values()} == expected
 
 
@@ -189,14 +207,22 @@ def test_gguf_to_gguf_same_type_copies_blocks(default_model_path, tmp_path, monk
 
 # ---- command line: convert --gguf, run --engine, bad input --------------------------------------
 
+
 def test_cli_gguf_bad_input(tmp_path, tiny_factory):
     from tests.test_errors import assert_user_error, run_cli
 
     src = tiny_factory(("llama", "float32", False, None))
-    assert_user_error(run_cli("convert", src, "-o", tmp_path / "x.gguf", "--gguf", "q3_k_xl"),
-                      "unknown GGUF type 'q3_k_xl'", "q4_k_m", "q8_0")
-    assert_user_error(run_cli("convert", src, "-o", tmp_path / "missing" / "x.gguf", "--gguf", "q8_0"),
-                      "does not exist", "create it first")
+    assert_user_error(
+        run_cli("convert", src, "-o", tmp_path / "x.gguf", "--gguf", "q3_k_xl"),
+        "unknown GGUF type 'q3_k_xl'",
+        "q4_k_m",
+        "q8_0",
+    )
+    assert_user_error(
+        run_cli("convert", src, "-o", tmp_path / "missing" / "x.gguf", "--gguf", "q8_0"),
+        "does not exist",
+        "create it first",
+    )
     (tmp_path / "taken.gguf").write_bytes(b"mine")
     assert_user_error(run_cli("convert", src, "-o", tmp_path / "taken.gguf", "--gguf", "q8_0"), "--force")
     assert (tmp_path / "taken.gguf").read_bytes() == b"mine"
@@ -268,8 +294,18 @@ def test_added_chat_tokens_past_the_pieces_are_special(tiny_factory, spm_model, 
     tj = json.loads((src / "tokenizer.json").read_text())
     n = len(tj["model"]["vocab"])
     extra = ["<|user|>", "<|end|>"]
-    tj["added_tokens"] += [{"id": n + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": True} for k, t in enumerate(extra)]
+    tj["added_tokens"] += [
+        {
+            "id": n + k,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for k, t in enumerate(extra)
+    ]
     (src / "tokenizer.json").write_text(json.dumps(tj))
     cfg = json.loads((src / "config.json").read_text())
     cfg["vocab_size"] = n + len(extra)
@@ -295,8 +331,15 @@ def _gguf_type(value):
     import gguf
 
     T = gguf.GGUFValueType
-    return T.ARRAY if isinstance(value, list) else T.BOOL if isinstance(value, bool) else \
-        T.UINT32 if isinstance(value, int) else T.STRING
+    return (
+        T.ARRAY
+        if isinstance(value, list)
+        else T.BOOL
+        if isinstance(value, bool)
+        else T.UINT32
+        if isinstance(value, int)
+        else T.STRING
+    )
 
 
 def _load_log(path) -> list[str]:
@@ -322,8 +365,11 @@ def _load_log(path) -> list[str]:
     return [t for level, t in lines if level in (warn, error) or "warn" in t.lower()]
 
 
-@pytest.mark.parametrize("arch,variant", [("llama", None), ("mistral", None), ("qwen2", None), ("phi3", None),
-                                          ("phi3", "longrope"), ("gemma3", None)], ids=str)
+@pytest.mark.parametrize(
+    "arch,variant",
+    [("llama", None), ("mistral", None), ("qwen2", None), ("phi3", None), ("phi3", "longrope"), ("gemma3", None)],
+    ids=str,
+)
 def test_llamacpp_loads_our_files_without_warnings(arch, variant, gguf_factory):
     _, path = gguf_factory(arch, variant)
     assert _load_log(path) == []
@@ -336,12 +382,18 @@ def test_cli_llamacpp_engine_device_errors(default_model_path):
 
     from tests.test_errors import assert_user_error, run_cli
 
-    assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "dml"),
-                      "runs on cpu or cuda", "--engine ort")
+    assert_user_error(
+        run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "dml"),
+        "runs on cpu or cuda",
+        "--engine ort",
+    )
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python is a GPU build")
-    assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "cuda"),
-                      "built without GPU support", "GGML_CUDA=on")
+    assert_user_error(
+        run_cli("run", default_model_path, "-p", "hi", "--engine", "llamacpp", "--device", "cuda"),
+        "built without GPU support",
+        "GGML_CUDA=on",
+    )
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():

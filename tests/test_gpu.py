@@ -1,4 +1,5 @@
 """CUDA checks: run only where ONNX Runtime has the CUDA provider (scripts/gpu_check.sh)."""
+
 import pytest
 
 from lmforge.export.convert import convert

@@ -1,4 +1,5 @@
 """`lmforge inspect` on the default model and on tiny checkpoints, against config.json."""
+
 import json
 import subprocess
 import sys
@@ -12,8 +13,14 @@ def test_inspect_default_model_json():
     r = run_cli("inspect", "smollm2-135m", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert (info["arch"], info["n_layers"], info["hidden_size"], info["n_heads"],
-            info["n_kv_heads"], info["vocab_size"]) == ("llama", 30, 576, 9, 3, 49152)
+    assert (
+        info["arch"],
+        info["n_layers"],
+        info["hidden_size"],
+        info["n_heads"],
+        info["n_kv_heads"],
+        info["vocab_size"],
+    ) == ("llama", 30, 576, 9, 3, 49152)
     assert info["head_dim"] == 64 and info["intermediate_size"] == 1536
     assert info["tied_embeddings"] is True and info["rope_theta"] == 100000.0
     # 210 Q4_1 + 1 Q8_0 + 61 F32 tensors, as llama.cpp's gguf-py lists them

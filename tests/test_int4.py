@@ -1,5 +1,6 @@
 """int4: RTN codes against ONNX Runtime and gguf-py, exact GGUF transcoding against llama.cpp's own
 quantizer, int4 graphs against fp32, AWQ folding, targets and bad input."""
+
 import json
 
 import numpy as np
@@ -25,11 +26,27 @@ def ort_dequantize(nb) -> np.ndarray:
     if nb.packed_zero_points() is not None:
         inits.append(numpy_helper.from_array(nb.packed_zero_points(), "Z"))
         inputs.append("Z")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=nb.K, N=nb.N, bits=nb.bits,
-                            block_size=nb.block_size, accuracy_level=0)
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, nb.K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, nb.N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        ["Y"],
+        domain="com.microsoft",
+        K=nb.K,
+        N=nb.N,
+        bits=nb.bits,
+        block_size=nb.block_size,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "t",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, nb.K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, nb.N])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"A": np.eye(nb.K, dtype=np.float32)})[0].T
     if nb.offsets is not None:
@@ -37,8 +54,17 @@ def ort_dequantize(nb) -> np.ndarray:
     return y
 
 
-@pytest.mark.parametrize("bits,block,symmetric,k", [(4, 32, True, 96), (4, 32, False, 96), (4, 128, True, 576),
-                                                     (4, 16, False, 40), (8, 32, True, 64), (4, 256, False, 512)])
+@pytest.mark.parametrize(
+    "bits,block,symmetric,k",
+    [
+        (4, 32, True, 96),
+        (4, 32, False, 96),
+        (4, 128, True, 576),
+        (4, 16, False, 40),
+        (8, 32, True, 64),
+        (4, 256, False, 512),
+    ],
+)
 def test_rtn_codes_are_what_onnxruntime_computes(bits, block, symmetric, k):
     w = np.random.default_rng(bits + block + k).standard_normal((48, k)).astype(np.float32)
     nb = rtn(w, bits, block, symmetric)
@@ -74,7 +100,10 @@ def llamacpp_ggufs(tiny_factory, default_model_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("ggufs")
     vocab = gguf_ref.bpe_vocab_meta(read_metadata(default_model_path), "smollm")
     f32 = gguf_ref.write(folder, root / "f32.gguf", vocab=vocab)
-    return {"F32": f32, **{t: llamacpp_quantize(f32, root / f"{t}.gguf", t) for t in ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")}}
+    return {
+        "F32": f32,
+        **{t: llamacpp_quantize(f32, root / f"{t}.gguf", t) for t in ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")},
+    }
 
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M"])
@@ -134,7 +163,9 @@ def test_cpu_int4_stays_close_to_fp32(arch, tiny_factory, tmp_path):
     err = rel_err(a, b)
     print(f"{arch}: cpu-int4 vs cpu-fp32 relative logits error {err:.4f}")
     assert err < 0.25  # measured 0.03-0.08 (gemma3: 0.21; its 8-bit error is 0.02, so this is 4-bit noise)
-    assert (tmp_path / "int4" / "model.onnx.data").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+    assert (tmp_path / "int4" / "model.onnx.data").stat().st_size < 0.5 * (
+        tmp_path / "fp32" / "model.onnx.data"
+    ).stat().st_size
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied head
@@ -151,8 +182,10 @@ def test_head_bits_4_makes_a_4_bit_head(arch, tiny_factory, tmp_path):
 
     def head_bits(folder):
         graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-        n = max((n for n in graph.node if n.op_type == "MatMulNBits"),
-                key=lambda n: next(a.i for a in n.attribute if a.name == "N"))  # the vocabulary-wide one
+        n = max(
+            (n for n in graph.node if n.op_type == "MatMulNBits"),
+            key=lambda n: next(a.i for a in n.attribute if a.name == "N"),
+        )  # the vocabulary-wide one
         return next(a.i for a in n.attribute if a.name == "bits")
 
     assert (head_bits(tmp_path / "h4"), head_bits(h8)) == (4, 8)
@@ -169,9 +202,9 @@ def test_awq_scales_fold_without_changing_the_float_model(arch, tiny_factory, tm
     int4 graph with AWQ stays close to fp32."""
     import onnx
 
+    from lmforge.export.awq import compute_awq_scales
     from lmforge.export.onnx import GraphOptions, build
     from lmforge.export.weights import QuantOptions, WeightSource
-    from lmforge.export.awq import compute_awq_scales
 
     src = tiny_factory((arch, "float32", False, None))
     ckpt = open_checkpoint(src)
@@ -235,8 +268,16 @@ def test_every_target_folder_has_genai_config_and_passes_the_checker(tiny_factor
 
 @pytest.mark.parametrize("block", ["48", "8", "0"])
 def test_bad_block_size(block, tiny_factory, tmp_path):
-    r = run_cli("convert", tiny_factory(("llama", "float32", False, None)), "-o", tmp_path / "o",
-                "--target", "cpu-int4", "--block-size", block)
+    r = run_cli(
+        "convert",
+        tiny_factory(("llama", "float32", False, None)),
+        "-o",
+        tmp_path / "o",
+        "--target",
+        "cpu-int4",
+        "--block-size",
+        block,
+    )
     assert_user_error(r, f"block size {block}", "power of two")
     assert not (tmp_path / "o").exists()
 
@@ -244,7 +285,17 @@ def test_bad_block_size(block, tiny_factory, tmp_path):
 def test_awq_with_empty_calibration(tiny_factory, tmp_path):
     empty = tmp_path / "calib.txt"
     empty.write_text("")
-    r = run_cli("convert", tiny_factory(("llama", "float32", False, None)), "-o", tmp_path / "o",
-                "--target", "cpu-int4", "--quant", "awq", "--calibration", empty)
+    r = run_cli(
+        "convert",
+        tiny_factory(("llama", "float32", False, None)),
+        "-o",
+        tmp_path / "o",
+        "--target",
+        "cpu-int4",
+        "--quant",
+        "awq",
+        "--calibration",
+        empty,
+    )
     assert_user_error(r, "calibration")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))

@@ -1,5 +1,6 @@
 """Layers import downward only (DESIGN.md): an AST scan of every import statement in lmforge,
 including imports inside functions, against the layer table below."""
+
 import ast
 from pathlib import Path
 
@@ -8,16 +9,30 @@ ROOT = Path(__file__).resolve().parents[1] / "lmforge"  # scanned as text: nothi
 # Low to high. A package entry covers its submodules; same-layer imports are allowed. A module
 # that matches no entry fails the test, so a new top-level module has to be placed here.
 LAYERS = {
-    "lmforge.spec": 0, "lmforge.errors": 0, "lmforge.registry": 0, "lmforge.progress": 0,
+    "lmforge.spec": 0,
+    "lmforge.errors": 0,
+    "lmforge.registry": 0,
+    "lmforge.progress": 0,
     "lmforge.arch": 1,
-    "lmforge.checkpoint": 2, "lmforge.tokenizer": 2, "lmforge.chat": 2,
+    "lmforge.checkpoint": 2,
+    "lmforge.tokenizer": 2,
+    "lmforge.chat": 2,
     "lmforge.quant": 3,
     "lmforge.export": 4,
     "lmforge.runtime": 5,
-    "lmforge.generate": 6, "lmforge.sampling": 6,
+    "lmforge.generate": 6,
+    "lmforge.sampling": 6,
     "lmforge.model": 7,
-    "lmforge.server": 8, "lmforge.bench": 8, "lmforge.evaluate": 8, "lmforge.batch": 8, "lmforge.batch_ray": 8,
-    "lmforge.recommend": 8, "lmforge.devices": 8, "lmforge.cli": 8, "lmforge.__main__": 8, "lmforge.__init__": 8,
+    "lmforge.server": 8,
+    "lmforge.bench": 8,
+    "lmforge.evaluate": 8,
+    "lmforge.batch": 8,
+    "lmforge.batch_ray": 8,
+    "lmforge.recommend": 8,
+    "lmforge.devices": 8,
+    "lmforge.cli": 8,
+    "lmforge.__main__": 8,
+    "lmforge.__init__": 8,
 }
 
 
@@ -61,7 +76,7 @@ def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             if base.split(".")[0] != "lmforge":
                 continue
@@ -87,24 +102,33 @@ def test_layers_import_downward_only():
             if theirs is None:
                 violations.append(f"{path.relative_to(ROOT.parent)}:{line}: {target} has no layer")
             elif theirs > layer(me):
-                violations.append(f"{path.relative_to(ROOT.parent)}:{line}: {me} (layer {layer(me)}) "
-                                  f"imports {target} (layer {theirs})")
+                violations.append(
+                    f"{path.relative_to(ROOT.parent)}:{line}: {me} (layer {layer(me)}) "
+                    f"imports {target} (layer {theirs})"
+                )
     assert not violations, "\n".join(violations)
 
 
 def test_the_scan_sees_lazy_and_relative_imports():
     """The scanner itself: imports inside functions and relative imports both count."""
-    source = ("import numpy\n"
-              "from lmforge.errors import LmforgeError\n"
-              "def f():\n"
-              "    from lmforge.model import load\n"
-              "class C:\n"
-              "    def m(self):\n"
-              "        import lmforge.runtime.ort\n"
-              "        from . import kquants\n"
-              "        from ..export import onnx\n")
+    source = (
+        "import numpy\n"
+        "from lmforge.errors import LmforgeError\n"
+        "def f():\n"
+        "    from lmforge.model import load\n"
+        "class C:\n"
+        "    def m(self):\n"
+        "        import lmforge.runtime.ort\n"
+        "        from . import kquants\n"
+        "        from ..export import onnx\n"
+    )
     found = imported_modules(source, "lmforge.quant")
-    assert found == [(2, "lmforge.errors"), (4, "lmforge.model"), (7, "lmforge.runtime.ort"),
-                     (8, "lmforge.quant.kquants"), (9, "lmforge.export.onnx")]
+    assert found == [
+        (2, "lmforge.errors"),
+        (4, "lmforge.model"),
+        (7, "lmforge.runtime.ort"),
+        (8, "lmforge.quant.kquants"),
+        (9, "lmforge.export.onnx"),
+    ]
     assert [layer(m) for _, m in found] == [0, 7, 5, 3, 4]
     assert layer("lmforge.somewhere_new") is None and layer("lmforge") == 8

@@ -1,5 +1,6 @@
 """Library warnings go through `logging` (logger "lmforge..."); the CLI prints them on stderr as
 `lmforge: warning: ...` lines, and a library user sees them as log records."""
+
 import logging
 
 from tests.test_errors import run_cli

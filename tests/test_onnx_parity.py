@@ -1,4 +1,5 @@
 """ONNX export + ONNX Runtime engine against transformers' PyTorch forward pass (fp32)."""
+
 import numpy as np
 import pytest
 
@@ -7,8 +8,14 @@ from lmforge.runtime.ort import OrtEngine
 
 # (arch, variant, prompt length): Phi-3 longrope runs a prompt longer than its original context
 # (64) so the long factors are in play; Mistral (window 16) and Gemma 3 (window 8) slide.
-PARITY_CASES = [("llama", None, 24), ("mistral", None, 24), ("qwen2", None, 24), ("phi3", None, 24),
-                ("phi3", "longrope", 80), ("gemma3", None, 24)]
+PARITY_CASES = [
+    ("llama", None, 24),
+    ("mistral", None, 24),
+    ("qwen2", None, 24),
+    ("phi3", None, 24),
+    ("phi3", "longrope", 80),
+    ("gemma3", None, 24),
+]
 TOL = 1e-3
 
 
@@ -108,7 +115,7 @@ def test_batch_rows_equal_single_runs(arch, onnx_factory):
     for p in prompts:
         cache = engine.new_cache(1, 40)
         logits = [engine.prefill(cache, [p])[0]]
-        for step in range(6):
+        for _ in range(6):
             logits.append(engine.decode(cache, [int(logits[-1].argmax())])[0])
         singles.append(logits)
     cache = engine.new_cache(2, 40)
@@ -173,8 +180,7 @@ def test_cuda_fp16_target_graph(arch, tiny_factory, tmp_path):
     with torch.no_grad():
         ref = hf_model(src)(torch.tensor([ids])).logits[0, -1].numpy()
     assert rel_err(ours, ref) <= 1e-2
-    assert (folder / "model.onnx.data").stat().st_size < 0.6 * sum(
-        f.stat().st_size for f in src.glob("*.safetensors"))
+    assert (folder / "model.onnx.data").stat().st_size < 0.6 * sum(f.stat().st_size for f in src.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("arch,variant,n", PARITY_CASES, ids=lambda x: str(x))
@@ -216,7 +222,9 @@ def test_dml_int4_awq_target_runs_on_the_cpu_provider(tiny_factory, tmp_path):
     folder = convert(src, tmp_path / "dml", target="dml-int4-awq", progress=False)
     onnx.checker.check_model(str(folder / "model.onnx"))
     meta = __import__("json").loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    assert meta["inputs"]["position_ids"] == "position_ids" and meta["session_options"]["provider_options"] == [{"dml": {}}]
+    assert meta["inputs"]["position_ids"] == "position_ids" and meta["session_options"]["provider_options"] == [
+        {"dml": {}}
+    ]
     engine = OrtEngine(folder)
     fp32 = OrtEngine(convert(src, tmp_path / "fp32", progress=False))
     ids = prompt_ids(24, engine.vocab_size, 12)

@@ -1,4 +1,5 @@
 """`lmforge.progress.Progress`: a bar on stderr when shown, nothing at all otherwise."""
+
 import pytest
 
 from lmforge.progress import Progress, shown

@@ -1,4 +1,5 @@
 """HF and GGUF readers against transformers' weights and against each other."""
+
 import dataclasses
 import math
 
@@ -54,7 +55,7 @@ def test_gguf_spec_and_tensors_match_hf(tiny_case, reference, tmp_path):
         ref = reference[hf.arch.source_name(name, "hf")]
         if arch == "gemma3" and name.endswith("norm"):
             # llama.cpp stores 1 + w in f32; w comes back within float32 rounding at 1.0
-            np.testing.assert_allclose(arr, ref, rtol=0, atol=2 ** -23, err_msg=name)
+            np.testing.assert_allclose(arr, ref, rtol=0, atol=2**-23, err_msg=name)
         else:
             np.testing.assert_array_equal(arr, ref, err_msg=name)
 
@@ -62,8 +63,13 @@ def test_gguf_spec_and_tensors_match_hf(tiny_case, reference, tmp_path):
 def test_llama3_rope_scaling_from_config(tiny_factory):
     folder = tiny_factory(("llama", "float32", False, "llama3"))
     s = open_checkpoint(folder).spec.rope_scaling
-    assert (s.kind, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_context_length) == \
-        ("llama3", 8.0, 1.0, 4.0, 64)
+    assert (s.kind, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_context_length) == (
+        "llama3",
+        8.0,
+        1.0,
+        4.0,
+        64,
+    )
 
 
 def test_phi3_longrope_partial_rotary(tiny_factory):

@@ -1,4 +1,5 @@
 """Samplers and logits processors against transformers' warpers and processors."""
+
 import numpy as np
 import pytest
 
@@ -7,8 +8,7 @@ from lmforge.sampling import SamplingParams, filter_logits, make_sampler, repeti
 
 def hf_filtered(logits, temperature, top_k, top_p, min_p):
     import torch
-    from transformers import (MinPLogitsWarper, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     scores = torch.tensor(logits[None], dtype=torch.float64)
     ids = torch.zeros((1, 1), dtype=torch.long)
@@ -22,11 +22,13 @@ def hf_filtered(logits, temperature, top_k, top_p, min_p):
     return scores[0].numpy()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
-    (1.0, 40, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.8, 50, 0.95, 0.02), (1.0, 0, 0.5, 0.1)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,min_p",
+    [(1.0, 40, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.8, 50, 0.95, 0.02), (1.0, 0, 0.5, 0.1)],
+)
 def test_filters_keep_the_same_tokens_as_transformers(temperature, top_k, top_p, min_p):
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         logits = (rng.standard_normal(1000) * 3).astype(np.float32)
         ours = filter_logits(logits, temperature, top_k, top_p, min_p)
         ref = hf_filtered(logits, temperature, top_k, top_p, min_p)

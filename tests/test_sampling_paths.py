@@ -2,6 +2,7 @@
 (the official request shapes over a real uvicorn server) and `lmforge batch` accept the same
 options under the same names and give the same text for the same seed. Each option is checked
 to change the text, so a path that ignored it would fail."""
+
 from __future__ import annotations
 
 import json
@@ -83,15 +84,18 @@ def test_every_option_gives_the_same_text_on_every_path(setup, tmp_path):
     ids = model.prompt_ids(PROMPT)
 
     library = {name: model.generate(PROMPT, **opts) for name, opts, _ in cases}
-    for name, opts, base in cases:  # each option changes the text: a path ignoring it would fail below
+    for name, _, base in cases:  # each option changes the text: a path ignoring it would fail below
         if base is not None:
             assert library[name] != model.generate(PROMPT, **base), name
     assert not library["stop"].endswith(marks["STOP"]) and library["stop"] in library["greedy"]
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": name, "prompt": PROMPT, **opts}) + "\n" for name, opts, _ in cases))
-    r = subprocess.run([sys.executable, "-m", "lmforge", "batch", str(folder), str(inp), "-o", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "batch", str(folder), str(inp), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     batch = {rec["id"]: rec["text"] for rec in map(json.loads, out.read_text().splitlines())}
 
@@ -100,8 +104,11 @@ def test_every_option_gives_the_same_text_on_every_path(setup, tmp_path):
         chat, completion = {}, {}
         for name, opts, _ in cases:
             body = {"model": NAME, **opts}
-            got = httpx.post(server.url + "/v1/chat/completions", timeout=60,
-                             json={**body, "messages": [{"role": "user", "content": PROMPT}]}).json()
+            got = httpx.post(
+                server.url + "/v1/chat/completions",
+                timeout=60,
+                json={**body, "messages": [{"role": "user", "content": PROMPT}]},
+            ).json()
             chat[name] = got["choices"][0]["message"]["content"]
             got = httpx.post(server.url + "/v1/completions", timeout=60, json={**body, "prompt": ids}).json()
             completion[name] = got["choices"][0]["text"]
@@ -109,20 +116,33 @@ def test_every_option_gives_the_same_text_on_every_path(setup, tmp_path):
         server.stop()
 
     for name, opts, _ in cases:
-        r = subprocess.run([sys.executable, "-m", "lmforge", "run", str(folder), "-p", PROMPT, *cli_flags(opts)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "lmforge", "run", str(folder), "-p", PROMPT, *cli_flags(opts)],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         got = {"cli": r.stdout[:-1], "batch": batch[name], "chat": chat[name], "completion": completion[name]}
         assert got == {k: library[name] for k in got}, name
 
 
-@pytest.mark.parametrize("options,param", [
-    ({"temperature": 3.0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
-    ({"min_p": 2.0}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
-    ({"presence_penalty": 3.0}, "presence_penalty"), ({"frequency_penalty": -3.0}, "frequency_penalty"),
-    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": 500}}, "logit_bias"),
-    ({"seed": 1.5}, "seed"), ({"stop": 5}, "stop"), ({"max_tokens": 0}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "options,param",
+    [
+        ({"temperature": 3.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": 5}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
 def test_a_bad_option_is_the_same_user_error_everywhere(setup, tmp_path, options, param):
     """One validation: the library raises SamplingError naming the option, batch records it."""
     from lmforge.batch import Item, generate_record

@@ -1,6 +1,7 @@
 """`lmforge serve` on the default model (cpu-int4): the official `openai` client against a real
 uvicorn server, continuous batching against each prompt's greedy output generated alone,
 cancellation, bad input, the API key, and the chat page in headless Chromium."""
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ EOS_BIAS = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>: keep generating 
 
 
 # ---- a real server in a subprocess -------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -76,7 +78,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (-?[0-9.e+-]+|\+Inf|NaN)', line)
+        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (-?[0-9.e+-]+|\+Inf|NaN)", line)
         assert m, f"not a Prometheus sample: {line!r}"
         out[m.group(1)] = float(m.group(2))
     return out
@@ -91,32 +93,25 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
-@pytest.fixture(scope="session")
-def int4_folder():
-    """The default model as cpu-int4, converted once into the session's LMFORGE_HOME."""
-    from lmforge.model import cached_onnx
-
-    return cached_onnx(NAME, "cpu-int4", progress=False)
-
-
-@pytest.fixture(scope="module")
-def reference(int4_folder):
-    """The same model in this process: each prompt generated alone (Model.generate/chat)."""
-    from lmforge.model import load
-
-    return load(int4_folder, threads=1)
-
-
 @pytest.fixture(scope="module")
 def server(int4_folder, tmp_path_factory):
     # --max-batch 4 with more concurrent requests than that: some wait and join mid-flight
-    s = Server(int4_folder, "--name", NAME, "--max-batch", 4, "--threads", 2,
-               log=tmp_path_factory.mktemp("serve") / "serve.log")
+    s = Server(
+        int4_folder,
+        "--name",
+        NAME,
+        "--max-batch",
+        4,
+        "--threads",
+        2,
+        log=tmp_path_factory.mktemp("serve") / "serve.log",
+    )
     yield s
     s.stop()
 
 
 # ---- the official client -----------------------------------------------------------------------
+
 
 def test_openai_client_chat_and_completions(server, reference):
     import openai
@@ -131,8 +126,16 @@ def test_openai_client_chat_and_completions(server, reference):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, reference.last.generation_tokens)
     assert r.object == "chat.completion" and r.model == NAME
 
-    chunks = list(client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0, max_tokens=24,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reference.last.finish_reason
@@ -143,8 +146,10 @@ def test_openai_client_chat_and_completions(server, reference):
     r = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12)
     assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(reference.prompt_ids(prompt, raw=True)) and r.usage.completion_tokens == 12
-    pieces = [c.choices[0].text for c in client.completions.create(model=NAME, prompt=prompt, temperature=0,
-                                                                   max_tokens=12, stream=True)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12, stream=True)
+    ]
     assert "".join(pieces) == want and len(pieces) > 3
 
     assert [m.id for m in client.models.list().data] == [NAME]
@@ -156,21 +161,29 @@ def test_stop_strings_logprobs_and_seed(server, reference):
     prompt = "Once upon a time, in a small village,"
     stop = ["ic and h", "never"]  # the first spans three tokens ("magic", " and", " had")
     want = reference.generate(prompt, raw=True, max_tokens=40, stop=stop)
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 40, "temperature": 0,
-                                                          "stop": stop, "logprobs": 3}, timeout=60).json()
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": stop, "logprobs": 3},
+        timeout=60,
+    ).json()
     choice = r["choices"][0]
     assert choice["text"] == want and choice["finish_reason"] == "stop" and want.endswith("a master of mag")
     lp = choice["logprobs"]
     assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) > 0
-    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    for logprob, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
         assert logprob <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(logprob)  # greedy: the top one
 
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5, "temperature": 0,
-                                                               "logprobs": True, "top_logprobs": 2}, timeout=60).json()
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": QUESTION, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+        timeout=60,
+    ).json()
     content = r["choices"][0]["logprobs"]["content"]
     assert "".join(c["token"] for c in content) == r["choices"][0]["message"]["content"]
-    assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][1]["logprob"]
-               for c in content)
+    assert all(
+        len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][1]["logprob"]
+        for c in content
+    )
 
     def sampled(seed):
         body = {"prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": seed, "logit_bias": EOS_BIAS}
@@ -180,6 +193,7 @@ def test_stop_strings_logprobs_and_seed(server, reference):
 
 
 # ---- continuous batching -----------------------------------------------------------------------
+
 
 def test_kv_pool_rows_give_each_sequence_its_own_logits(reference):
     """KVPool: prefill straight into a slot, decode a prefix of rows, move a row into a freed slot,
@@ -221,9 +235,16 @@ def _request_cases(reference):
     prefill chunk (256 tokens) so it prefills in chunks while others decode."""
     long_prompt = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(60))
     cases = []
-    for i, (prompt, n) in enumerate([("The capital of France is", 30), ("def fibonacci(n):", 40),
-                                     ("Once upon a time, in a small village,", 12), (long_prompt + " Item 60 is", 20),
-                                     ("1, 2, 3, 4,", 25), ("The best way to learn a language is", 35)]):
+    for i, (prompt, n) in enumerate(
+        [
+            ("The capital of France is", 30),
+            ("def fibonacci(n):", 40),
+            ("Once upon a time, in a small village,", 12),
+            (long_prompt + " Item 60 is", 20),
+            ("1, 2, 3, 4,", 25),
+            ("The best way to learn a language is", 35),
+        ]
+    ):
         body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": i % 2 == 0}
         cases.append(("completions", body, reference.generate(prompt, raw=True, max_tokens=n)))
     for question, n in [("What is 2 + 2?", 40), ("Write a haiku about the sea.", 48)]:
@@ -267,8 +288,8 @@ def test_concurrent_greedy_requests_equal_each_prompt_alone(server, reference):
 def test_serial_scheduler_serves_any_engine(reference):
     """The generic path (`--engine llamacpp` uses it): one sequence at a time through the Engine
     protocol, here over the ONNX Runtime engine, against Model.generate."""
-    from lmforge.server.batching import Handle, SerialScheduler
     from lmforge.sampling import SamplingParams
+    from lmforge.server.batching import Handle, SerialScheduler
 
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
     results = {i: [] for i in range(len(prompts))}
@@ -276,12 +297,20 @@ def test_serial_scheduler_serves_any_engine(reference):
     sched = SerialScheduler(reference.engine).start()
     try:
         for i, p in enumerate(prompts):
+
             def sink(item, i=i):
                 results[i].append(item)
                 if all(r and getattr(r[-1], "finish_reason", None) for r in results.values()):
                     done.set()
-            h = Handle(reference.tokenizer, reference.prompt_ids(p, raw=True), SamplingParams(max_tokens=20, temperature=0),
-                       reference.eos_token_ids, reference.engine.vocab_size, sink)
+
+            h = Handle(
+                reference.tokenizer,
+                reference.prompt_ids(p, raw=True),
+                SamplingParams(max_tokens=20, temperature=0),
+                reference.eos_token_ids,
+                reference.engine.vocab_size,
+                sink,
+            )
             assert sched.submit(h)
         assert done.wait(60)
     finally:
@@ -318,8 +347,13 @@ def test_llamacpp_engine_serves_requests_one_at_a_time(default_model_path, tmp_p
 
 def test_disconnect_mid_stream_frees_the_slot(server):
     before = server.metrics()
-    body = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "temperature": 0.8, "stream": True,
-            "logit_bias": EOS_BIAS}
+    body = {
+        "prompt": "Tell me a very long story.",
+        "max_tokens": 1500,
+        "temperature": 0.8,
+        "stream": True,
+        "logit_bias": EOS_BIAS,
+    }
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()  # (leaving this iterator closes the connection)
         for _ in range(6):
@@ -334,6 +368,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
 # ---- the small endpoints -----------------------------------------------------------------------
 
+
 def test_health_models_metrics_tokenize(server, reference):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     r = httpx.get(server.url + "/v1/models").json()
@@ -343,9 +378,15 @@ def test_health_models_metrics_tokenize(server, reference):
     assert ids == reference.tokenizer.encode(text)
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["content"] == text
     m = server.metrics()
-    for name in ("lmforge_prompt_tokens_total", "lmforge_generation_tokens_total", "lmforge_queue_depth",
-                 "lmforge_active_sequences", "lmforge_time_to_first_token_seconds_count",
-                 "lmforge_generation_tokens_per_second_count", 'lmforge_requests_total{endpoint="/tokenize",status="200"}'):
+    for name in (
+        "lmforge_prompt_tokens_total",
+        "lmforge_generation_tokens_total",
+        "lmforge_queue_depth",
+        "lmforge_active_sequences",
+        "lmforge_time_to_first_token_seconds_count",
+        "lmforge_generation_tokens_per_second_count",
+        'lmforge_requests_total{endpoint="/tokenize",status="200"}',
+    ):
         assert name in m, name
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "<script" in page.text
@@ -354,31 +395,69 @@ def test_health_models_metrics_tokenize(server, reference):
 
 BAD_REQUESTS = [  # (path, raw body, status, param) — each must be a 4xx with an OpenAI error body
     ("/v1/chat/completions", b'{"messages": [', 400, None),
-    ("/v1/chat/completions", b'[1, 2]', 400, None),
-    ("/v1/chat/completions", b'\xff\xfe', 400, None),
-    ("/v1/chat/completions", b'{}', 400, "messages"),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b"\xff\xfe", 400, None),
+    ("/v1/chat/completions", b"{}", 400, "messages"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": "hi"}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content"),
     ("/v1/chat/completions", b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 400, "max_tokens"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', 400, "max_tokens"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}', 400, "temperature"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}',
+        400,
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}',
+        400,
+        "temperature",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}',
+        400,
+        "temperature",
+    ),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": "x"}', 400, "top_p"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', 400, "stop"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}', 400, "top_logprobs"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}', 400, "logit_bias"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}',
+        400,
+        "stop",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}',
+        400,
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}',
+        400,
+        "logit_bias",
+    ),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}', 400, "seed"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -1}', 400, "top_k"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "min_p": 1.5}', 400, "min_p"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}', 400,
-     "repetition_penalty"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}', 400,
-     "logit_bias"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}',
+        400,
+        "repetition_penalty",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}',
+        400,
+        "logit_bias",
+    ),
     ("/v1/completions", b'{"prompt": "hi", "presence_penalty": 2.5}', 400, "presence_penalty"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
@@ -408,8 +487,9 @@ def test_bad_request_is_a_4xx_with_an_openai_error(server, path, body, status, p
 
 def test_limits_and_routes(server, reference):
     long_text = "hello " * 9000  # past the 8192-token context
-    r = httpx.post(server.url + "/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": long_text}]}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]}, timeout=60
+    )
     assert_openai_error(r, 400, "messages")
     n = len(reference.prompt_ids(messages=[{"role": "user", "content": long_text}]))
     assert r.json()["error"]["code"] == "context_length_exceeded" and str(n) in r.json()["error"]["message"]
@@ -423,6 +503,7 @@ def test_limits_and_routes(server, reference):
 
 
 # ---- in-process app: loading, the API key ------------------------------------------------------
+
 
 def test_health_is_503_while_loading_and_api_key_guards_v1(reference):
     from fastapi.testclient import TestClient
@@ -439,12 +520,17 @@ def test_health_is_503_while_loading_and_api_key_guards_v1(reference):
     with TestClient(app) as client:
         r = client.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
-        assert_openai_error(client.post("/v1/completions", json={"prompt": "hi"},
-                                        headers={"Authorization": "Bearer s3cret"}), 503)
+        assert_openai_error(
+            client.post("/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer s3cret"}), 503
+        )
         release.set()
         assert wait_until(lambda: client.get("/health").status_code == 200)
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                        {"Authorization": "Bearer s3cret "}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret"},
+            {"Authorization": "Bearer s3cret "},
+        ):
             assert_openai_error(client.get("/v1/models", headers=headers), 401)
             assert_openai_error(client.post("/v1/completions", json={"prompt": "hi"}, headers=headers), 401)
             assert_openai_error(client.post("/tokenize", json={"content": "hi"}, headers=headers), 401)
@@ -454,8 +540,9 @@ def test_health_is_503_while_loading_and_api_key_guards_v1(reference):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
         # max_tokens past --max-tokens-limit is capped, as is a request without one
         for extra in ({"max_tokens": 10**9}, {}):
-            r = client.post("/v1/chat/completions", json={"messages": QUESTION, "logit_bias": EOS_BIAS, **extra},
-                            headers=ok).json()
+            r = client.post(
+                "/v1/chat/completions", json={"messages": QUESTION, "logit_bias": EOS_BIAS, **extra}, headers=ok
+            ).json()
             assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "length"
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
 
@@ -468,8 +555,12 @@ def test_api_key_on_a_real_server(int4_folder, tmp_path):
     try:
         assert httpx.get(s.url + "/health").status_code == 200
         assert_openai_error(httpx.get(s.url + "/v1/models"), 401)
-        assert_openai_error(httpx.post(s.url + "/v1/chat/completions", json={"messages": QUESTION},
-                                       headers={"Authorization": "Bearer k-12"}), 401)
+        assert_openai_error(
+            httpx.post(
+                s.url + "/v1/chat/completions", json={"messages": QUESTION}, headers={"Authorization": "Bearer k-12"}
+            ),
+            401,
+        )
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="k-123", max_retries=0)
@@ -526,8 +617,9 @@ def test_engine_fault_fails_its_requests_not_the_server(reference):
         Flaky.calls, Flaky.fail_on = 0, {2}
         assert_openai_error(client.post("/v1/completions", json=body), 500)
         r = client.post("/v1/completions", json=body)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference.generate(body["prompt"], raw=True,
-                                                                                              max_tokens=8)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference.generate(
+            body["prompt"], raw=True, max_tokens=8
+        )
 
 
 def test_full_queue_is_a_429(reference):
@@ -550,10 +642,15 @@ def test_cli_serve_user_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run_cli("serve", empty, "--port", free_port())  # exists, but no model in it: fails while loading
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("lmforge: error:")
+    assert (
+        r.returncode == 2
+        and "Traceback" not in r.stderr
+        and r.stderr.strip().splitlines()[-1].startswith("lmforge: error:")
+    )
 
 
 # ---- the chat page in a real browser -----------------------------------------------------------
+
 
 def chromium_path() -> str | None:
     for name in (os.environ.get("LMFORGE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
@@ -590,8 +687,9 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server):
             page.fill("#temperature", "1")
             page.fill("#input", "Tell me a very long story about dragons.")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].textContent.length > 20",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "document.querySelectorAll('.msg.assistant')[1].textContent.length > 20", timeout=60_000
+            )
             page.click("#stop")
             page.wait_for_selector(".msg.assistant.done >> nth=1", timeout=10_000)
             assert "stopped" in page.text_content(".meta >> nth=1")

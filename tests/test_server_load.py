@@ -2,6 +2,7 @@
 of which leave mid-stream, plus malformed requests mixed in. The server stays up, every other
 request gets its complete greedy answer (the one the prompt gets alone), no sequence is left
 active, and resident memory after the run is within 10% of after the first 20 requests."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,31 @@ import httpx
 import psutil
 import pytest
 
-from tests.test_server import NAME, Server, int4_folder, reference, wait_until  # noqa: F401 (fixtures)
+from tests.test_server import NAME, Server, wait_until
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-           "1, 2, 3, 4,", "The best way to learn a language is", "Water boils at"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4,",
+    "The best way to learn a language is",
+    "Water boils at",
+]
 MAX_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
 def loaded_server(int4_folder, tmp_path_factory):
-    s = Server(int4_folder, "--name", NAME, "--max-batch", 8, "--threads", 2,
-               log=tmp_path_factory.mktemp("serve-load") / "serve.log")
+    s = Server(
+        int4_folder,
+        "--name",
+        NAME,
+        "--max-batch",
+        8,
+        "--threads",
+        2,
+        log=tmp_path_factory.mktemp("serve-load") / "serve.log",
+    )
     yield s
     s.stop()
 
@@ -31,8 +46,14 @@ def loaded_server(int4_folder, tmp_path_factory):
 def one_request(url: str, prompt: str, leave_after: int | None) -> str | None:
     """Stream a greedy completion; with `leave_after`, disconnect after that many events.
     Returns the text of a complete answer (checked to end properly), None after leaving."""
-    body = {"model": NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": NAME,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200
         events = (line.removeprefix("data: ") for line in r.iter_lines() if line)
@@ -49,8 +70,13 @@ def one_request(url: str, prompt: str, leave_after: int | None) -> str | None:
     return "".join(c["choices"][0]["text"] for c in chunks[:-1])
 
 
-BAD_BODIES = [b'{"prompt": ', b'{"prompt": "x", "max_tokens": -5}', b'{"prompt": "x", "temperature": 9}',
-              b'{"model": "nope", "prompt": "x"}', b'{"messages": []}']
+BAD_BODIES = [
+    b'{"prompt": ',
+    b'{"prompt": "x", "max_tokens": -5}',
+    b'{"prompt": "x", "temperature": 9}',
+    b'{"model": "nope", "prompt": "x"}',
+    b'{"messages": []}',
+]
 
 
 def bad_request(url: str, body: bytes) -> None:
@@ -64,8 +90,14 @@ def test_200_requests_16_clients_a_fifth_leave(loaded_server, reference):
     server, url = loaded_server, loaded_server.url
     want = {p: reference.generate(p, raw=True, max_tokens=MAX_TOKENS) for p in PROMPTS}
     rng = random.Random(1234)
-    plan = [(rng.choice(PROMPTS), rng.randint(1, 6) if rng.random() < 0.2 else None,
-             rng.choice(BAD_BODIES) if rng.random() < 0.05 else None) for _ in range(200)]
+    plan = [
+        (
+            rng.choice(PROMPTS),
+            rng.randint(1, 6) if rng.random() < 0.2 else None,
+            rng.choice(BAD_BODIES) if rng.random() < 0.05 else None,
+        )
+        for _ in range(200)
+    ]
     lock = threading.Lock()
     wrong, leaving = [], sum(leave is not None for _, leave, _ in plan)
 
@@ -86,8 +118,11 @@ def test_200_requests_16_clients_a_fifth_leave(loaded_server, reference):
     assert wait_until(lambda: server.metrics()["lmforge_active_sequences"] == 0, 10)
     rss_200 = proc.memory_info().rss
     m = server.metrics()
-    print(f"{leaving} of 200 left mid-stream; RSS after 20: {rss_20 / 2**20:.0f} MiB, after 200: {rss_200 / 2**20:.0f} MiB;"
-          f" mean decode batch {m['lmforge_decode_rows_total'] / m['lmforge_decode_steps_total']:.2f}")
+    print(
+        f"{leaving} of 200 left mid-stream; RSS after 20: {rss_20 / 2**20:.0f} MiB, "
+        f"after 200: {rss_200 / 2**20:.0f} MiB;"
+        f" mean decode batch {m['lmforge_decode_rows_total'] / m['lmforge_decode_steps_total']:.2f}"
+    )
     assert server.proc.poll() is None and httpx.get(url + "/health").status_code == 200
     assert not wrong, wrong[:3]
     assert m["lmforge_queue_depth"] == 0

@@ -1,5 +1,6 @@
 """Tokenizer parity, token for token on the whole WikiText-2 test file, against llama.cpp,
 SentencePiece and transformers; streaming detokenization."""
+
 import json
 import subprocess
 import sys
@@ -26,7 +27,9 @@ def first_difference(a, b):
 
 def assert_same_tokens(ours, ref):
     i = first_difference(ours, ref)
-    assert ours == ref, f"{len(ours)} vs {len(ref)} tokens; first difference at {i}: {ours[i:i+5]} vs {ref[i:i+5]}"
+    assert ours == ref, (
+        f"{len(ours)} vs {len(ref)} tokens; first difference at {i}: {ours[i : i + 5]} vs {ref[i : i + 5]}"
+    )
 
 
 def test_default_model_matches_llamacpp_on_wikitext(default_model_path, wikitext):
@@ -113,13 +116,16 @@ def test_detokenize_matches_llamacpp(default_model_path, wikitext):
 def test_cli_tokenize(default_model_path, tmp_path):
     text = "The capital of France is Paris. 12345 <|im_end|>"
     ref = llamacpp_vocab(default_model_path).tokenize(text.encode(), add_bos=False, special=False)
-    r = subprocess.run([sys.executable, "-m", "lmforge", "tokenize", "smollm2-135m", text],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "tokenize", "smollm2-135m", text], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == ref
     f = tmp_path / "crlf.txt"
     f.write_bytes(b"line one\r\nline two\r\n")
-    r = subprocess.run([sys.executable, "-m", "lmforge", "tokenize", "smollm2-135m", "--file", str(f)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "tokenize", "smollm2-135m", "--file", str(f)], capture_output=True, text=True
+    )
     assert json.loads(r.stdout) == llamacpp_vocab(default_model_path).tokenize(
-        f.read_bytes(), add_bos=False, special=False)
+        f.read_bytes(), add_bos=False, special=False
+    )

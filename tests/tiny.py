@@ -2,8 +2,10 @@
 
 Each architecture gets 2 layers, a small hidden size, GQA where the arch has it, random norm
 weights (so a reader that drops or misplaces a norm is caught), and a real tokenizer:
-SmolLM2's byte-level BPE for llama/qwen2 (Qwen2's pre-tokenizer for qwen2), a SentencePiece BPE trained here for the others.
+SmolLM2's byte-level BPE for llama/qwen2 (Qwen2's pre-tokenizer for qwen2), a SentencePiece BPE
+trained here for the others.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +17,14 @@ import numpy as np
 
 SPM_ARCHS = {"phi3", "mistral", "gemma3"}
 
-COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, max_position_embeddings=256)
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=256,
+)
 
 
 def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant: str | None = None):
@@ -27,11 +35,21 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
     if arch == "llama":
         extra = {}
         if variant == "k256":  # rows of 256: llama.cpp's K-quants apply without fallback
-            return T.LlamaConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 512}, **ids,
-                                 rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+            return T.LlamaConfig(
+                **{**COMMON, "hidden_size": 256, "intermediate_size": 512},
+                **ids,
+                rope_theta=100000.0,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+            )
         if variant == "llama3":
-            extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+            extra["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
         return T.LlamaConfig(**COMMON, **ids, rope_theta=100000.0, rms_norm_eps=1e-5, **extra)
     if arch == "mistral":
         return T.MistralConfig(**COMMON, **ids, sliding_window=16, rms_norm_eps=1e-5)
@@ -42,13 +60,25 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
         if variant == "longrope":
             # head_dim 32, rotary 16: ONNX Runtime needs rotary_dim / 2 to be a multiple of 8
             n = 32 // 2 // 2
-            extra = dict(partial_rotary_factor=0.5, original_max_position_embeddings=64, hidden_size=128,
-                         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
-                                       "long_factor": [2.0 + 0.5 * i for i in range(n)]})
+            extra = dict(
+                partial_rotary_factor=0.5,
+                original_max_position_embeddings=64,
+                hidden_size=128,
+                rope_scaling={
+                    "type": "longrope",
+                    "short_factor": [1.0 + 0.1 * i for i in range(n)],
+                    "long_factor": [2.0 + 0.5 * i for i in range(n)],
+                },
+            )
         return T.Phi3Config(**{**COMMON, **extra}, **ids)
     if arch == "gemma3":
-        cfg = dict(COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-                   layer_types=["sliding_attention", "full_attention"])
+        cfg = dict(
+            COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        )
         return T.Gemma3TextConfig(**cfg, **ids, rope_theta=1000000.0)
     raise ValueError(arch)
 
@@ -57,17 +87,32 @@ def train_spm(folder: Path) -> Path:
     """A SentencePiece BPE model (byte fallback, no normalization, as Llama's) trained on the
     Python documentation that ships with every Python; returns the .model path."""
     import pydoc_data.topics
+
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
     text = folder / "train.txt"
     text.write_text("\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "sp"), vocab_size=2000, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        max_sentence_length=100000, num_threads=2, minloglevel=2)
+        input=str(text),
+        model_prefix=str(folder / "sp"),
+        vocab_size=2000,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        max_sentence_length=100000,
+        num_threads=2,
+        minloglevel=2,
+    )
     return folder / "sp.model"
 
 
@@ -77,17 +122,33 @@ def spm_hf_tokenizer(sp_model: Path, folder: Path):
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(sp_model, folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "legacy": False}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "legacy": False,
+            }
+        )
+    )
     return AutoTokenizer.from_pretrained(folder)
 
 
 SMOL_TEMPLATE = None  # filled from the default model by the fixture
 
 
-def build(folder: Path, arch: str, dtype: str = "float32", sharded: bool = False,
-          variant: str | None = None, tokenizers: dict | None = None, seed: int = 0) -> Path:
+def build(
+    folder: Path,
+    arch: str,
+    dtype: str = "float32",
+    sharded: bool = False,
+    variant: str | None = None,
+    tokenizers: dict | None = None,
+    seed: int = 0,
+) -> Path:
     """Save a tiny random `arch` checkpoint (safetensors) with its tokenizer into `folder`."""
     import torch
     import transformers as T

@@ -6,11 +6,13 @@ become a `ModelSpec` and back, and the checkpoint quirks readers undo and writer
 and writers ask the Arch and never branch on a family name, so a new family is one new module
 here (listed in `_registry`) plus test fixtures.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +110,7 @@ class Arch:
         def match(name: str) -> str | None:
             for prefix in prefixes:
                 if name.startswith(prefix):
-                    name = "model." + name[len(prefix):]
+                    name = "model." + name[len(prefix) :]
             for rx, canonical in patterns:
                 m = rx.match(name)
                 if m:
@@ -147,8 +149,7 @@ def get_arch(model_type: str) -> Arch:
     archs = _registry()
     if model_type not in archs:
         known = ", ".join(sorted({a.model_type for a in archs.values()}))
-        raise UnsupportedArchitectureError(
-            f"unknown model_type {model_type!r}; lmforge supports: {known}")
+        raise UnsupportedArchitectureError(f"unknown model_type {model_type!r}; lmforge supports: {known}")
     return archs[model_type]
 
 
@@ -163,8 +164,7 @@ def get_gguf_arch(gguf_arch: str, meta: GGUFGetter | None = None) -> Arch:
         if a.gguf_claims is None:
             return a
     known = ", ".join(sorted({a.gguf_arch for a in _registry().values()}))
-    raise UnsupportedArchitectureError(
-        f"unknown GGUF architecture {gguf_arch!r}; lmforge reads: {known}")
+    raise UnsupportedArchitectureError(f"unknown GGUF architecture {gguf_arch!r}; lmforge reads: {known}")
 
 
 def gguf_general_name(name: str, tokens: list) -> str:

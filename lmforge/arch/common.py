@@ -1,5 +1,6 @@
 """Shared pieces of the architecture tables: the Llama-style name maps, config parsing, llama.cpp's
 metadata keys and its q/k row layout."""
+
 from __future__ import annotations
 
 import logging
@@ -108,22 +109,34 @@ def rope_scaling(cfg: dict, params: dict) -> RopeScaling | None:
     if kind == "linear":
         return RopeScaling("linear", factor=float(params["factor"]))
     if kind == "llama3":
-        return RopeScaling("llama3", factor=float(params["factor"]), original_context_length=int(orig),
-                           low_freq_factor=float(params["low_freq_factor"]),
-                           high_freq_factor=float(params["high_freq_factor"]))
+        return RopeScaling(
+            "llama3",
+            factor=float(params["factor"]),
+            original_context_length=int(orig),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+        )
     if kind == "longrope":
         max_pos = cfg["max_position_embeddings"]
         factor = float(params.get("factor") or max_pos / orig)
         attn = params.get("attention_factor")
         if attn is None:  # transformers' and llama.cpp's default magnitude correction
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        return RopeScaling("longrope", factor=factor, original_context_length=int(orig),
-                           short_factor=tuple(float(x) for x in params["short_factor"]),
-                           long_factor=tuple(float(x) for x in params["long_factor"]),
-                           attention_factor=float(attn))
+        return RopeScaling(
+            "longrope",
+            factor=factor,
+            original_context_length=int(orig),
+            short_factor=tuple(float(x) for x in params["short_factor"]),
+            long_factor=tuple(float(x) for x in params["long_factor"]),
+            attention_factor=float(attn),
+        )
     if kind == "yarn":
-        return RopeScaling("yarn", factor=float(params["factor"]), original_context_length=int(orig),
-                           attention_factor=params.get("attention_factor"))
+        return RopeScaling(
+            "yarn",
+            factor=float(params["factor"]),
+            original_context_length=int(orig),
+            attention_factor=params.get("attention_factor"),
+        )
     raise CheckpointError(f"unsupported rope scaling {kind!r}; lmforge knows linear, llama3, longrope, yarn")
 
 
@@ -156,8 +169,7 @@ def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         activation=ACTIVATIONS[act],
         rope_scaling=rope_scaling(cfg, params),
-        partial_rotary_factor=float(params.get("partial_rotary_factor")
-                                    or cfg.get("partial_rotary_factor") or 1.0),
+        partial_rotary_factor=float(params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0),
         attention_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
@@ -177,15 +189,13 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
     Works on weights (rows, cols), biases (rows,) and raw block rows (rows, bytes)."""
     rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's q/k row interleave (what its HF converter applies); inverse of `unpermute_qk`."""
     rows = w.shape[0]
-    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_window_metadata(spec: ModelSpec) -> dict:
@@ -197,8 +207,12 @@ def gguf_window_dropped(spec: ModelSpec, gguf_arch: str) -> dict:
     """`gguf_window_metadata` for a family written under an architecture that llama.cpp runs
     without a window (Mistral as `llama`): says so when a window is dropped."""
     if spec.sliding_window:
-        log.warning("llama.cpp's %s architecture has no sliding window; this model's window of %d tokens is dropped, "
-                    "so outputs differ once a sequence is longer", gguf_arch, spec.sliding_window)
+        log.warning(
+            "llama.cpp's %s architecture has no sliding window; this model's window of %d tokens is dropped, "
+            "so outputs differ once a sequence is longer",
+            gguf_arch,
+            spec.sliding_window,
+        )
     return gguf_window_metadata(spec)
 
 

@@ -3,6 +3,7 @@ GELU-tanh MLP, interleaved sliding-window and global layers with their own rope 
 
 HF checkpoints store the norm weights w and the forward multiplies by 1 + w (NORM_OFFSET, as
 `ModelSpec.norm_offset`); llama.cpp stores 1 + w, which `Arch.from_gguf`/`to_gguf` undo and redo."""
+
 import math
 
 from lmforge.arch import Arch
@@ -12,21 +13,25 @@ from lmforge.spec import ModelSpec
 _BIASES = {k for k in LLAMA_HF if k.endswith(".bias")}
 
 HF = {k: v for k, v in LLAMA_HF.items() if k not in _BIASES and k != "layers.{i}.mlp_norm"}
-HF.update({
-    "layers.{i}.post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-    "layers.{i}.mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
-    "layers.{i}.post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
-    "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",
-    "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",
-})
+HF.update(
+    {
+        "layers.{i}.post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "layers.{i}.post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+        "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+        "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    }
+)
 
 GGUF = {k: v for k, v in LLAMA_GGUF.items() if k not in _BIASES}
-GGUF.update({
-    "layers.{i}.post_attn_norm": "blk.{i}.post_attention_norm.weight",
-    "layers.{i}.post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
-    "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
-    "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
-})
+GGUF.update(
+    {
+        "layers.{i}.post_attn_norm": "blk.{i}.post_attention_norm.weight",
+        "layers.{i}.post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
+        "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
+        "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
+    }
+)
 
 LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 HF_LAYER_TYPES = {v: k for k, v in LAYER_TYPES.items()}
@@ -50,12 +55,16 @@ def _spec(cfg: dict):
         period = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or DEFAULT_PATTERN
         layer_types = pattern_layer_types(n_layers, int(period))
     local = rope_parameters(cfg, "sliding_attention")
-    local_theta = local.get("rope_theta") if isinstance(cfg.get("rope_parameters"), dict) \
-        and "sliding_attention" in cfg["rope_parameters"] else None
+    local_theta = (
+        local.get("rope_theta")
+        if isinstance(cfg.get("rope_parameters"), dict) and "sliding_attention" in cfg["rope_parameters"]
+        else None
+    )
     local_theta = local_theta or cfg.get("rope_local_base_freq") or 10000.0
     hidden = int(cfg["hidden_size"])
     return spec_from_hf(
-        cfg, "gemma3",
+        cfg,
+        "gemma3",
         rope_layer_type="full_attention",
         tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
@@ -77,25 +86,34 @@ def _gguf_spec(g, fields: dict) -> dict:
         layer_types = tuple("sliding" if p else "full" for p in pattern)
     else:
         layer_types = pattern_layer_types(n_layers, int(pattern) if pattern else DEFAULT_PATTERN)
-    return dict(layer_types=layer_types, rope_local_theta=f32(g(GGUF_LOCAL_THETA, 10000.0)),
-                # llama.cpp scales by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): hidden/heads
-                query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else fields["head_dim"]),
-                embedding_scale=math.sqrt(hidden), norm_offset=NORM_OFFSET)
+    return dict(
+        layer_types=layer_types,
+        rope_local_theta=f32(g(GGUF_LOCAL_THETA, 10000.0)),
+        # llama.cpp scales by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): hidden/heads
+        query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else fields["head_dim"]),
+        embedding_scale=math.sqrt(hidden),
+        norm_offset=NORM_OFFSET,
+    )
 
 
 def _gguf_metadata(spec: ModelSpec) -> dict:
     """Gemma 3's keys: llama.cpp wants a window even for models without one, and the pattern."""
-    return {GGUF_WINDOW: (spec.sliding_window or spec.context_length, "uint32"),
-            GGUF_PATTERN: ([t == "sliding" for t in spec.layer_types], "array"),
-            GGUF_LOCAL_THETA: (spec.rope_local_theta or 10000.0, "float32")}
+    return {
+        GGUF_WINDOW: (spec.sliding_window or spec.context_length, "uint32"),
+        GGUF_PATTERN: ([t == "sliding" for t in spec.layer_types], "array"),
+        GGUF_LOCAL_THETA: (spec.rope_local_theta or 10000.0, "float32"),
+    }
 
 
 def _hf_config(spec: ModelSpec, cfg: dict) -> None:
     scalar = spec.query_pre_attn_scalar
-    cfg.update(hidden_activation="gelu_pytorch_tanh",
-               query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
-               sliding_window=spec.sliding_window, rope_local_base_freq=spec.rope_local_theta,
-               layer_types=[HF_LAYER_TYPES[t] for t in spec.layer_types])
+    cfg.update(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        sliding_window=spec.sliding_window,
+        rope_local_base_freq=spec.rope_local_theta,
+        layer_types=[HF_LAYER_TYPES[t] for t in spec.layer_types],
+    )
     del cfg["hidden_act"]
 
 

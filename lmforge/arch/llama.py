@@ -1,4 +1,5 @@
 """Llama (Llama 2/3, SmolLM2, TinyLlama): the reference layout; Llama 3 rope scaling."""
+
 import math
 
 import numpy as np

@@ -2,6 +2,7 @@
 
 llama.cpp stores Mistral as `llama` (with the q/k row permutation) and runs it without the
 window; lmforge's own GGUF files keep the window key, which tells a Mistral apart on reading."""
+
 from lmforge.arch import Arch
 from lmforge.arch.common import GGUF_WINDOW, LLAMA_GGUF, LLAMA_HF, gguf_window_dropped, spec_from_hf
 

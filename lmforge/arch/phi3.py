@@ -4,6 +4,7 @@ partial rotary (Phi-4-mini rotates 3/4 of each head).
 The fused tensors stay fused in the stream (`layers.{i}.qkv` rows: q, then k, then v;
 `layers.{i}.gate_up` rows: gate, then up): `Arch.parts` tells consumers so, and writers split
 them if they want."""
+
 from lmforge.arch import Arch
 from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, spec_from_hf
 

@@ -1,4 +1,5 @@
 """Qwen2 / Qwen2.5: the Llama layout with q/k/v biases; optional sliding window on upper layers."""
+
 from lmforge.arch import Arch
 from lmforge.arch.common import LLAMA_GGUF, LLAMA_HF, hf_window_config, spec_from_hf
 from lmforge.spec import ModelSpec
@@ -12,8 +13,7 @@ def _spec(cfg: dict):
         window = int(cfg["sliding_window"])
         first = int(cfg.get("max_window_layers", n_layers))
         layer_types = tuple("sliding" if i >= first else "full" for i in range(n_layers))
-    return spec_from_hf(cfg, "qwen2", attention_bias=True, sliding_window=window,
-                        layer_types=layer_types)
+    return spec_from_hf(cfg, "qwen2", attention_bias=True, sliding_window=window, layer_types=layer_types)
 
 
 def _hf_config(spec: ModelSpec, cfg: dict) -> None:

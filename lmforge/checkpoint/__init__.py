@@ -1,4 +1,5 @@
 """Reading sources: HF folders and GGUF files, behind one `Checkpoint` interface."""
+
 from __future__ import annotations
 
 import os

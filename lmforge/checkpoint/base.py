@@ -1,10 +1,11 @@
 """What every checkpoint reader returns: a spec, tensor infos, and a lazy tensor stream."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -3,11 +3,12 @@
 llama.cpp's converter stores some tensors in its own row order or values (see each family's
 `Arch.from_gguf`); the stream undoes that, so it is in HF order and values.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -46,17 +47,24 @@ def _rope_scaling(g, tensors: dict, floats, context: int) -> RopeScaling | None:
     if "rope_factors_long.weight" in tensors:
         orig = int(g("rope.scaling.original_context_length", context))
         attn = g("rope.scaling.attn_factor")
-        return RopeScaling("longrope", factor=context / orig, original_context_length=orig,
-                           short_factor=tuple(floats("rope_factors_short.weight").tolist()),
-                           long_factor=tuple(floats("rope_factors_long.weight").tolist()),
-                           attention_factor=f32(attn) if attn is not None else None)
+        return RopeScaling(
+            "longrope",
+            factor=context / orig,
+            original_context_length=orig,
+            short_factor=tuple(floats("rope_factors_short.weight").tolist()),
+            long_factor=tuple(floats("rope_factors_long.weight").tolist()),
+            attention_factor=f32(attn) if attn is not None else None,
+        )
     if "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
         return RopeScaling("freq_factors", long_factor=tuple(floats("rope_freqs.weight").tolist()))
     if kind == "linear":
         return RopeScaling("linear", factor=f32(g("rope.scaling.factor")))
     if kind == "yarn":
-        return RopeScaling("yarn", factor=f32(g("rope.scaling.factor")),
-                           original_context_length=int(g("rope.scaling.original_context_length")))
+        return RopeScaling(
+            "yarn",
+            factor=f32(g("rope.scaling.factor")),
+            original_context_length=int(g("rope.scaling.original_context_length")),
+        )
     return None
 
 
@@ -66,8 +74,9 @@ def _hparams(g, meta: dict, tensors: dict) -> dict:
     for key, (attr, _) in GGUF_KEYS.items():
         v.setdefault(attr, g(key))  # the first key of an attribute (key_length, not value_length)
     if None in (v["hidden_size"], v["n_heads"], v["n_layers"], v["intermediate_size"]):
-        raise CheckpointError(f"GGUF file lacks {meta.get('general.architecture')}.embedding_length/block_count/...; "
-                              "it is incomplete")
+        raise CheckpointError(
+            f"GGUF file lacks {meta.get('general.architecture')}.embedding_length/block_count/...; it is incomplete"
+        )
 
     def get(attr, default):
         return default if v[attr] is None else v[attr]
@@ -76,11 +85,19 @@ def _hparams(g, meta: dict, tensors: dict) -> dict:
     head_dim = int(get("head_dim", hidden // n_heads))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = v["vocab_size"] or (len(tokens) if tokens else int(tensors["token_embd.weight"].shape[0]))
-    return dict(hidden_size=hidden, n_layers=int(v["n_layers"]), n_heads=n_heads,
-                n_kv_heads=int(get("n_kv_heads", n_heads)), head_dim=head_dim,
-                intermediate_size=int(v["intermediate_size"]), vocab_size=int(vocab),
-                context_length=int(get("context_length", 2048)), rope_theta=f32(get("rope_theta", 10000.0)),
-                norm_eps=f32(get("norm_eps", 1e-5)), partial_rotary_factor=int(get("rotary_dim", head_dim)) / head_dim)
+    return dict(
+        hidden_size=hidden,
+        n_layers=int(v["n_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(get("n_kv_heads", n_heads)),
+        head_dim=head_dim,
+        intermediate_size=int(v["intermediate_size"]),
+        vocab_size=int(vocab),
+        context_length=int(get("context_length", 2048)),
+        rope_theta=f32(get("rope_theta", 10000.0)),
+        norm_eps=f32(get("norm_eps", 1e-5)),
+        partial_rotary_factor=int(get("rotary_dim", head_dim)) / head_dim,
+    )
 
 
 def spec_from_gguf(meta: dict, arch: Arch, tensors: dict, floats) -> ModelSpec:
@@ -141,8 +158,8 @@ class GGUFCheckpoint(Checkpoint):
             name = match(e.name)
             if name is None:
                 raise CheckpointError(
-                    f"tensor {e.name!r} has no place in lmforge's {gguf_arch} table; "
-                    "this GGUF variant is not supported")
+                    f"tensor {e.name!r} has no place in lmforge's {gguf_arch} table; this GGUF variant is not supported"
+                )
             self._entries[name] = e
             qtype = gguf.GGMLQuantizationType(e.qtype).name
             self.infos.append(TensorInfo(name, e.name, e.shape, qtype, e.nbytes))
@@ -157,11 +174,13 @@ class GGUFCheckpoint(Checkpoint):
 
         qtype = gguf.GGMLQuantizationType(e.qtype)
         rows = self._rows(e)
-        out = np.empty((rows.shape[0], int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1
-                        else e.shape[0]), dtype=np.float32)
+        out = np.empty(
+            (rows.shape[0], int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else e.shape[0]),
+            dtype=np.float32,
+        )
         # row chunks bound gguf-py's temporaries to a few MB instead of several tensor copies
         for r in range(0, rows.shape[0], DEQUANT_ROWS):
-            out[r:r + DEQUANT_ROWS] = gguf.quants.dequantize(rows[r:r + DEQUANT_ROWS], qtype)
+            out[r : r + DEQUANT_ROWS] = gguf.quants.dequantize(rows[r : r + DEQUANT_ROWS], qtype)
         return out.reshape(e.shape)
 
     def read(self, name: str) -> np.ndarray:

@@ -4,6 +4,7 @@ from a memory map; tensor data stays on disk until asked for.
 gguf-py's reader builds a numpy array per metadata string (~170 MB for a 49k-token vocabulary);
 this one keeps plain Python values. Dequantization still uses gguf-py's codecs.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,19 @@ from lmforge.errors import CheckpointError
 
 MAGIC = b"GGUF"
 # GGUFValueType -> (struct format, numpy dtype) for scalar types
-SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
-           4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
-           10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64)}
+SCALARS = {
+    0: ("<B", np.uint8),
+    1: ("<b", np.int8),
+    2: ("<H", np.uint16),
+    3: ("<h", np.int16),
+    4: ("<I", np.uint32),
+    5: ("<i", np.int32),
+    6: ("<f", np.float32),
+    7: ("<?", np.bool_),
+    10: ("<Q", np.uint64),
+    11: ("<q", np.int64),
+    12: ("<d", np.float64),
+}
 STRING, ARRAY = 8, 9
 
 
@@ -48,7 +59,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise IndexError("string past end of file")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
@@ -112,7 +123,7 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry
         for _ in range(n_kv):
             key = c.string()
             vtype = c.unpack("<I")
-            etype = int.from_bytes(c.buf[c.pos:c.pos + 4], "little") if vtype == ARRAY else None
+            etype = int.from_bytes(c.buf[c.pos : c.pos + 4], "little") if vtype == ARRAY else None
             meta[key] = c.value(vtype)
             meta.types[key] = (vtype, etype)
         infos = []
@@ -125,8 +136,9 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry
             qtype, offset = c.unpack("<I"), c.unpack("<Q")
             infos.append((name, dims, qtype, offset))
     except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({e.__class__.__name__} in its header); "
-                              "re-download or re-convert it") from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({e.__class__.__name__} in its header); re-download or re-convert it"
+        ) from None
     finally:
         c.buf.release()
     align = meta.get("general.alignment", 32)

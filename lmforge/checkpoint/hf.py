@@ -3,13 +3,14 @@
 Safetensors are parsed here (8-byte header length, JSON header, raw little-endian data) so
 bf16 reads without torch and each tensor is read from disk only when the stream reaches it.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -45,7 +46,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({e.__class__.__name__}); re-download it") from None
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header ({e.__class__.__name__}); re-download it"
+            ) from None
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, e in header.items():
@@ -74,7 +77,8 @@ def _shard_files(folder: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"{folder} holds only pickle weights ({', '.join(pickles)}); lmforge never unpickles: "
-            "save the model as safetensors (save_pretrained(..., safe_serialization=True)) and retry")
+            "save the model as safetensors (save_pretrained(..., safe_serialization=True)) and retry"
+        )
     raise CheckpointError(f"{folder} has no *.safetensors weights; point lmforge at a complete HF checkpoint folder")
 
 
@@ -112,7 +116,8 @@ class HFCheckpoint(Checkpoint):
                 if name is None:
                     raise CheckpointError(
                         f"tensor {src!r} in {f.name} has no place in lmforge's {self.arch.model_type} table; "
-                        "this checkpoint variant is not supported")
+                        "this checkpoint variant is not supported"
+                    )
                 if entry["dtype"] not in DTYPES:
                     raise CheckpointError(f"tensor {src!r} has dtype {entry['dtype']}; lmforge reads F32, F16, BF16")
                 begin, end = entry["data_offsets"]

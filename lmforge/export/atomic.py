@@ -4,13 +4,14 @@ A writer fills a hidden temporary folder beside OUT (named after the writing pro
 renamed into place at the end; on any error or interrupt it is removed. A conversion killed
 outright (kill -9) leaves only the hidden folder, which the next write beside OUT removes.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.errors import LmforgeError
 
@@ -33,8 +34,10 @@ def check_output(out: Path, force: bool, marker: str, source: Path | None = None
         if not out.is_dir():
             raise LmforgeError(f"{out} is a file; choose another -o")
         if any(out.iterdir()) and not (out / marker).exists():
-            raise LmforgeError(f"{out} is not a folder lmforge wrote (no {marker}); --force replaces only those: "
-                               "remove it yourself or choose another -o")
+            raise LmforgeError(
+                f"{out} is not a folder lmforge wrote (no {marker}); --force replaces only those: "
+                "remove it yourself or choose another -o"
+            )
     if not out.parent.exists():
         raise LmforgeError(f"folder {out.parent} does not exist; create it first")
     return out

@@ -7,6 +7,7 @@ itself (`lmforge.quant.awq`) is pure numpy and knows nothing of graphs.
 Default calibration text: the documentation that ships with every Python (`pydoc_data.topics`),
 never the evaluation corpus.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,14 +49,17 @@ def _activations(ckpt, ids: list[int], n: int, window: int, sample_rows: int, ba
         sums = {t: 0.0 for t in taps}
         rows = {t: [] for t in taps}
         per_window = min(window, max(1, sample_rows // n))
-        empty = {f"past_key_values.{i}.{kv}": np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
-                 for i in range(spec.n_layers) for kv in ("key", "value")}
+        empty = {
+            f"past_key_values.{i}.{kv}": np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
+            for i in range(spec.n_layers)
+            for kv in ("key", "value")
+        }
         for w in range(n):
-            chunk = np.asarray([ids[w * window:(w + 1) * window]], dtype=np.int64)
+            chunk = np.asarray([ids[w * window : (w + 1) * window]], dtype=np.int64)
             outs = sess.run(taps, {"input_ids": chunk, "attention_mask": np.ones_like(chunk), **empty})
             pick = rng.choice(window, per_window, replace=False)
             for t, a in zip(taps, outs):
-                a = a[0]                                                              # (window, K)
+                a = a[0]  # (window, K)
                 sums[t] = sums[t] + np.abs(a).sum(axis=0)
                 rows[t].append(a[pick].astype(np.float16))
             bar.update()
@@ -63,8 +67,16 @@ def _activations(ckpt, ids: list[int], n: int, window: int, sample_rows: int, ba
     return sums, rows
 
 
-def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None, n_windows: int = 32,
-                       window: int = 256, sample_rows: int = 512, progress: bool = False, seed: int = 0) -> AwqScales:
+def compute_awq_scales(
+    ckpt,
+    quant: QuantOptions,
+    calibration: str | None = None,
+    n_windows: int = 32,
+    window: int = 256,
+    sample_rows: int = 512,
+    progress: bool = False,
+    seed: int = 0,
+) -> AwqScales:
     """AWQ scales for every linear group of `ckpt`, from calibration text through its fp32 graph.
 
     Args: the checkpoint; quantization the scales are searched for (bits, block size, symmetric);
@@ -73,8 +85,10 @@ def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None
     ids = ckpt.tokenizer().encode(calibration_text(calibration))
     n = min(n_windows, len(ids) // window)
     if n == 0:
-        raise LmforgeError(f"calibration text gives {len(ids)} tokens, fewer than one window of {window}; "
-                           "give a longer --calibration file")
+        raise LmforgeError(
+            f"calibration text gives {len(ids)} tokens, fewer than one window of {window}; "
+            "give a longer --calibration file"
+        )
     spec = ckpt.spec
     bar = Progress(n + spec.n_layers, progress, "AWQ")
     sums, rows = _activations(ckpt, ids, n, window, sample_rows, bar, seed)
@@ -92,4 +106,3 @@ def compute_awq_scales(ckpt, quant: QuantOptions, calibration: str | None = None
             scales.row_div[before] = s
         bar.update()
     return scales
-

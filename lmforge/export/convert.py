@@ -4,6 +4,7 @@ Everything goes into a hidden temporary folder beside OUT that is renamed into p
 complete, so an interrupted conversion never leaves a folder that looks finished; the next run
 removes the leftovers of dead conversions and starts again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,15 @@ from lmforge.export.weights import WeightSource
 from lmforge.progress import Progress, shown
 
 FORMAT_VERSION = 2  # 2: two graphs per folder (model.onnx, model.genai.onnx)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def write_tokenizer(ckpt, folder: Path) -> None:
@@ -60,11 +68,18 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> d
                 "filename": FULL_FILE,
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
-                           **({"position_ids": "position_ids"} if target.separate_rotary else {})},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                    **({"position_ids": "position_ids"} if target.separate_rotary else {}),
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
                 "num_attention_heads": spec.n_heads,
                 "num_hidden_layers": spec.n_layers,
                 "num_key_value_heads": spec.n_kv_heads,
@@ -76,18 +91,41 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> d
             "type": get_arch(spec.arch).model_type,
             "vocab_size": spec.vocab_size,
         },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
     }
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cpu-fp32", force: bool = False,
-            quant: str | None = None, block_size: int | None = None, symmetric: bool | None = None,
-            accuracy_level: int | None = None, requantize: bool | None = None, max_positions: int | None = None,
-            calibration: str | None = None, separate_rotary: bool | None = None,
-            progress: bool | None = None, head_bits: int | None = None) -> Path:
+def convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    target: str = "cpu-fp32",
+    force: bool = False,
+    quant: str | None = None,
+    block_size: int | None = None,
+    symmetric: bool | None = None,
+    accuracy_level: int | None = None,
+    requantize: bool | None = None,
+    max_positions: int | None = None,
+    calibration: str | None = None,
+    separate_rotary: bool | None = None,
+    progress: bool | None = None,
+    head_bits: int | None = None,
+) -> Path:
     """Convert SOURCE (known name, HF folder, GGUF file) into an ONNX folder OUT for TARGET.
 
     Args: source; output folder; target preset name; replace an existing OUT; quantization
@@ -108,8 +146,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
     tok = ckpt.tokenizer()  # fail before the long part when the tokenizer is missing
     started = time.time()
     with atomic_folder(out) as tmp:
-        options = GraphOptions(dtype=t.dtype, quant=t.quant, max_positions=max_positions,
-                               separate_rotary=t.separate_rotary)
+        options = GraphOptions(
+            dtype=t.dtype, quant=t.quant, max_positions=max_positions, separate_rotary=t.separate_rotary
+        )
         show = shown(progress)
         awq = None
         if t.quant is not None and t.quant.method == "awq":
@@ -127,19 +166,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, target: str = "cp
             _write_ort_format(tmp)
         write_tokenizer(ckpt, tmp)
         eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
-        files = sorted(p.name for p in tmp.iterdir() if p.name.endswith((".onnx", ".data", ".ort")))
-        meta = {
-            "format": "lmforge-onnx", "version": FORMAT_VERSION, "target": t.name, "dtype": t.dtype,
-            "provider": t.provider, "quant": dataclasses.asdict(t.quant) if t.quant else None,
-            "transcoded": sorted(src.transcoded), "requantized": sorted(src.requantized),
-            "model_file": MODEL_FILE, "full_file": FULL_FILE, "arch": ckpt.spec.arch,
-            "n_layers": ckpt.spec.n_layers, "n_kv_heads": ckpt.spec.n_kv_heads, "head_dim": ckpt.spec.head_dim,
-            "vocab_size": ckpt.spec.vocab_size, "context_length": ckpt.spec.context_length,
-            "max_positions": max_positions or ckpt.spec.context_length,
-            "eos_token_ids": eos, "bos_token_id": tok.bos_id, "add_bos": tok.add_bos,
-            "files": {name: (tmp / name).stat().st_size for name in files},
-            "source": str(ckpt.path), "seconds": round(time.time() - started, 2),
-        }
+        meta = _folder_meta(ckpt, t, src, tok, eos, tmp, max_positions, time.time() - started)
         genai = genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions)
         (tmp / GENAI_FILE).write_text(json.dumps(genai, indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -150,5 +177,41 @@ def _write_ort_format(folder: Path) -> None:
     """model.ort: the graph in ONNX Runtime's flatbuffer format, for ONNX Runtime Mobile."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    convert_onnx_models_to_ort(folder / MODEL_FILE, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed],
-                               enable_type_reduction=False)
+    convert_onnx_models_to_ort(
+        folder / MODEL_FILE,
+        output_dir=folder,
+        optimization_styles=[OptimizationStyle.Fixed],
+        enable_type_reduction=False,
+    )
+
+
+def _folder_meta(
+    ckpt, t, src: WeightSource, tok, eos: list[int], tmp: Path, max_positions: int | None, seconds: float
+) -> dict:
+    """lmforge.json: what the folder holds and how it was made (the engine reads it back)."""
+    files = sorted(p.name for p in tmp.iterdir() if p.name.endswith((".onnx", ".data", ".ort")))
+    return {
+        "format": "lmforge-onnx",
+        "version": FORMAT_VERSION,
+        "target": t.name,
+        "dtype": t.dtype,
+        "provider": t.provider,
+        "quant": dataclasses.asdict(t.quant) if t.quant else None,
+        "transcoded": sorted(src.transcoded),
+        "requantized": sorted(src.requantized),
+        "model_file": MODEL_FILE,
+        "full_file": FULL_FILE,
+        "arch": ckpt.spec.arch,
+        "n_layers": ckpt.spec.n_layers,
+        "n_kv_heads": ckpt.spec.n_kv_heads,
+        "head_dim": ckpt.spec.head_dim,
+        "vocab_size": ckpt.spec.vocab_size,
+        "context_length": ckpt.spec.context_length,
+        "max_positions": max_positions or ckpt.spec.context_length,
+        "eos_token_ids": eos,
+        "bos_token_id": tok.bos_id,
+        "add_bos": tok.add_bos,
+        "files": {name: (tmp / name).stat().st_size for name in files},
+        "source": str(ckpt.path),
+        "seconds": round(seconds, 2),
+    }

@@ -7,6 +7,7 @@ frequency divisors as tensors). The file is streamed: every
 tensor info first (types are decided from names and shapes), then the data one tensor at a time
 into a hidden temporary file beside OUT, renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,12 +77,20 @@ def _add(writer, key: str, value, kind: str) -> None:
     T = gguf.GGUFValueType
     if kind == "array":
         first = value[0] if len(value) else ""
-        sub = T.STRING if isinstance(first, str) else T.BOOL if isinstance(first, bool) else \
-            T.INT32 if isinstance(first, (int, np.integer)) else T.FLOAT32
+        sub = (
+            T.STRING
+            if isinstance(first, str)
+            else T.BOOL
+            if isinstance(first, bool)
+            else T.INT32
+            if isinstance(first, (int, np.integer))
+            else T.FLOAT32
+        )
         writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)
     else:
-        writer.add_key_value(key, value, {"uint32": T.UINT32, "float32": T.FLOAT32, "string": T.STRING,
-                                          "bool": T.BOOL}[kind])
+        writer.add_key_value(
+            key, value, {"uint32": T.UINT32, "float32": T.FLOAT32, "string": T.STRING, "bool": T.BOOL}[kind]
+        )
 
 
 def _copy(writer, meta, key: str) -> None:
@@ -112,8 +121,9 @@ class _Plan:
         for info in names:
             gname = arch.source_name(info.name, "gguf")
             if gname is None:
-                raise LmforgeError(f"tensor {info.name!r} has no GGUF name for {spec.arch}; "
-                                   "this model cannot be written as GGUF")
+                raise LmforgeError(
+                    f"tensor {info.name!r} has no GGUF name for {spec.arch}; this model cannot be written as GGUF"
+                )
             qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
             if note:
                 self.notes.append(note)
@@ -160,8 +170,10 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
     meta, extra = _arch_metadata(ckpt)
     plan = _Plan(ckpt, ft, extra)
     if plan.notes:  # one line per kind of fallback, as a summary
-        log.warning(f"{len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
-                    f"{', ...' if len(plan.notes) > 1 else ''})")
+        log.warning(
+            f"{len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"
+            f"{', ...' if len(plan.notes) > 1 else ''})"
+        )
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -189,7 +201,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         bar = Progress(len(plan.items), progress, "gguf", unit="tensor")
-        for gname, shape, qtype, info in plan.items:
+        for gname, _shape, qtype, info in plan.items:
             if info is None:
                 data = _encode(extra[gname], qtype)
             elif ckpt.format == "gguf" and info.dtype == qtype.name:

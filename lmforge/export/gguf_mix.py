@@ -6,11 +6,14 @@ every third one between; the output head); 1-D tensors (norms, biases, rope fact
 K-quants need rows that are a multiple of 256; otherwise llama.cpp falls back to a legacy type
 of about the same size (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), and lmforge does too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType as F
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as F
 
 from lmforge.errors import LmforgeError
 
@@ -23,19 +26,22 @@ class FileType:
     mix: str | None = None  # "m": the _M mix of K-quant file types
 
 
-FILE_TYPES = {t.name: t for t in (
-    FileType("f32", F.ALL_F32, Q.F32),
-    FileType("f16", F.MOSTLY_F16, Q.F16),
-    FileType("bf16", F.MOSTLY_BF16, Q.BF16),
-    FileType("q8_0", F.MOSTLY_Q8_0, Q.Q8_0),
-    FileType("q4_0", F.MOSTLY_Q4_0, Q.Q4_0),
-    FileType("q4_1", F.MOSTLY_Q4_1, Q.Q4_1),
-    FileType("q5_0", F.MOSTLY_Q5_0, Q.Q5_0),
-    FileType("q5_1", F.MOSTLY_Q5_1, Q.Q5_1),
-    FileType("q4_k_m", F.MOSTLY_Q4_K_M, Q.Q4_K, "m"),
-    FileType("q5_k_m", F.MOSTLY_Q5_K_M, Q.Q5_K, "m"),
-    FileType("q6_k", F.MOSTLY_Q6_K, Q.Q6_K),
-)}
+FILE_TYPES = {
+    t.name: t
+    for t in (
+        FileType("f32", F.ALL_F32, Q.F32),
+        FileType("f16", F.MOSTLY_F16, Q.F16),
+        FileType("bf16", F.MOSTLY_BF16, Q.BF16),
+        FileType("q8_0", F.MOSTLY_Q8_0, Q.Q8_0),
+        FileType("q4_0", F.MOSTLY_Q4_0, Q.Q4_0),
+        FileType("q4_1", F.MOSTLY_Q4_1, Q.Q4_1),
+        FileType("q5_0", F.MOSTLY_Q5_0, Q.Q5_0),
+        FileType("q5_1", F.MOSTLY_Q5_1, Q.Q5_1),
+        FileType("q4_k_m", F.MOSTLY_Q4_K_M, Q.Q4_K, "m"),
+        FileType("q5_k_m", F.MOSTLY_Q5_K_M, Q.Q5_K, "m"),
+        FileType("q6_k", F.MOSTLY_Q6_K, Q.Q6_K),
+    )
+}
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
@@ -60,8 +66,9 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], ft: FileType, n_layers: int,
-                has_output: bool) -> tuple[Q, str | None]:
+def tensor_type(
+    gguf_name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, has_output: bool
+) -> tuple[Q, str | None]:
     """(ggml type, fallback note or None) for one tensor of numpy shape `shape` (rows, cols)."""
     if len(shape) < 2 or "_norm" in gguf_name or not gguf_name.endswith(".weight") or gguf_name.startswith("rope_"):
         return Q.F32, None

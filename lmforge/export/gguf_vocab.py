@@ -9,6 +9,7 @@ From a GGUF source the writer copies the `tokenizer.*` keys as they are. From an
   with one score and type per piece: read from `tokenizer.model` when present (a small protobuf
   reader, no sentencepiece needed), otherwise derived from the merge ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,14 @@ from lmforge.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFIN
 log = logging.getLogger(__name__)
 
 # Digits, spaces, newlines, tabs, contractions, scripts and emoji: the cases pre-tokenizers differ on.
-PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001F680 (normal) \U0001F636\u200d\U0001F32B\ufe0f (emoji) "
-         "\u2705 3 33 333 3333 33333 333333 3.3 3..3 3...3 1234567890 \u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e "
-         "------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
-         "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
-         "'D you like some tea? We'Ve a'lL  Hello World\r\n\r\nx = f(a_b, 42) + 7.5e-3;  caf\u00e9 na\u00efve")
+PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (emoji) "
+    "\u2705 3 33 333 3333 33333 333333 3.3 3..3 3...3 1234567890 "
+    "\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e "
+    "------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL  Hello World\r\n\r\nx = f(a_b, 42) + 7.5e-3;  caf\u00e9 na\u00efve"
+)
 # Order matters: the first candidate that reproduces the source wins. Qwen2's single digits come
 # before Llama 3's groups of three: on a vocabulary without multi-digit tokens both split alike.
 PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2", "default")
@@ -52,12 +56,12 @@ def _fields(buf: bytes):
         if wire == 0:
             value, i = _varint(buf, i)
         elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+            value, i = buf[i : i + 8], i + 8
         elif wire == 2:
             n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
+            value, i = buf[i : i + n], i + n
         elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+            value, i = buf[i : i + 4], i + 4
         else:
             raise TokenizerError("tokenizer.model is not a SentencePiece model (unknown protobuf wire type)")
         yield field, wire, value
@@ -135,8 +139,10 @@ def _pick_pre(source: Tokenizer, meta: dict) -> str:
         candidate.encode_special_tokens = True
         if candidate.encode(PROBE, add_special_tokens=False).ids == want:
             return pre
-    log.warning("no llama.cpp pre-tokenizer reproduces this tokenizer's splits exactly; "
-                "writing 'default' (llama.cpp may tokenize some text differently)")
+    log.warning(
+        "no llama.cpp pre-tokenizer reproduces this tokenizer's splits exactly; "
+        "writing 'default' (llama.cpp may tokenize some text differently)"
+    )
     return "default"
 
 
@@ -164,8 +170,10 @@ def hf_vocab(folder: Path, n_vocab: int) -> dict:
     elif not byte_level:
         meta.update(_spm_meta(folder, tj, tokens, added))
     else:
-        raise TokenizerError(f"{path}: a byte-level {model.get('type')} tokenizer cannot be written to GGUF; "
-                             "lmforge writes byte-level BPE and SentencePiece tokenizers")
+        raise TokenizerError(
+            f"{path}: a byte-level {model.get('type')} tokenizer cannot be written to GGUF; "
+            "lmforge writes byte-level BPE and SentencePiece tokenizers"
+        )
     if source.bos_id is not None:
         meta["tokenizer.ggml.bos_token_id"] = (source.bos_id, T_UINT32)
     if source.eos_ids:
@@ -183,7 +191,7 @@ def _spm_meta(folder: Path, tj: dict, tokens: list[str], added: dict[int, dict])
         pieces = sentencepiece_pieces(sp_file)
         scores = [s for _, s, _ in pieces] + [0.0] * (len(tokens) - len(pieces))
         types = [k for _, _, k in pieces] + [UNUSED] * (len(tokens) - len(pieces))
-        tokens = [p for p, _, _ in pieces] + tokens[len(pieces):]
+        tokens = [p for p, _, _ in pieces] + tokens[len(pieces) :]
         for i, a in added.items():  # chat tokens past the pieces (Phi-3's <|user|>, ...) too
             if i < len(types):
                 types[i] = CONTROL if a.get("special") else USER_DEFINED
@@ -208,11 +216,14 @@ def _spm_meta(folder: Path, tj: dict, tokens: list[str], added: dict[int, dict])
         if model.get("unk_token") in vocab:
             types[vocab[model["unk_token"]]] = UNKNOWN
     else:
-        raise TokenizerError(f"tokenizer model {model.get('type')!r} cannot be written to GGUF; "
-                             "lmforge writes byte-level BPE and SentencePiece tokenizers")
+        raise TokenizerError(
+            f"tokenizer model {model.get('type')!r} cannot be written to GGUF; "
+            "lmforge writes byte-level BPE and SentencePiece tokenizers"
+        )
     steps = _steps(tj.get("normalizer")) + _steps(tj.get("pre_tokenizer"))
     prefix = any(s.get("type") == "Prepend" for s in steps) or any(
-        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in steps)
+        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in steps
+    )
     meta = {
         "tokenizer.ggml.model": ("llama", T_STRING),
         "tokenizer.ggml.tokens": (tokens, T_ARRAY),

@@ -4,6 +4,7 @@ The safetensors header is computed from the tensor infos up front, then tensors 
 at a time, so a model never has to fit in memory twice. Lets people fine-tune what they found
 as GGUF, and feeds tools that only read HF folders.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,31 @@ def _rope_scaling(spec: ModelSpec) -> dict | None:
     if rs.kind == "linear":
         return {"rope_type": "linear", "factor": rs.factor}
     if rs.kind == "llama3":
-        return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_context_length}
+        return {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_context_length,
+        }
     if rs.kind == "longrope":
-        return {"rope_type": "longrope", "short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor),
-                "original_max_position_embeddings": rs.original_context_length, "attention_factor": rs.attention_factor}
+        return {
+            "rope_type": "longrope",
+            "short_factor": list(rs.short_factor),
+            "long_factor": list(rs.long_factor),
+            "original_max_position_embeddings": rs.original_context_length,
+            "attention_factor": rs.attention_factor,
+        }
     if rs.kind == "yarn":
-        return {"rope_type": "yarn", "factor": rs.factor,
-                "original_max_position_embeddings": rs.original_context_length}
-    raise LmforgeError(f"writing an HF folder for rope scaling {rs.kind!r} (as GGUF stores it) is not supported; "
-                       "convert from the original HF checkpoint instead")
+        return {
+            "rope_type": "yarn",
+            "factor": rs.factor,
+            "original_max_position_embeddings": rs.original_context_length,
+        }
+    raise LmforgeError(
+        f"writing an HF folder for rope scaling {rs.kind!r} (as GGUF stores it) is not supported; "
+        "convert from the original HF checkpoint instead"
+    )
 
 
 def hf_config(spec: ModelSpec) -> dict:
@@ -42,15 +58,24 @@ def hf_config(spec: ModelSpec) -> dict:
     then the family's own (`Arch.hf_config`)."""
     arch = get_arch(spec.arch)
     cfg = {
-        "architectures": [arch.hf_class], "model_type": arch.model_type,
-        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-        "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
-        "max_position_embeddings": spec.context_length, "rms_norm_eps": spec.norm_eps,
-        "rope_theta": spec.rope_theta, "tie_word_embeddings": spec.tied_embeddings,
-        "vocab_size": spec.vocab_size, "hidden_act": "silu", "torch_dtype": "float32",
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": spec.n_heads,
+        "num_key_value_heads": spec.n_kv_heads,
+        "head_dim": spec.head_dim,
+        "max_position_embeddings": spec.context_length,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
+        "tie_word_embeddings": spec.tied_embeddings,
+        "vocab_size": spec.vocab_size,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
         # pad_token_id: Phi-3's class default (32000) may lie outside the vocabulary
-        "bos_token_id": spec.bos_token_id, "pad_token_id": None,
+        "bos_token_id": spec.bos_token_id,
+        "pad_token_id": None,
         "eos_token_id": spec.eos_token_ids[0] if len(spec.eos_token_ids) == 1 else list(spec.eos_token_ids),
     }
     scaling = _rope_scaling(spec)
@@ -70,7 +95,10 @@ def write_safetensors(path: Path, ckpt) -> None:
     for info in ckpt.infos:
         nbytes = 4 * info.n_elements
         header[ckpt.arch.source_name(info.name, "hf")] = {
-            "dtype": "F32", "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+            "dtype": "F32",
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -10,6 +10,7 @@ each to the external-data file as soon as it is laid out, so memory holds about 
 Read top-down: the weights as the graph refers to them, the ops a layer is made of, the graph's
 inputs and outputs, the rotary tables, one decoder layer, the embedding and head, then `build`.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,18 +23,22 @@ import onnx
 from onnx import TensorProto, helper
 
 from lmforge.checkpoint.base import Checkpoint
-from lmforge.spec import ModelSpec
 from lmforge.errors import LmforgeError
 from lmforge.export.rope import rope_tables
 from lmforge.export.weights import QuantOptions, WeightSource
 from lmforge.quant.nbits import NBits
+from lmforge.spec import ModelSpec
 
 MS = "com.microsoft"
 DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # page-aligned tensors let ONNX Runtime map external data instead of copying it
-NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-              np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
-              np.dtype(np.uint8): TensorProto.UINT8}
+NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+}
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class Graph:
 
 # ---- weights as the graph reads them --------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DenseWeight:
     """A float matrix W (N, K), as in HF, stored as the initializer `name`."""
@@ -148,10 +154,15 @@ def _nbits_weights(g: Graph, w: NBits, name: str) -> NBitsWeight:
     """Write W's codes once, as the initializers `name`.qweight, .scales, .zero_points, .offsets."""
     zp = w.packed_zero_points()
     return NBitsWeight(
-        qweight=g.weight(name + ".qweight", w.packed_b()), scales=g.weight(name + ".scales", w.scales),
+        qweight=g.weight(name + ".qweight", w.packed_b()),
+        scales=g.weight(name + ".scales", w.scales),
         zero_points=g.weight(name + ".zero_points", zp) if zp is not None else None,
         offsets=g.weight(name + ".offsets", np.ascontiguousarray(w.offsets.T)) if w.offsets is not None else None,
-        bits=w.bits, block_size=w.block_size, K=w.K, N=w.N)
+        bits=w.bits,
+        block_size=w.block_size,
+        K=w.K,
+        N=w.N,
+    )
 
 
 def _write_head(g: Graph, w: np.ndarray | NBits) -> HeadWeight:
@@ -166,6 +177,7 @@ def _norm_weight(g: Graph, src: WeightSource, name: str) -> str:
 
 # ---- the ops a layer is made of -------------------------------------------------------------
 
+
 def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tuple[str, str]:
     """RMSNorm(residual + x) and the new residual, one SkipSimplifiedLayerNormalization; its mean
     and inverse-deviation outputs stay unnamed so the kernel does not write them."""
@@ -176,8 +188,9 @@ def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tupl
 
 def _rms_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
     """RMSNorm of x over its last axis with the norm weight `name`."""
-    return g.node("RMSNormalization", [x, _norm_weight(g, src, name)], axis=-1, epsilon=float(src.spec.norm_eps),
-                  stash_type=1)
+    return g.node(
+        "RMSNormalization", [x, _norm_weight(g, src, name)], axis=-1, epsilon=float(src.spec.norm_eps), stash_type=1
+    )
 
 
 def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
@@ -193,21 +206,33 @@ def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accu
 
 def _matmul_nbits(g: Graph, x: str, w: NBitsWeight, accuracy_level: int) -> str:
     """MatMulNBits over written codes, plus each block's offset times that block's input sum."""
-    y = g.node("MatMulNBits", [x, w.qweight, w.scales] + ([w.zero_points] if w.zero_points else []), domain=MS,
-               K=w.K, N=w.N, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+    y = g.node(
+        "MatMulNBits",
+        [x, w.qweight, w.scales] + ([w.zero_points] if w.zero_points else []),
+        domain=MS,
+        K=w.K,
+        N=w.N,
+        bits=w.bits,
+        block_size=w.block_size,
+        accuracy_level=accuracy_level,
+    )
     if w.offsets:
-        sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])],
-                      keepdims=0)                                                                 # (B, S, n_blocks)
+        sums = g.node(
+            "ReduceSum", [g.node("Reshape", [x, g.const([0, 0, -1, w.block_size])]), g.const([-1])], keepdims=0
+        )  # (B, S, n_blocks)
         y = g.node("Add", [y, g.node("MatMul", [sums, w.offsets])])
     return y
 
 
 # spec.activation -> the nodes computing it on x
-ACTIVATIONS = {"silu": lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x])]),
-               "gelu_tanh": lambda g, x: g.node("FastGelu", [x], domain=MS)}
+ACTIVATIONS = {
+    "silu": lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x])]),
+    "gelu_tanh": lambda g, x: g.node("FastGelu", [x], domain=MS),
+}
 
 
 # ---- graph inputs and outputs ---------------------------------------------------------------
+
 
 def _past(i: int) -> tuple[str, str]:
     return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
@@ -221,8 +246,10 @@ def _declare_io(g: Graph, spec: ModelSpec, options: GraphOptions) -> None:
     """The graph inputs (token ids, attention mask, DirectML's position ids, each layer's past KV
     cache) and each layer's present KV cache output, named as onnxruntime-genai expects them."""
     info, onnx_dtype, kv, hd = helper.make_tensor_value_info, NP_TO_ONNX[g.dtype], spec.n_kv_heads, spec.head_dim
-    g.inputs += [info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-                 info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    g.inputs += [
+        info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
     if options.separate_rotary:
         g.inputs.append(info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
     for i in range(spec.n_layers):
@@ -235,7 +262,7 @@ def _declare_io(g: Graph, spec: ModelSpec, options: GraphOptions) -> None:
 class _Lengths:
     """What attention_mask says about the batch, computed once per graph."""
 
-    mask_sum: str   # (B,) int64: each row's valid positions, past and new (rows are right-padded)
+    mask_sum: str  # (B,) int64: each row's valid positions, past and new (rows are right-padded)
     seqlens_k: str  # (B,) int32: the same less one, as GroupQueryAttention takes it
     total_len: str  # () int32: past plus new positions
 
@@ -244,12 +271,14 @@ def _lengths(g: Graph) -> _Lengths:
     """The lengths GroupQueryAttention and the last-position gather read, from attention_mask."""
     mask_sum = g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0)
     seqlens_k = g.node("Cast", [g.node("Sub", [mask_sum, g.const(1)])], to=TensorProto.INT32)
-    total_len = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)])],
-                       to=TensorProto.INT32)
+    total_len = g.node(
+        "Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)])], to=TensorProto.INT32
+    )
     return _Lengths(mask_sum, seqlens_k, total_len)
 
 
 # ---- rotary tables --------------------------------------------------------------------------
+
 
 def _local_rope(spec: ModelSpec, i: int) -> bool:
     """Whether layer i rotates with the sliding layers' own base (Gemma 3) instead of the global one."""
@@ -262,9 +291,13 @@ def _rotary_caches(g: Graph, spec: ModelSpec, options: GraphOptions, total_len: 
     caches = {}
     for local in sorted({_local_rope(spec, i) for i in range(spec.n_layers)}):
         tables = rope_tables(spec, n_pos, local=local)
-        names = {k: (g.weight(f"cos_cache{'_local' if local else ''}{'_' + k if k else ''}", c),
-                     g.weight(f"sin_cache{'_local' if local else ''}{'_' + k if k else ''}", s))
-                 for k, (c, s) in tables.items()}
+        names = {
+            k: (
+                g.weight(f"cos_cache{'_local' if local else ''}{'_' + k if k else ''}", c),
+                g.weight(f"sin_cache{'_local' if local else ''}{'_' + k if k else ''}", s),
+            )
+            for k, (c, s) in tables.items()
+        }
         if "long" in names:  # Phi-3 longrope: long factors once the sequence passes the original context
             is_long = g.node("Greater", [total_len, g.const(spec.rope_scaling.original_context_length, np.int32)])
             names = {"": tuple(g.node("Where", [is_long, names["long"][j], names["short"][j]]) for j in range(2))}
@@ -273,6 +306,7 @@ def _rotary_caches(g: Graph, spec: ModelSpec, options: GraphOptions, total_len: 
 
 
 # ---- one decoder layer ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Shared:
@@ -287,8 +321,10 @@ def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions) -> 
     empty), unpacked with Split when q/k need norms, or three projections for DirectML."""
     spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
     if options.separate_rotary and not src.qkv_parts(i) == [f"{p}.qkv"]:
-        return tuple(_linear(g, h, src.matrix([f"{p}.{t}"], f"{p}.qkv"), f"{p}.{t}", src.get(f"{p}.{t}.bias"), level)
-                     for t in "qkv")
+        return tuple(
+            _linear(g, h, src.matrix([f"{p}.{t}"], f"{p}.qkv"), f"{p}.{t}", src.get(f"{p}.{t}.bias"), level)
+            for t in "qkv"
+        )
     qkv = _linear(g, h, src.matrix(src.qkv_parts(i), f"{p}.qkv"), f"{p}.qkv", src.qkv_bias(i), level)
     if spec.qk_norm or options.separate_rotary:
         sizes = [spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim]
@@ -298,7 +334,7 @@ def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions) -> 
 
 def _per_head_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
     """RMSNorm over each head of x (B, S, n_heads * head_dim) with the norm weight `name` (head_dim,)."""
-    heads = g.node("Reshape", [x, g.const([0, 0, -1, src.spec.head_dim])])                 # (B, S, n_heads, head_dim)
+    heads = g.node("Reshape", [x, g.const([0, 0, -1, src.spec.head_dim])])  # (B, S, n_heads, head_dim)
     return g.node("Reshape", [_rms_norm(g, src, heads, name), g.const([0, 0, -1])])
 
 
@@ -321,16 +357,24 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
         q, k = (_per_head_norm(g, src, t, f"{p}.{n}_norm") for t, n in ((q, "q"), (k, "k")))
     if options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
         rot = {"rotary_embedding_dim": spec.rotary_dim} if spec.rotary_dim != spec.head_dim else {}
-        q, k = (g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0,
-                       num_heads=n, **rot) for t, n in ((q, spec.n_heads), (k, spec.n_kv_heads)))
+        q, k = (
+            g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0, num_heads=n, **rot)
+            for t, n in ((q, spec.n_heads), (k, spec.n_kv_heads))
+        )
         fused_rotary, caches = {}, []
     else:
         fused_rotary, caches = {"do_rotary": 1, "rotary_interleaved": 0}, [cos, sin]
     attn, present_k, present_v = g.node(
-        "GroupQueryAttention", [q, k, v, *_past(i), shared.lengths.seqlens_k, shared.lengths.total_len] + caches,
-        n_out=3, domain=MS, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads,
+        "GroupQueryAttention",
+        [q, k, v, *_past(i), shared.lengths.seqlens_k, shared.lengths.total_len] + caches,
+        n_out=3,
+        domain=MS,
+        num_heads=spec.n_heads,
+        kv_num_heads=spec.n_kv_heads,
         scale=1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim),
-        local_window_size=window_size(spec, i), **fused_rotary)
+        local_window_size=window_size(spec, i),
+        **fused_rotary,
+    )
     for out, name in zip((present_k, present_v), _present(i)):
         g.nodes.append(helper.make_node("Identity", [out], [name]))
     g.taps[f"{p}.o"] = attn
@@ -348,8 +392,9 @@ def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
     return _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
 
 
-def _layer(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, residual: str,
-           shared: _Shared) -> tuple[str, str]:
+def _layer(
+    g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, residual: str, shared: _Shared
+) -> tuple[str, str]:
     """Decoder layer i from its normed input h and the residual stream (both (B, S, H)); returns
     the next layer's normed input (after the last layer: the final norm's output) and residual."""
     spec, p, eps = src.spec, f"layers.{i}", float(src.spec.norm_eps)
@@ -365,6 +410,7 @@ def _layer(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, r
 
 
 # ---- embedding and head ---------------------------------------------------------------------
+
 
 def _gatherable(w: NBits) -> bool:
     """GatherBlockQuantized reads these codes: integer zero points, no offsets, whole blocks per row."""
@@ -386,10 +432,16 @@ def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str,
     codes = None
     if isinstance(table, NBits) and _gatherable(table):
         codes = _nbits_weights(g, table, "lm_head" if spec.tied_embeddings else "embed")
-        packed = g.node("Reshape", [codes.qweight, g.const([codes.N, -1])])                        # (V, H*bits/8)
-        x = g.node("GatherBlockQuantized", [packed, "input_ids", codes.scales]
-                   + ([codes.zero_points] if codes.zero_points else []), domain=MS,
-                   bits=codes.bits, block_size=codes.block_size, quantize_axis=1, gather_axis=0)
+        packed = g.node("Reshape", [codes.qweight, g.const([codes.N, -1])])  # (V, H*bits/8)
+        x = g.node(
+            "GatherBlockQuantized",
+            [packed, "input_ids", codes.scales] + ([codes.zero_points] if codes.zero_points else []),
+            domain=MS,
+            bits=codes.bits,
+            block_size=codes.block_size,
+            quantize_axis=1,
+            gather_axis=0,
+        )
     else:
         dense = g.weight("embed", table.dequantize() if isinstance(table, NBits) else table)
         x = g.node("Gather", [dense, "input_ids"])
@@ -412,17 +464,17 @@ def _head(g: Graph, h: str, w: HeadWeight, spec: ModelSpec, accuracy_level: int)
 def _last_positions(g: Graph, h: str, mask_sum: str, hidden: int) -> str:
     """h (B, S, H) at the last valid position of each (right-padded) row: (B, 1, H)."""
     seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
-    idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])                          # (B,)
-    column = g.node("Reshape", [idx, g.const([-1, 1, 1])])                                          # (B, 1, 1)
+    idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])  # (B,)
+    column = g.node("Reshape", [idx, g.const([-1, 1, 1])])  # (B, 1, 1)
     shape = g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, hidden])], axis=0)
-    idx = g.node("Expand", [column, shape])                                                          # (B, 1, H)
+    idx = g.node("Expand", [column, shape])  # (B, 1, H)
     return g.node("GatherElements", [h, idx], axis=1)
 
 
 def _tap_outputs(g: Graph, options: GraphOptions) -> list:
     """With options.taps, one output "tap.{group}" per linear group: the tensor feeding it (for AWQ)."""
     taps = []
-    for name, tensor in (g.taps.items() if options.taps else ()):
+    for name, tensor in g.taps.items() if options.taps else ():
         g.nodes.append(helper.make_node("Identity", [tensor], [f"tap.{name}"]))
         taps.append(helper.make_tensor_value_info(f"tap.{name}", NP_TO_ONNX[g.dtype], None))
     return taps
@@ -430,14 +482,16 @@ def _tap_outputs(g: Graph, options: GraphOptions) -> list:
 
 def _model(g: Graph, outputs: list) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, "lmforge", g.inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)],
-                              producer_name="lmforge")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MS, 1)], producer_name="lmforge"
+    )
     model.ir_version = 11  # opset 23: RMSNormalization
     return model
 
 
-def _graphs(g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: HeadWeight,
-            mask_sum: str) -> dict[str, onnx.ModelProto]:
+def _graphs(
+    g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: HeadWeight, mask_sum: str
+) -> dict[str, onnx.ModelProto]:
     """The two variants over the shared body whose final hidden states are h (B, S, H): "full"
     (every position's logits) and "last" (each row's last valid position's)."""
     taps = _tap_outputs(g, options)
@@ -456,15 +510,19 @@ def _graphs(g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: Head
 
 # ---- the whole graph ------------------------------------------------------------------------
 
-def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSource | None = None,
-          progress=None) -> dict[str, onnx.ModelProto]:
+
+def build(
+    ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSource | None = None, progress=None
+) -> dict[str, onnx.ModelProto]:
     """Write `folder/model.onnx.data`; return {"last": graph with last-position logits,
     "full": graph with every position's logits}, both over the same weights."""
     spec = ckpt.spec
     dtype = np.float16 if options.dtype == "float16" else np.float32
     if spec.rotary_dim % 16:
-        raise LmforgeError(f"rotary dimension {spec.rotary_dim} is not a multiple of 16, which ONNX Runtime's "
-                           "GroupQueryAttention requires; this model cannot be exported to ONNX")
+        raise LmforgeError(
+            f"rotary dimension {spec.rotary_dim} is not a multiple of 16, which ONNX Runtime's "
+            "GroupQueryAttention requires; this model cannot be exported to ONNX"
+        )
     weights = WeightFile(folder / DATA_FILE)
     try:
         return _build(ckpt, options, src or WeightSource(ckpt, options.quant), Graph(weights, dtype), progress)
@@ -472,14 +530,15 @@ def build(ckpt: Checkpoint, folder: Path, options: GraphOptions, src: WeightSour
         weights.close()
 
 
-def _build(ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph,
-           progress) -> dict[str, onnx.ModelProto]:
+def _build(
+    ckpt: Checkpoint, options: GraphOptions, src: WeightSource, g: Graph, progress
+) -> dict[str, onnx.ModelProto]:
     """Inputs, rotary tables, embedding, each layer in turn (one layer's weights at a time), head."""
     spec = ckpt.spec
     _declare_io(g, spec, options)
     lengths = _lengths(g)
     shared = _Shared(lengths, _rotary_caches(g, spec, options, lengths.total_len))
-    x, write_head = _embedding(g, src, options)                                                    # (B, S, H)
+    x, write_head = _embedding(g, src, options)  # (B, S, H)
     if spec.embedding_scale:
         x = g.node("Mul", [x, g.const(spec.embedding_scale, g.dtype.type)])
     h, residual = _rms_norm(g, src, x, "layers.0.attn_norm"), x

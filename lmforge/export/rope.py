@@ -1,5 +1,6 @@
 """Rotary-embedding tables (cos/sin caches) from a ModelSpec, computed as transformers does
 (float32 inverse frequencies, float32 angle products) so exported graphs match it closely."""
+
 from __future__ import annotations
 
 import numpy as np

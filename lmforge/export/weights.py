@@ -5,6 +5,7 @@ AWQ scales fold in here: a linear group's input columns are multiplied by s befo
 and the op feeding that group (a norm, the `up` rows, the `v` rows) is divided by s, which
 leaves the float model unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -114,7 +115,7 @@ class WeightSource:
                 div = self.awq.row_div.get(f"layers.{i}.{group[-1]}")
                 if div is not None and p == f"layers.{i}.{fused}":
                     w = w.copy()
-                    w[-len(div):] /= div[:, None]
+                    w[-len(div) :] /= div[:, None]
             ws.append(w)
         return ws[0] if len(ws) == 1 else np.concatenate(ws)
 
@@ -157,6 +158,8 @@ class WeightSource:
     def report(self) -> None:
         """Say which GGUF types were transcoded exactly and which were quantized again."""
         if self.requantized:
-            log.warning(f"{', '.join(sorted(self.requantized))} tensors have no exact MatMulNBits form; "
-                        "they were dequantized and quantized again with "
-                        f"{self.quant.method.upper()} ({self.quant.bits}-bit, block {self.quant.block_size})")
+            log.warning(
+                f"{', '.join(sorted(self.requantized))} tensors have no exact MatMulNBits form; "
+                "they were dequantized and quantized again with "
+                f"{self.quant.method.upper()} ({self.quant.bits}-bit, block {self.quant.block_size})"
+            )

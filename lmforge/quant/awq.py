@@ -8,6 +8,7 @@ float outputs best on a sample of calibration rows. The 1/s goes into the op bef
 This module is the pure search over numpy arrays; the calibration run that collects the
 activations through lmforge's fp32 graph is `lmforge.export.awq`.
 """
+
 from __future__ import annotations
 
 import numpy as np

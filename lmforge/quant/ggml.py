@@ -10,6 +10,7 @@ importance matrix: `quantize_row_*_ref` in ggml-quants.c) in float32, in C's ope
 so they give llama.cpp's bytes; tests/test_ggml_codecs.py checks that against the C library.
 K-quants (Q4_K, Q5_K, Q6_K) live in `lmforge.quant.kquants`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.quant import kquants
 
 _f32 = np.float32
-SLAB_VALUES = 1 << 18      # values per slab: temporaries stay a few MB for any tensor size
+SLAB_VALUES = 1 << 18  # values per slab: temporaries stay a few MB for any tensor size
 
 
 class QuantizationError(LmforgeError, ValueError):
@@ -52,6 +53,7 @@ class BlockCodec:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
     """(n, 1) float32 -> (n, 2) uint8: GGML_FP32_TO_FP16 (round to nearest even), little-endian."""
@@ -112,6 +114,7 @@ def _roundf(v: np.ndarray) -> np.ndarray:
 # float types
 # ---------------------------------------------------------------------------------------------
 
+
 class F32(BlockCodec, qtype=GGMLQuantizationType.F32):
     """float32, stored as is."""
 
@@ -158,6 +161,7 @@ class BF16(BlockCodec, qtype=GGMLQuantizationType.BF16):
 # ---------------------------------------------------------------------------------------------
 # legacy blocks of 32 (quantize_row_q{4_0,4_1,5_0,5_1,8_0}_ref)
 # ---------------------------------------------------------------------------------------------
+
 
 class Q8_0(BlockCodec, qtype=GGMLQuantizationType.Q8_0):
     """block_q8_0 (34 B): d f16, qs[32] int8; value = q d."""
@@ -224,7 +228,7 @@ class Q5_1(BlockCodec, qtype=GGMLQuantizationType.Q5_1):
     def quantize_blocks(cls, x):
         lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
         d = (hi - lo) / _f32(31)
-        q = _trunc_u8((x - lo) * _inverse(d) + _f32(0.5))    # C has no MIN(31, .) here
+        q = _trunc_u8((x - lo) * _inverse(d) + _f32(0.5))  # C has no MIN(31, .) here
         return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
 
     @classmethod
@@ -236,6 +240,7 @@ class Q5_1(BlockCodec, qtype=GGMLQuantizationType.Q5_1):
 # ---------------------------------------------------------------------------------------------
 # K-quants: super-blocks of 256 (algorithms in kquants.py)
 # ---------------------------------------------------------------------------------------------
+
 
 class Q4_K(BlockCodec, qtype=GGMLQuantizationType.Q4_K):
     """block_q4_K (144 B): 8 x 32 values, 6-bit scales and mins; value = d sc q - dmin m."""
@@ -267,6 +272,7 @@ CODECS: dict[GGMLQuantizationType, type[BlockCodec]] = {
 # whole tensors
 # ---------------------------------------------------------------------------------------------
 
+
 def _codec(qtype) -> type[BlockCodec]:
     """The codec for a `GGMLQuantizationType`, its value or its name ("Q4_K")."""
     try:
@@ -274,8 +280,9 @@ def _codec(qtype) -> type[BlockCodec]:
         return CODECS[qtype]
     except (KeyError, ValueError):
         name = getattr(qtype, "name", qtype)
-        raise QuantizationError(f"ggml type {name!r} has no codec in lmforge; "
-                                f"choose one of {', '.join(t.name for t in CODECS)}") from None
+        raise QuantizationError(
+            f"ggml type {name!r} has no codec in lmforge; choose one of {', '.join(t.name for t in CODECS)}"
+        ) from None
 
 
 def quantize(tensor: np.ndarray, qtype) -> np.ndarray:
@@ -287,19 +294,22 @@ def quantize(tensor: np.ndarray, qtype) -> np.ndarray:
     """
     codec = _codec(qtype)
     if tensor.ndim != 2:
-        raise QuantizationError(f"quantize expects a 2-D (rows, n_per_row) tensor, got shape {tensor.shape}; "
-                                "reshape it first")
+        raise QuantizationError(
+            f"quantize expects a 2-D (rows, n_per_row) tensor, got shape {tensor.shape}; reshape it first"
+        )
     rows, n_per_row = tensor.shape
     if n_per_row % codec.block_size:
-        raise QuantizationError(f"rows of {n_per_row} values do not split into {codec.qtype.name} blocks of "
-                                f"{codec.block_size}; keep this tensor in F16/F32 or pick a type with smaller blocks")
+        raise QuantizationError(
+            f"rows of {n_per_row} values do not split into {codec.qtype.name} blocks of "
+            f"{codec.block_size}; keep this tensor in F16/F32 or pick a type with smaller blocks"
+        )
     out = np.empty((rows, n_per_row // codec.block_size * codec.type_size), dtype=np.uint8)
-    blocks = tensor.reshape(-1, codec.block_size)             # (n_blocks, block_size), a view if contiguous
+    blocks = tensor.reshape(-1, codec.block_size)  # (n_blocks, block_size), a view if contiguous
     out_blocks = out.reshape(-1, codec.type_size)
     step = max(1, SLAB_VALUES // codec.block_size)
     for b in range(0, blocks.shape[0], step):
-        slab = np.ascontiguousarray(blocks[b:b + step], dtype=_f32)
-        out_blocks[b:b + step] = codec.quantize_blocks(slab)
+        slab = np.ascontiguousarray(blocks[b : b + step], dtype=_f32)
+        out_blocks[b : b + step] = codec.quantize_blocks(slab)
     return out
 
 
@@ -313,11 +323,13 @@ def dequantize(data: np.ndarray, qtype, shape) -> np.ndarray:
     codec = _codec(qtype)
     n_values = int(np.prod(shape, dtype=np.int64))
     if data.nbytes != n_values // codec.block_size * codec.type_size or n_values % codec.block_size:
-        raise QuantizationError(f"{data.nbytes} bytes of {codec.qtype.name} blocks cannot hold a tensor of shape "
-                                f"{tuple(shape)} ({n_values} values); check the type and shape")
+        raise QuantizationError(
+            f"{data.nbytes} bytes of {codec.qtype.name} blocks cannot hold a tensor of shape "
+            f"{tuple(shape)} ({n_values} values); check the type and shape"
+        )
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, codec.type_size)
     out = np.empty((blocks.shape[0], codec.block_size), dtype=_f32)
     step = max(1, SLAB_VALUES // codec.block_size)
     for b in range(0, blocks.shape[0], step):
-        out[b:b + step] = codec.dequantize_blocks(blocks[b:b + step])
+        out[b : b + step] = codec.dequantize_blocks(blocks[b : b + step])
     return out.reshape(shape)

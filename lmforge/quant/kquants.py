@@ -16,13 +16,14 @@ Block layouts (ggml-common.h), 256 values per super-block:
 - block_q5_K (176 B): d f16, dmin f16, scales[12], qh[32] (5th bits), qs[128]
 - block_q6_K (210 B): ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8, d f16
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 QK_K = 256
 F32 = np.float32
-_MAGIC = F32(12582912.0)   # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
 GROUP_MAX_EPS = F32(1e-15)
 
 
@@ -47,8 +48,10 @@ def _f16(x: np.ndarray) -> np.ndarray:
 # scale searches (make_qkx2_quants, make_qx_quants), vectorised over sub-blocks
 # ---------------------------------------------------------------------------------------------
 
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def make_qkx2_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted grid search for an affine code `x ~ scale * L - the_min`, L in [0, nmax].
 
     Args: x, w (n, S) float32 values and weights, one sub-block per column; the grid tries
@@ -56,12 +59,12 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     Returns: L (n, S) float32 codes, scale (S,), the_min (S,) (>= 0), as make_qkx2_quants.
     """
     mn = x.min(axis=0)
-    mn = np.where(mn > 0, F32(0), mn)          # the offset never goes above zero
+    mn = np.where(mn > 0, F32(0), mn)  # the offset never goes above zero
     mx = x.max(axis=0)
     flat = mx == mn
     sum_w = w.sum(axis=0)
     sum_x = (w * x).sum(axis=0)
-    with np.errstate(all="ignore"):           # inf/nan where C gets them too; masked below
+    with np.errstate(all="ignore"):  # inf/nan where C gets them too; masked below
         iscale = F32(nmax) / (mx - mn)
         scale = F32(1) / iscale
         L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
@@ -96,7 +99,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     (negative when the largest-magnitude value is positive, as in make_qx_quants).
     """
     ax = np.abs(x)
-    mx = np.take_along_axis(x, ax.argmax(axis=0)[None], axis=0)[0]   # first value of largest |x|
+    mx = np.take_along_axis(x, ax.argmax(axis=0)[None], axis=0)[0]  # first value of largest |x|
     zero = ax.max(axis=0) < GROUP_MAX_EPS
     w = x * x
     wx = w * x
@@ -105,7 +108,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
         return l, (wx * l).sum(axis=0), ((w * l) * l).sum(axis=0)
 
-    with np.errstate(all="ignore"):           # inf/nan where C gets them too; masked below
+    with np.errstate(all="ignore"):  # inf/nan where C gets them too; masked below
         L, sumlx, suml2 = trial(F32(-nmax) / mx)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
@@ -126,6 +129,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 # Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins
 # ---------------------------------------------------------------------------------------------
 
+
 def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """The shared half of quantize_row_q4_K_ref / q5_K_ref.
 
@@ -133,9 +137,9 @@ def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nst
     in value order.
     """
     nb = blocks.shape[0]
-    x = _columns(blocks, 32)                                   # (32, nb*8)
+    x = _columns(blocks, 32)  # (32, nb*8)
     av_x = np.sqrt(np.square(x).sum(axis=0) / F32(32))
-    w = av_x + np.abs(x)                                       # no imatrix: favour large values
+    w = av_x + np.abs(x)  # no imatrix: favour large values
     L, scales, mins = make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
@@ -144,11 +148,11 @@ def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nst
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
     # C stores nearest_int into a uint8_t before MIN(63, .): keep the wrap-around
-    ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)   # (nb, 8)
+    ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)  # (nb, 8)
     lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
     d, dmin = _f16(max_scale / F32(63)), _f16(max_min / F32(63))
     # requantize against the scales as stored; a sub-block whose scale rounds to 0 keeps its codes
-    dl = (d.astype(F32)[:, None] * ls.astype(F32)).reshape(-1)            # (nb*8,)
+    dl = (d.astype(F32)[:, None] * ls.astype(F32)).reshape(-1)  # (nb*8,)
     ml = (dmin.astype(F32)[:, None] * lm.astype(F32)).reshape(-1)
     with np.errstate(all="ignore"):
         l = np.clip(nearest_int((x + ml) / dl), 0, nmax).astype(F32)
@@ -156,7 +160,7 @@ def _quantize_qkx(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nst
     head = np.empty((nb, 16), dtype=np.uint8)
     head[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
     head[:, 2:4] = dmin.view(np.uint8).reshape(nb, 2)
-    head[:, 4:8] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)          # get_scale_min_k4's layout
+    head[:, 4:8] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)  # get_scale_min_k4's layout
     head[:, 8:12] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     head[:, 12:16] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
     return head, L
@@ -175,7 +179,7 @@ def _scale_min_k4(head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     """quantize_row_q4_K_ref: (n_blocks, 256) float32 -> (n_blocks, 144) uint8."""
     head, L = _quantize_qkx(blocks, 15, -1.0, 0.1, 20)
-    L = L.reshape(-1, 4, 2, 32)                        # 4 chunks of 64: low nibbles, then high
+    L = L.reshape(-1, 4, 2, 32)  # 4 chunks of 64: low nibbles, then high
     return np.concatenate([head, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
 
 
@@ -189,7 +193,7 @@ def dequantize_q4_k(q: np.ndarray) -> np.ndarray:
 def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
     """quantize_row_q5_K_ref: (n_blocks, 256) float32 -> (n_blocks, 176) uint8."""
     head, L = _quantize_qkx(blocks, 31, -0.5, 0.1, 15)
-    L = L.reshape(-1, 8, 32)                           # sub-block j = 2 * chunk + half
+    L = L.reshape(-1, 8, 32)  # sub-block j = 2 * chunk + half
     qh = np.bitwise_or.reduce((L >> 4) << np.arange(8, dtype=np.uint8)[:, None], axis=1)  # bit j
     L = (L & 0xF).reshape(-1, 4, 2, 32)
     return np.concatenate([head, qh, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
@@ -198,7 +202,7 @@ def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
 def dequantize_q5_k(q: np.ndarray) -> np.ndarray:
     """dequantize_row_q5_K: (n_blocks, 176) uint8 -> (n_blocks, 256) float32."""
     dl, ml = _scale_min_k4(q)
-    qh = (q[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1          # (nb, 8, 32)
+    qh = (q[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (nb, 8, 32)
     ql = (q[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8)[:, None]) & 0xF
     return (dl * (ql.reshape(-1, 8, 32) | (qh << 4)).astype(F32) - ml).reshape(-1, QK_K)
 
@@ -207,10 +211,11 @@ def dequantize_q5_k(q: np.ndarray) -> np.ndarray:
 # Q6_K: 16 sub-blocks of 16 with int8 scales
 # ---------------------------------------------------------------------------------------------
 
+
 def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     """quantize_row_q6_K_ref: (n_blocks, 256) float32 -> (n_blocks, 210) uint8."""
     nb = blocks.shape[0]
-    x = _columns(blocks, 16)                                   # (16, nb*16)
+    x = _columns(blocks, 16)  # (16, nb*16)
     L, scales = make_qx_quants(x, 32)
     scales = scales.reshape(nb, 16)
     max_scale = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)[:, 0]
@@ -218,15 +223,16 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         iscale = F32(-128) / max_scale
         d = _f16(F32(1) / iscale)
-        sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)   # (nb, 16)
+        sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)  # (nb, 16)
         dl = (d.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
         l = np.clip(nearest_int(x / dl), -32, 31).astype(F32) + F32(32)
-    L = np.where(dl != 0, l, L).astype(np.uint8).T.reshape(nb, 2, 4, 32)   # (half, quarter, 32)
-    ql = (L[:, :, 0:2] & 0xF) | ((L[:, :, 2:4] & 0xF) << 4)               # (nb, 2, 2, 32)
+    L = np.where(dl != 0, l, L).astype(np.uint8).T.reshape(nb, 2, 4, 32)  # (half, quarter, 32)
+    ql = (L[:, :, 0:2] & 0xF) | ((L[:, :, 2:4] & 0xF) << 4)  # (nb, 2, 2, 32)
     qh = np.bitwise_or.reduce((L >> 4) << np.array([0, 2, 4, 6], dtype=np.uint8)[:, None], axis=2)
-    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8),
-                          d.view(np.uint8).reshape(nb, 2)], axis=1)
-    out[zero] = 0                                              # C zeroes a block with no scale
+    out = np.concatenate(
+        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d.view(np.uint8).reshape(nb, 2)], axis=1
+    )
+    out[zero] = 0  # C zeroes a block with no scale
     return out
 
 
@@ -236,7 +242,7 @@ def dequantize_q6_k(q: np.ndarray) -> np.ndarray:
     ql = q[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]
     ql = (ql & 0xF).reshape(nb, 2, 4, 32)
     qh = (q[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
-    codes = (ql | (qh << 4)).astype(F32) - F32(32)                          # (nb, 2, 4, 32)
+    codes = (ql | (qh << 4)).astype(F32) - F32(32)  # (nb, 2, 4, 32)
     sc = q[:, 192:208].view(np.int8).astype(F32)
     d = q[:, 208:210].copy().view("<f2").astype(F32)
     dl = (d * sc).reshape(nb, 16, 1)

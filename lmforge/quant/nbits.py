@@ -6,6 +6,7 @@ B (N, n_blocks, block_size * bits / 8) uint8 with the lower nibble first, scales
 and zero points either packed uint (N, ceil(n_blocks * bits / 8)) or float (N, n_blocks);
 without zero points it assumes 2^(bits - 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,15 +83,23 @@ def concat(parts: list[NBits]) -> NBits:
     if len(kinds) > 1 and "float" in kinds:
         zps = [p.float_zero_points() for p in parts]
     elif len(kinds) > 1:  # implicit and integer: spell the implicit one out
-        zps = [p.zero_points if p.zero_points is not None
-               else np.full(p.scales.shape, 2 ** (p.bits - 1), np.uint8) for p in parts]
+        zps = [
+            p.zero_points if p.zero_points is not None else np.full(p.scales.shape, 2 ** (p.bits - 1), np.uint8)
+            for p in parts
+        ]
     else:
         zps = None if kinds == {"none"} else [p.zero_points for p in parts]
     offsets = None
     if any(p.offsets is not None for p in parts):
         offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in parts])
-    return NBits(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
-                 None if zps is None else np.concatenate(zps), parts[0].bits, parts[0].K, offsets)
+    return NBits(
+        np.concatenate([p.q for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        None if zps is None else np.concatenate(zps),
+        parts[0].bits,
+        parts[0].K,
+        offsets,
+    )
 
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
@@ -109,7 +118,7 @@ def rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = Fa
     `_rtn_rows`."""
     if w.shape[0] <= ROWS:
         return _rtn_rows(w, bits, block_size, symmetric, fit_scale)
-    slabs = [_rtn_rows(w[r:r + ROWS], bits, block_size, symmetric, fit_scale) for r in range(0, w.shape[0], ROWS)]
+    slabs = [_rtn_rows(w[r : r + ROWS], bits, block_size, symmetric, fit_scale) for r in range(0, w.shape[0], ROWS)]
     zps = None if slabs[0].zero_points is None else np.concatenate([x.zero_points for x in slabs])
     return NBits(np.concatenate([x.q for x in slabs]), np.concatenate([x.scales for x in slabs]), zps, bits, w.shape[1])
 
@@ -125,7 +134,7 @@ def _rtn_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool, fit_sc
     the block's range (widened to include 0) spans all codes, with an integer zero point.
     (Searching the scale before rounding, to minimise the mean error, raised perplexity instead.)"""
     x = _blocks(w, block_size)
-    top = 2 ** bits - 1
+    top = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
         idx = np.abs(x).argmax(axis=-1)[..., None]

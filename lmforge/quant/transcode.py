@@ -8,6 +8,7 @@
   and a per-block offset m + 8 d (or -dmin m + 8 d sc) that the graph adds (see NBits): equal
   to gguf-py's dequantization up to float32 rounding of the offset.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,10 +58,10 @@ def transcode(qtype: str, blocks: np.ndarray, shape: tuple[int, int]) -> NBits:
         lo, mid, hi = sc_raw[..., 0, :], sc_raw[..., 1, :], sc_raw[..., 2, :]
         sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)  # (n, sb, 8)
         mn = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1).astype(np.float32)
-        qs = b[..., 16:].reshape(n, -1, 4, 32)                       # 4 chunks of 64 values
+        qs = b[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 64 values
         q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 8, 32)  # (n, sb, 8 sub-blocks, 32)
-        scale = (d[..., None] * sc).astype(np.float32).reshape(n, -1)          # d * sc, exact in float32
-        offset = -(dmin[..., None] * mn).astype(np.float32).reshape(n, -1)     # value = q * scale + offset
+        scale = (d[..., None] * sc).astype(np.float32).reshape(n, -1)  # d * sc, exact in float32
+        offset = -(dmin[..., None] * mn).astype(np.float32).reshape(n, -1)  # value = q * scale + offset
         q = q.reshape(n, -1, 32).astype(np.uint8)
         return _centered(q, scale, offset, k)
     raise ValueError(f"no exact transcoding for {qtype}")

@@ -5,6 +5,7 @@ An engine owns its KV cache. A cache holds `batch_size` rows; each row has its o
 `prefill` appends a prompt (or a chunk) to each row and returns the next-token logits of each
 row's last token; `decode` appends one token per row and returns the next logits.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol

@@ -4,6 +4,7 @@ Same protocol as the ONNX Runtime engine: `new_cache` / `prefill` / `decode`, lo
 sampling stays in lmforge (`generate_step`). Cache rows are llama.cpp sequence ids in one
 context; the context is sized to the request (rows x capacity) and reused while big enough.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,10 +28,13 @@ def _import():
     try:
         import llama_cpp
     except ImportError:
-        raise LmforgeError("the llama.cpp engine needs llama-cpp-python; run: pip install 'lmforge[llamacpp]'") from None
+        raise LmforgeError(
+            "the llama.cpp engine needs llama-cpp-python; run: pip install 'lmforge[llamacpp]'"
+        ) from None
     except (OSError, RuntimeError) as e:  # the package is there but its shared library does not load
-        raise LmforgeError(f"llama-cpp-python is installed but does not load ({str(e).splitlines()[0][:160]}); "
-                           "reinstall it") from None
+        raise LmforgeError(
+            f"llama-cpp-python is installed but does not load ({str(e).splitlines()[0][:160]}); reinstall it"
+        ) from None
     return llama_cpp
 
 
@@ -62,7 +66,7 @@ def _why() -> str:
 class LlamaCppCache(Cache):
     """Rows of one llama.cpp context (sequence ids 0..batch_size-1) and each row's length."""
 
-    def __init__(self, engine: "LlamaCppEngine", batch_size: int, capacity: int):
+    def __init__(self, engine: LlamaCppEngine, batch_size: int, capacity: int):
         self.engine = engine
         self.batch_size = batch_size
         self.capacity = capacity
@@ -73,8 +77,15 @@ class LlamaCppCache(Cache):
 class LlamaCppEngine(Engine):
     """A GGUF file in llama.cpp. One cache is live at a time: `new_cache` clears the context."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 n_gpu_layers: int | None = None, n_batch: int = 512, kv_type: str = "f16"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        n_batch: int = 512,
+        kv_type: str = "f16",
+    ):
         """Open the GGUF at `path`; `device` cuda offloads `n_gpu_layers` (default all) to the
         GPU of a CUDA build of llama.cpp; `threads` for prompt and generation (default: all cores);
         `kv_type` f16 (llama.cpp's default), f32 (exact comparisons: also turns flash attention
@@ -82,11 +93,15 @@ class LlamaCppEngine(Engine):
         llama_cpp = _import()
         self._lib = llama_cpp
         if device not in DEVICES:
-            raise LmforgeError(f"the llama.cpp engine runs on {' or '.join(DEVICES)}, not {device!r}; "
-                               "use --engine ort for other devices")
+            raise LmforgeError(
+                f"the llama.cpp engine runs on {' or '.join(DEVICES)}, not {device!r}; "
+                "use --engine ort for other devices"
+            )
         if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
-            raise LmforgeError("this llama-cpp-python was built without GPU support; reinstall it with "
-                               "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python --no-binary llama-cpp-python")
+            raise LmforgeError(
+                "this llama-cpp-python was built without GPU support; reinstall it with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python --no-binary llama-cpp-python'
+            )
         if kv_type not in KV_TYPES:
             raise LmforgeError(f"unknown KV cache type {kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
         self.kv_type = KV_TYPES[kv_type]
@@ -100,7 +115,9 @@ class LlamaCppEngine(Engine):
         params.n_gpu_layers = (n_gpu_layers if n_gpu_layers is not None else 999) if device == "cuda" else 0
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
-            raise LmforgeError(f"llama.cpp cannot load {path}{_why()}; is it a complete GGUF file of a supported model?")
+            raise LmforgeError(
+                f"llama.cpp cannot load {path}{_why()}; is it a complete GGUF file of a supported model?"
+            )
         self.path, self.device = path, device
         self.threads = threads or os.cpu_count() or 1
         self.n_batch = n_batch
@@ -137,8 +154,10 @@ class LlamaCppEngine(Engine):
             params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lib.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise LmforgeError(f"llama.cpp cannot make a context of {rows} rows x {capacity} tokens{_why()}; "
-                               "ask for fewer rows or tokens")
+            raise LmforgeError(
+                f"llama.cpp cannot make a context of {rows} rows x {capacity} tokens{_why()}; "
+                "ask for fewer rows or tokens"
+            )
         self._ctx_rows, self._ctx_capacity = rows, capacity
 
     def _llama_batch(self, n: int):
@@ -165,12 +184,14 @@ class LlamaCppEngine(Engine):
             raise LmforgeError("this cache belongs to an earlier request; make a new one with new_cache()")
         totals = cache.lengths + np.array([len(r) for r in rows])
         if totals.max() > cache.capacity:
-            raise LmforgeError(f"sequence of {int(totals.max())} tokens exceeds this cache's {cache.capacity} positions; "
-                               "make the cache with a larger capacity")
+            raise LmforgeError(
+                f"sequence of {int(totals.max())} tokens exceeds this cache's {cache.capacity} positions; "
+                "make the cache with a larger capacity"
+            )
         flat = [(r, i, t) for r, ids in enumerate(rows) for i, t in enumerate(ids)]
         out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
         for start in range(0, len(flat), self.n_batch):
-            chunk = flat[start:start + self.n_batch]
+            chunk = flat[start : start + self.n_batch]
             batch = self._llama_batch(len(chunk))
             batch.n_tokens = len(chunk)
             last = {}
@@ -185,8 +206,10 @@ class LlamaCppEngine(Engine):
                     last[r] = k
             rc = lib.llama_decode(self.ctx, batch)
             if rc == 1:
-                raise LmforgeError(f"llama.cpp found no room in its KV cache for {len(chunk)} tokens{_why()}; "
-                                   "make the cache with a larger capacity")
+                raise LmforgeError(
+                    f"llama.cpp found no room in its KV cache for {len(chunk)} tokens{_why()}; "
+                    "make the cache with a larger capacity"
+                )
             if rc != 0:
                 raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}){_why()}")
             for r, k in last.items():

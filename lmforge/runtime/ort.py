@@ -6,6 +6,7 @@ op writes new keys in place (past/present buffer sharing). Capacity is sized to 
 (prompt + max tokens) and grows geometrically if a row outruns it; nothing is allocated for the
 full context up front. Rows are right-aligned at position 0; each keeps its own length.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,9 +43,18 @@ def meta_from_genai(folder: Path) -> dict:
     past = next(i for i in graph.input if i.name.startswith("past_key_values"))
     dtype = "float16" if past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "float32"
     eos = cfg["eos_token_id"]
-    return {"model_file": dec["filename"], "n_layers": dec["num_hidden_layers"], "n_kv_heads": dec["num_key_value_heads"],
-            "head_dim": dec["head_size"], "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
-            "eos_token_ids": eos if isinstance(eos, list) else [eos], "full_logits": True, "dtype": dtype, "files": {}}
+    return {
+        "model_file": dec["filename"],
+        "n_layers": dec["num_hidden_layers"],
+        "n_kv_heads": dec["num_key_value_heads"],
+        "head_dim": dec["head_size"],
+        "vocab_size": cfg["vocab_size"],
+        "context_length": cfg["context_length"],
+        "eos_token_ids": eos if isinstance(eos, list) else [eos],
+        "full_logits": True,
+        "dtype": dtype,
+        "files": {},
+    }
 
 
 def folder_meta(folder: Path) -> dict:
@@ -74,27 +84,31 @@ def provider_for(device: str) -> str:
         raise LmforgeError(f"unknown device {device!r}; choose one of: {', '.join(PROVIDERS)}")
     provider, package = PROVIDERS[device]
     if provider not in ort.get_available_providers():
-        raise LmforgeError(f"device {device!r} needs ONNX Runtime's {provider}, which this install lacks; "
-                           f"run: pip install {package} (in place of onnxruntime)")
+        raise LmforgeError(
+            f"device {device!r} needs ONNX Runtime's {provider}, which this install lacks; "
+            f"run: pip install {package} (in place of onnxruntime)"
+        )
     return provider
 
 
 _CACHE_KEYS = itertools.count()
 
 
-def _grown_capacity(engine: "OrtEngine", capacity: int, total: int) -> int:
+def _grown_capacity(engine: OrtEngine, capacity: int, total: int) -> int:
     """The capacity a cache of `capacity` positions grows to for `total`: doubled (at least
     `total`), at most the model's context; a user error past the context."""
     if total > engine.context_length:
-        raise LmforgeError(f"sequence of {total} tokens exceeds the model's context of "
-                           f"{engine.context_length}; shorten the prompt or lower max tokens")
+        raise LmforgeError(
+            f"sequence of {total} tokens exceeds the model's context of "
+            f"{engine.context_length}; shorten the prompt or lower max tokens"
+        )
     return min(max(total, 2 * capacity), engine.context_length)
 
 
 class KVCache(Cache):
     """Per-layer K/V buffers (batch, kv_heads, capacity, head_dim) and each row's length."""
 
-    def __init__(self, engine: "OrtEngine", batch_size: int, capacity: int):
+    def __init__(self, engine: OrtEngine, batch_size: int, capacity: int):
         self.engine = engine
         self.batch_size = batch_size
         self.lengths = np.zeros(batch_size, dtype=np.int64)
@@ -131,7 +145,7 @@ class KVPool:
     CPU), so a batch can decode only its active prefix and a newcomer can prefill straight into
     its slot. Capacity is shared by all rows and doubles on demand."""
 
-    def __init__(self, engine: "OrtEngine", n_rows: int, capacity: int = 256):
+    def __init__(self, engine: OrtEngine, n_rows: int, capacity: int = 256):
         if engine.ort_device != "cpu":  # OrtValues share numpy memory only on the CPU
             raise ValueError("KVPool needs the CPU provider")
         self.engine = engine
@@ -163,7 +177,7 @@ class KVPool:
         if total > self.capacity:
             self.resize(_grown_capacity(self.engine, self.capacity, total))
 
-    def rows(self, start: int, stop: int) -> "KVRows":
+    def rows(self, start: int, stop: int) -> KVRows:
         """Rows start..stop-1 as a cache for `OrtEngine.prefill`/`decode` (the same object for
         the same rows, so the engine's I/O binding is reused from step to step)."""
         assert 0 <= start < stop <= self.n_rows
@@ -197,11 +211,11 @@ class KVRows(Cache):
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.pool.lengths[self.start:self.stop].copy()
+        return self.pool.lengths[self.start : self.stop].copy()
 
     @lengths.setter
     def lengths(self, value: np.ndarray) -> None:
-        self.pool.lengths[self.start:self.stop] = value
+        self.pool.lengths[self.start : self.stop] = value
 
     @property
     def capacity(self) -> int:
@@ -218,8 +232,9 @@ class KVRows(Cache):
 
         if self._generation != self.pool.generation:
             device = self.pool.engine.ort_device
-            self._buffers = [ort.OrtValue.ortvalue_from_numpy(a[self.start:self.stop], device, 0)
-                             for a in self.pool.arrays]
+            self._buffers = [
+                ort.OrtValue.ortvalue_from_numpy(a[self.start : self.stop], device, 0) for a in self.pool.arrays
+            ]
             self._generation = self.pool.generation
             self.key = next(_CACHE_KEYS)
 
@@ -231,8 +246,14 @@ class KVRows(Cache):
 class OrtEngine(Engine):
     """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
 
-    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 full_logits: bool = False, session_config: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        full_logits: bool = False,
+        session_config: dict[str, str] | None = None,
+    ):
         """Open `folder` on `device` with `threads` intra-op threads; `full_logits` picks the graph
         that returns every position's logits (evaluation) instead of the last position's;
         `session_config` adds ONNX Runtime session config entries (e.g. no spinning threads)."""
@@ -284,8 +305,9 @@ class OrtEngine(Engine):
         """A pool of `n_rows` KV rows for continuous batching (see KVPool)."""
         return KVPool(self, n_rows, min(capacity, self.context_length))
 
-    def _forward(self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray,
-                 reuse: bool = False) -> np.ndarray:
+    def _forward(
+        self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray, reuse: bool = False
+    ) -> np.ndarray:
         """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded);
         returns the graph's logits (B, S|1, V), in a buffer the next call overwrites if `reuse`."""
         totals = cache.lengths + new_lengths
@@ -304,8 +326,9 @@ class OrtEngine(Engine):
             self._bound = cache.key
         out = None
         if self.ort_device == "cpu":
-            out = self._logits_out((input_ids.shape[0], input_ids.shape[1] if self.full_logits else 1,
-                                    self.vocab_size), reuse)
+            out = self._logits_out(
+                (input_ids.shape[0], input_ids.shape[1] if self.full_logits else 1, self.vocab_size), reuse
+            )
             io.bind_ortvalue_output("logits", out[1])
         else:
             io.bind_output("logits", "cpu")

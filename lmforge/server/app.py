@@ -5,6 +5,7 @@ GET /metrics, POST /tokenize, POST /detokenize, GET / (the chat page). With an A
 /v1 route and /tokenize, /detokenize need `Authorization: Bearer KEY`. The model loads in the
 background: /health answers 503 until it is ready. No route reads a file the client names.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -65,8 +66,12 @@ class ServerState:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
-            raise P.ApiError(404, f"the model '{name}' does not exist; this server serves '{self.name}'",
-                             param="model", code="model_not_found")
+            raise P.ApiError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
 
 def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
@@ -85,8 +90,10 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
 
 # ---- generation: one implementation behind both routes ----------------------------------------
 
-def _sampling(state: ServerState, ids: list[int], req, max_tokens: int | None, logprobs: bool,
-              top_logprobs: int) -> SamplingParams:
+
+def _sampling(
+    state: ServerState, ids: list[int], req, max_tokens: int | None, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
     """SamplingParams for a request: max_tokens capped by the server's limit and the context
     left after the prompt; prompts that do not fit are a 400 with the counts."""
     if not ids:
@@ -94,11 +101,13 @@ def _sampling(state: ServerState, ids: list[int], req, max_tokens: int | None, l
     limit = state.limits.max_tokens_limit
     params = req.sampling_params(limit if max_tokens is None else max_tokens, logprobs, top_logprobs)
     try:
-        return fit_to_context(len(ids), replace(params, max_tokens=min(params.max_tokens, limit)),
-                              state.model.engine.context_length)
+        return fit_to_context(
+            len(ids), replace(params, max_tokens=min(params.max_tokens, limit)), state.model.engine.context_length
+        )
     except ContextLengthError as e:
-        raise P.ApiError(400, str(e), param="messages" if hasattr(req, "messages") else "prompt",
-                         code="context_length_exceeded") from None
+        raise P.ApiError(
+            400, str(e), param="messages" if hasattr(req, "messages") else "prompt", code="context_length_exceeded"
+        ) from None
 
 
 def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
@@ -106,8 +115,14 @@ def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple
     events: asyncio.Queue = asyncio.Queue()
     model = state.model
     with P.sampling_errors():  # logit_bias ids past the vocabulary
-        handle = Handle(model.tokenizer, ids, params, model.eos_token_ids, model.engine.vocab_size,
-                        lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        handle = Handle(
+            model.tokenizer,
+            ids,
+            params,
+            model.eos_token_ids,
+            model.engine.vocab_size,
+            lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+        )
     if not state.scheduler.submit(handle):
         raise P.ApiError(429, "too many requests are waiting; retry later", "server_error", code="queue_full")
     return handle, events
@@ -116,18 +131,29 @@ def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple
 async def _reply(state: ServerState, request: Request, req, ids: list[int], params: SamplingParams, fmt):
     """Generate for one validated request and answer it whole or as an SSE stream, shaped by `fmt`."""
     handle, events = _submit(state, ids, params)
-    base = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
-            "system_fingerprint": "lmforge"}
+    base = {
+        "id": f"{fmt.id_prefix}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": state.name,
+        "system_fingerprint": "lmforge",
+    }
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(event_stream(base, fmt, deltas(handle, events, request), usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            event_stream(base, fmt, deltas(handle, events, request), usage),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     got = [d async for d in deltas(handle, events, request)]
     if not got or got[-1].finish_reason is None:
         return Response(status_code=499)  # the client left; nobody reads this
     text, infos, last = P.merge(got)
-    return {**base, "object": fmt.object, "choices": [fmt.choice(text, infos, last.finish_reason)],
-            "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+    return {
+        **base,
+        "object": fmt.object,
+        "choices": [fmt.choice(text, infos, last.finish_reason)],
+        "usage": P.usage(last.prompt_tokens, last.completion_tokens),
+    }
 
 
 def _chat_request(state: ServerState, req: P.ChatRequest):
@@ -161,16 +187,23 @@ def _completion_request(state: ServerState, req: P.CompletionRequest):
         ids = list(prompt)
         if any(not 0 <= t < model.engine.vocab_size for t in ids):
             raise P.ApiError(400, f"token ids must be in [0, {model.engine.vocab_size})", param="prompt")
-    params = _sampling(state, ids, req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs is not None,
-                       req.logprobs or 0)
+    params = _sampling(
+        state, ids, req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs is not None, req.logprobs or 0
+    )
     echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)) if req.echo else ""
     return ids, params, P.CompletionFormat(req.logprobs is not None, _token_text(model), echo)
 
 
 # ---- the app -----------------------------------------------------------------------------------
 
-def create_app(load_model: Callable[[], object], name: str, api_key: str | None = None,
-               limits: Limits | None = None, on_load_error: Callable[[str], None] | None = None) -> Guard:
+
+def create_app(
+    load_model: Callable[[], object],
+    name: str,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    on_load_error: Callable[[str], None] | None = None,
+) -> Guard:
     """The ASGI app serving the model `load_model()` returns (called in a background thread at
     startup) under the id `name`: the FastAPI routes behind the `Guard` middleware.
     `on_load_error(message)` is told when loading fails; `app.state` is the ServerState."""
@@ -211,8 +244,10 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return JSONResponse(P.ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-                            .body(), status_code=e.status_code)
+        return JSONResponse(
+            P.ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).body(),
+            status_code=e.status_code,
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
@@ -269,8 +304,9 @@ def _info_routes(app: FastAPI, state: ServerState) -> None:
 def _generation_routes(app: FastAPI, state: ServerState) -> None:
     """/v1/chat/completions and /v1/completions: each shapes its request, `_reply` does the rest."""
     app.add_api_route("/v1/chat/completions", _generation_route(state, P.ChatRequest, _chat_request), methods=["POST"])
-    app.add_api_route("/v1/completions", _generation_route(state, P.CompletionRequest, _completion_request),
-                      methods=["POST"])
+    app.add_api_route(
+        "/v1/completions", _generation_route(state, P.CompletionRequest, _completion_request), methods=["POST"]
+    )
 
 
 def _generation_route(state: ServerState, schema, prepare):

@@ -13,6 +13,7 @@ per layer of the used positions), keeping the prefix dense.
 Both keep every sequence's own sampler and stops (`SequenceState`), so a greedy sequence gets the
 same tokens batched as alone.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,8 +45,15 @@ class Handle:
 
     _ids = itertools.count()
 
-    def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, eos_token_ids,
-                 vocab_size: int | None, sink: Callable[[object], None]):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids,
+        vocab_size: int | None,
+        sink: Callable[[object], None],
+    ):
         self.id = next(self._ids)
         self.state = SequenceState(tokenizer, prompt_ids, params, eos_token_ids, vocab_size)
         self.sink = sink
@@ -77,7 +85,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self.thread.start()
         return self
 
@@ -160,8 +168,9 @@ class Scheduler:
             h.done = True
             if self.metrics:
                 n = delta.completion_tokens
-                self.metrics.finished(delta.prompt_tokens, n, (n - 1) / (now - h.first_token)
-                                      if n > 1 and now > h.first_token else None)
+                self.metrics.finished(
+                    delta.prompt_tokens, n, (n - 1) / (now - h.first_token) if n > 1 and now > h.first_token else None
+                )
         self._send(h, delta)
 
     def _retire(self, h: Handle, error: Failed | None = None) -> None:
@@ -185,8 +194,15 @@ class Scheduler:
 class BatchScheduler(Scheduler):
     """Continuous batching on an OrtEngine (CPU): see the module docstring."""
 
-    def __init__(self, engine, max_batch: int = 8, metrics=None, max_queue: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK, initial_capacity: int = 256):
+    def __init__(
+        self,
+        engine,
+        max_batch: int = 8,
+        metrics=None,
+        max_queue: int = 256,
+        prefill_chunk: int = PREFILL_CHUNK,
+        initial_capacity: int = 256,
+    ):
         super().__init__(engine, metrics, max_queue)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -227,7 +243,7 @@ class BatchScheduler(Scheduler):
                 self._prefill_batch()
                 return
         h = self.filling
-        ids = h.state.prompt_ids[h.prefilled:h.prefilled + self.prefill_chunk]
+        ids = h.state.prompt_ids[h.prefilled : h.prefilled + self.prefill_chunk]
         logits = self.engine.prefill(self.pool.rows(h.row, h.row + 1), [ids])
         h.prefilled += len(ids)
         if h.prefilled == len(h.state.prompt_ids):

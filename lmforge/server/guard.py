@@ -1,4 +1,5 @@
 """Pure ASGI middleware in front of the routes: the API key, the body-size limit, request metrics."""
+
 from __future__ import annotations
 
 import hmac
@@ -7,14 +8,27 @@ import json
 from lmforge.server import protocol as P
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # need the API key when the server has one
-ENDPOINTS = ("/", "/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
-             "/v1/completions")  # metric labels; anything else counts as "other"
+ENDPOINTS = (
+    "/",
+    "/health",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+)  # metric labels; anything else counts as "other"
 
 
 async def _send_error(send, err: P.ApiError) -> None:
     body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -44,14 +58,23 @@ class Guard:
 
         try:
             if not self.authorized(scope):
-                return await _send_error(send_status, P.ApiError(
-                    401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"))
+                return await _send_error(
+                    send_status,
+                    P.ApiError(
+                        401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+                    ),
+                )
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_body(scope, receive)
                 if body is None:
-                    return await _send_error(send_status, P.ApiError(
-                        413, f"the request body exceeds {self.state.limits.max_body_bytes} bytes",
-                        code="request_too_large"))
+                    return await _send_error(
+                        send_status,
+                        P.ApiError(
+                            413,
+                            f"the request body exceeds {self.state.limits.max_body_bytes} bytes",
+                            code="request_too_large",
+                        ),
+                    )
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_status)
         finally:

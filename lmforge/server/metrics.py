@@ -1,10 +1,11 @@
 """Prometheus text exposition (format 0.0.4) of the server's counters, gauges and histograms.
 
 Small on purpose: a lock, a few dicts, no client library."""
+
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800)
@@ -26,7 +27,11 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        return out + [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.sum:.6f}",
+            f"{name}_count {self.count}",
+        ]
 
 
 class Metrics:
@@ -73,24 +78,36 @@ class Metrics:
     def render(self) -> str:
         p = "lmforge_"
         with self.lock:
-            lines = [f"# HELP {p}requests_total HTTP requests answered, by endpoint and status.",
-                     f"# TYPE {p}requests_total counter"]
-            lines += [f'{p}requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                      for (e, s), n in sorted(self.requests.items())]
+            lines = [
+                f"# HELP {p}requests_total HTTP requests answered, by endpoint and status.",
+                f"# TYPE {p}requests_total counter",
+            ]
+            lines += [
+                f'{p}requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())
+            ]
             for name, kind, text, value in (
-                    ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens),
-                    ("generation_tokens_total", "counter", "Tokens generated for finished requests.",
-                     self.generation_tokens),
-                    ("requests_cancelled_total", "counter", "Requests whose client left before the end.",
-                     self.n_cancelled),
-                    ("decode_steps_total", "counter", "Batched decode steps run.", self.decode_steps),
-                    ("decode_rows_total", "counter", "Sequences decoded, summed over steps (/ steps: mean batch).",
-                     self.decode_rows),
-                    ("queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth()),
-                    ("active_sequences", "gauge", "Sequences holding a KV slot.", self.active_sequences())):
+                ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens),
+                (
+                    "generation_tokens_total",
+                    "counter",
+                    "Tokens generated for finished requests.",
+                    self.generation_tokens,
+                ),
+                ("requests_cancelled_total", "counter", "Requests whose client left before the end.", self.n_cancelled),
+                ("decode_steps_total", "counter", "Batched decode steps run.", self.decode_steps),
+                (
+                    "decode_rows_total",
+                    "counter",
+                    "Sequences decoded, summed over steps (/ steps: mean batch).",
+                    self.decode_rows,
+                ),
+                ("queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth()),
+                ("active_sequences", "gauge", "Sequences holding a KV slot.", self.active_sequences()),
+            ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
             for name, text, hist in (
-                    ("time_to_first_token_seconds", "Seconds from arrival to the first generated token.", self.ttft),
-                    ("generation_tokens_per_second", "Decode speed of each finished request.", self.tps)):
+                ("time_to_first_token_seconds", "Seconds from arrival to the first generated token.", self.ttft),
+                ("generation_tokens_per_second", "Decode speed of each finished request.", self.tps),
+            ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} histogram", *hist.lines(p + name)]
         return "\n".join(lines) + "\n"

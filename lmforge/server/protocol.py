@@ -2,11 +2,12 @@
 
 Unknown fields are accepted and ignored, as clients send fields a local model has no use for
 (`user`, `metadata`, ...); fields we read are type-checked without coercion ("5" is not 5)."""
+
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,8 +18,14 @@ from lmforge.sampling import SamplingError, SamplingParams
 class ApiError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -37,7 +44,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -62,7 +69,7 @@ class _Common(_Strict):
     repetition_penalty: float = 1.0
     n: int = Field(1, ge=1, le=1)
     seed: int | None = None
-    stop: Union[str, list[str], None] = Field(None)
+    stop: str | list[str] | None = Field(None)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -78,11 +85,21 @@ class _Common(_Strict):
     def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         """The request's SamplingParams; a value out of range is a 400 naming its field."""
         with sampling_errors():
-            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                  top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                                  logit_bias=self.logit_bias or (), seed=self.seed, stop=self.stops(), logprobs=logprobs,
-                                  top_logprobs=top_logprobs)
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias=self.logit_bias or (),
+                seed=self.seed,
+                stop=self.stops(),
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+            )
 
 
 @contextmanager
@@ -102,7 +119,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int]]
+    prompt: str | list[str] | list[int]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
@@ -154,9 +171,13 @@ def parse(model: type[BaseModel], raw: bytes):
 
 # ---- responses ---------------------------------------------------------------------------------
 
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def chat_logprobs(infos: list[TokenLogprob], token_text) -> dict:
@@ -164,8 +185,9 @@ def chat_logprobs(infos: list[TokenLogprob], token_text) -> dict:
         text = token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]}
-                        for i in infos]}
+    return {
+        "content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in infos]
+    }
 
 
 def completion_logprobs(infos: list[TokenLogprob], token_text, offset: int) -> dict:
@@ -174,8 +196,12 @@ def completion_logprobs(infos: list[TokenLogprob], token_text, offset: int) -> d
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [i.logprob for i in infos],
-            "top_logprobs": [{token_text(t): lp for t, lp in i.top} for i in infos], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [i.logprob for i in infos],
+        "top_logprobs": [{token_text(t): lp for t, lp in i.top} for i in infos],
+        "text_offset": offsets,
+    }
 
 
 def merge(deltas: list[Delta]) -> tuple[str, list[TokenLogprob], Delta]:
@@ -195,14 +221,20 @@ class ChatFormat:
         return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
     def chunk(self, d: Delta) -> dict:
-        return {"index": 0, "delta": {"content": d.text} if d.text else {},
-                "logprobs": chat_logprobs(d.logprobs, self.token_text) if self.logprobs else None,
-                "finish_reason": d.finish_reason}
+        return {
+            "index": 0,
+            "delta": {"content": d.text} if d.text else {},
+            "logprobs": chat_logprobs(d.logprobs, self.token_text) if self.logprobs else None,
+            "finish_reason": d.finish_reason,
+        }
 
     def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": chat_logprobs(infos, self.token_text) if self.logprobs else None,
-                "finish_reason": finish_reason}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": chat_logprobs(infos, self.token_text) if self.logprobs else None,
+            "finish_reason": finish_reason,
+        }
 
 
 class CompletionFormat:
@@ -218,11 +250,19 @@ class CompletionFormat:
         return [{"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}] if self.echo else []
 
     def chunk(self, d: Delta) -> dict:
-        out = {"index": 0, "text": d.text, "finish_reason": d.finish_reason,
-               "logprobs": completion_logprobs(d.logprobs, self.token_text, self.offset) if self.logprobs else None}
+        out = {
+            "index": 0,
+            "text": d.text,
+            "finish_reason": d.finish_reason,
+            "logprobs": completion_logprobs(d.logprobs, self.token_text, self.offset) if self.logprobs else None,
+        }
         self.offset += len(d.text)
         return out
 
     def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
-        return {"index": 0, "text": self.echo + text, "finish_reason": finish_reason,
-                "logprobs": completion_logprobs(infos, self.token_text, len(self.echo)) if self.logprobs else None}
+        return {
+            "index": 0,
+            "text": self.echo + text,
+            "finish_reason": finish_reason,
+            "logprobs": completion_logprobs(infos, self.token_text, len(self.echo)) if self.logprobs else None,
+        }

@@ -1,4 +1,5 @@
 """`serve`: check the arguments, bind the socket, load the model behind uvicorn."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -18,14 +19,22 @@ log = logging.getLogger(__name__)
 SERVING_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
-def load_for_serving(model: str, engine: str = "ort", device: str = "cpu", target: str | None = None,
-                     threads: int | None = None):
+def load_for_serving(
+    model: str, engine: str = "ort", device: str = "cpu", target: str | None = None, threads: int | None = None
+):
     """A `Model` for the server: what `lmforge.model.load` gives, the ONNX Runtime engine opened
     without spinning threads."""
     from lmforge.model import load
 
-    return load(model, device=device, target=target, threads=threads, progress=False, engine=engine,
-                session_config=SERVING_SESSION_CONFIG if engine == "ort" else None)
+    return load(
+        model,
+        device=device,
+        target=target,
+        threads=threads,
+        progress=False,
+        engine=engine,
+        session_config=SERVING_SESSION_CONFIG if engine == "ort" else None,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -60,10 +69,21 @@ def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[s
         raise LmforgeError("--api-key is empty; give a key or leave the option out")
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          max_tokens_limit: int = 2048, engine: str = "ort", device: str = "cpu", target: str | None = None,
-          threads: int | None = None, name: str | None = None, max_body_bytes: int = 1 << 20,
-          log_level: str = "warning") -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_tokens_limit: int = 2048,
+    engine: str = "ort",
+    device: str = "cpu",
+    target: str | None = None,
+    threads: int | None = None,
+    name: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    log_level: str = "warning",
+) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted.
 
     Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
@@ -79,8 +99,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from lmforge.registry import KNOWN_MODELS, resolve
     from lmforge.server.app import Limits, create_app
 
-    _check_arguments(engine, port, api_key, {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit,
-                                             "the body size limit": max_body_bytes})
+    _check_arguments(
+        engine,
+        port,
+        api_key,
+        {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
+    )
     path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
     if engine == "llamacpp":
         from lmforge.model import pick_engine
@@ -99,12 +123,19 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         print(f"lmforge: {name} is ready", file=sys.stderr, flush=True)
         return loaded
 
-    app = create_app(load, name, api_key,
-                     Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
-                     on_load_error=stop)
+    app = create_app(
+        load,
+        name,
+        api_key,
+        Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
+        on_load_error=stop,
+    )
     shown = f"[{host}]" if ":" in host else host
-    print(f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
-          file=sys.stderr, flush=True)
+    print(
+        f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
+        file=sys.stderr,
+        flush=True,
+    )
     if not _is_loopback(host) and api_key is None:
         log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, access_log=False)

@@ -2,6 +2,7 @@
 
 A client that leaves cancels its sequence: Starlette cancels a streaming response when the
 connection drops (the `finally` below), and every request also polls for it."""
+
 from __future__ import annotations
 
 import asyncio

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.progress import Progress
-from lmforge.sampling import OPTION_NAMES, SamplingParams
+from lmforge.sampling import OPTION_NAMES, SamplingParams, response_format_options
 
 log = logging.getLogger(__name__)
 SAMPLING = tuple(sorted(OPTION_NAMES))  # every SamplingParams option, under its own name
+OPENAI_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 
 
 @dataclass
@@ -73,7 +74,7 @@ def parse_lines(path: Path) -> Iterator[Item]:
             elif "messages" in obj and not isinstance(obj["messages"], list):
                 item.error = f"line {n}: messages must be a list"
             else:
-                item.request = {k: obj[k] for k in ("prompt", "messages", *SAMPLING) if k in obj}
+                item.request = {k: obj[k] for k in ("prompt", "messages", *SAMPLING, *OPENAI_FIELDS) if k in obj}
             yield item
 
 
@@ -125,27 +126,41 @@ def error_record(item: Item) -> dict:
 
 
 def generate_record(model, item: Item) -> dict:
-    """Run one request through a loaded `lmforge.model.Model`."""
+    """Run one request through a loaded `lmforge.model.Model`: sampling options, and OpenAI's
+    response_format and tools (the record then carries `tool_calls`, as the server's reply does)."""
     req = item.request
     try:
-        params = SamplingParams.from_options({k: req[k] for k in SAMPLING if k in req})
-        ids = model.prompt_ids(messages=req["messages"]) if "messages" in req else model.prompt_ids(req["prompt"])
+        options = {k: req[k] for k in SAMPLING if k in req}
+        options.update(response_format_options(req["response_format"]) if "response_format" in req else {})
+        messages = req["messages"] if "messages" in req else None
+        plan = None
+        if "tools" in req:
+            messages = messages or [{"role": "user", "content": req["prompt"]}]
+            choice, parallel = req.get("tool_choice", "auto"), req.get("parallel_tool_calls", False)
+            plan = model.plan_tools(messages, req["tools"], choice, parallel)
+            options.update(plan.constraint)
+            ids = model.prompt_ids(messages=plan.messages, tools=plan.template_tools)
+        else:
+            ids = model.prompt_ids(messages=messages) if messages is not None else model.prompt_ids(req["prompt"])
+        params = SamplingParams.from_options(options)
         steps = list(model.stream_generate(ids, params))
     except LmforgeError as e:
         return {"id": item.id, "line": item.line, "error": str(e)}
-    except (TypeError, ValueError) as e:
-        return {"id": item.id, "line": item.line, "error": f"bad request fields ({e})"}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        return {"id": item.id, "line": item.line, "error": f"bad request fields ({type(e).__name__}: {e})"}
     last = steps[-1]
+    n = last.generation_tokens
     record = {
         "id": item.id,
         "text": "".join(r.text for r in steps),
         "finish_reason": last.finish_reason,
-        "usage": {
-            "prompt_tokens": len(ids),
-            "completion_tokens": last.generation_tokens,
-            "total_tokens": len(ids) + last.generation_tokens,
-        },
+        "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
     }
+    if plan is not None:
+        content, calls = plan.parse(record["text"])
+        if calls:
+            record.update(text=content, finish_reason="tool_calls")
+            record["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
     if params.logprobs:
         record["logprobs"] = [
             {"token": i.token, "logprob": i.logprob, "top_logprobs": i.top} for r in steps for i in r.logprobs

@@ -102,8 +102,11 @@ def template_from_folder(folder: Path) -> str | None:
     return None
 
 
-def render_with(template: str, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render `messages` with `template` and the BOS/EOS strings of `tokenizer`."""
+def render_with(
+    template: str, tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+) -> str:
+    """Render `messages` (and OpenAI-style `tools`, as transformers passes them) with `template`
+    and the BOS/EOS strings of `tokenizer`."""
     name = tokenizer.id_to_token
     return render(
         template,
@@ -111,6 +114,7 @@ def render_with(template: str, tokenizer, messages: list[dict], add_generation_p
         add_generation_prompt,
         bos_token=name(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
         eos_token=name(tokenizer.eos_ids[0]) if tokenizer.eos_ids else "",
+        tools=tools,
     )
 
 

@@ -119,6 +119,9 @@ def _sampling(args) -> dict:
         logit_bias=dict(args.logit_bias or ()),
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        json_schema=read_user_text(args.json_schema, "JSON schema") if args.json_schema else None,
+        regex=args.regex,
+        grammar=read_user_text(args.grammar, "grammar") if args.grammar else None,
     )
 
 
@@ -334,6 +337,10 @@ def _add_generation_args(p) -> None:
     )
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT; repeatable")
     p.add_argument("--seed", type=int)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json-schema", metavar="FILE", help="the output follows this JSON Schema (a .json file)")
+    out.add_argument("--regex", metavar="R", help="the output matches this regular expression")
+    out.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance's dialect)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
     p.add_argument("--threads", type=int, help="ONNX Runtime / llama.cpp threads (default: all cores)")

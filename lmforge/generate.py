@@ -85,7 +85,9 @@ def _top_logprobs(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
 class SequenceState:
     """One sequence's generation state, fed one row of logits at a time by `accept`.
 
-    tokenizer None: tokens only, no text (parity checks). `vocab_size` checks logit_bias ids."""
+    tokenizer None: tokens only, no text (parity checks). `vocab_size` (the logits' width) checks
+    logit_bias ids and sizes the grammar's mask. A constraint that does not compile raises
+    SamplingError here, before any engine work."""
 
     def __init__(
         self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_token_ids, vocab_size: int | None = None
@@ -96,6 +98,11 @@ class SequenceState:
         self.sample = make_sampler(params)
         self.process = LogitsProcessor(params, vocab_size)
         self.eos = frozenset(eos_token_ids)
+        self.constraint = None
+        if params.constraint is not None:
+            from lmforge.constrain import Constraint
+
+            self.constraint = Constraint(*params.constraint, tokenizer, vocab_size or tokenizer.vocab_size, self.eos)
         self.stops = [s for s in params.stop if s]
         self.detok = tokenizer.detokenizer() if tokenizer is not None else None
         self.text, self.emitted = "", 0
@@ -108,7 +115,11 @@ class SequenceState:
         on the last step and `next_token` otherwise."""
         p = self.params
         logits = self.process(self.tokens, logits)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         token = self.sample(logits)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         info = []
         if p.logprobs:
             lp = log_softmax(logits)

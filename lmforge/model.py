@@ -11,6 +11,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.chat import render_with, template_from_folder
@@ -22,6 +23,15 @@ from lmforge.runtime.engine import ENGINES as RUNTIME_ENGINES
 from lmforge.runtime.ort import OrtEngine, is_onnx_folder
 from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
+from lmforge.tools import ToolCall, plan_tools, template_messages
+
+
+@dataclass
+class ChatReply:
+    """A reply to a chat with tools: its text (None when it only calls tools) and its calls."""
+
+    content: str | None
+    tool_calls: list[ToolCall]
 
 
 @contextmanager
@@ -66,8 +76,11 @@ class Model:
         self.eos_token_ids = tuple(dict.fromkeys([*engine.eos_token_ids, *tokenizer.eos_ids]))
         self.last: GenerationResponse | None = None
 
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False) -> list[int]:
-        """Token ids for a prompt (through the chat template unless raw) or a conversation."""
+    def prompt_ids(
+        self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False, tools=None
+    ) -> list[int]:
+        """Token ids for a prompt (through the chat template unless raw) or a conversation (with
+        the tools a template that knows tools is given)."""
         tok = self.tokenizer
         if messages is None and (raw or not self.chat_template):
             return tok.encode(prompt, add_special=True)
@@ -76,7 +89,7 @@ class Model:
             from lmforge.errors import ChatTemplateError
 
             raise ChatTemplateError("this model has no chat template; pass raw=True (or --raw) with a plain prompt")
-        return tok.encode(render_with(self.chat_template, tok, messages), parse_special=True)
+        return tok.encode(render_with(self.chat_template, tok, messages, tools=tools), parse_special=True)
 
     def stream_generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationResponse]:
         """One GenerationResponse per generated token of the completion of token ids `ids`."""
@@ -103,9 +116,24 @@ class Model:
         """Yield the assistant's reply to `messages` piece by piece (one per generated token)."""
         return self._pieces(self.prompt_ids(messages=messages), options)
 
-    def chat(self, messages: list[dict], **options) -> str:
-        """The assistant's reply to an OpenAI-style list of messages."""
-        return "".join(self._pieces(self.prompt_ids(messages=messages), options))
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice="auto", **options):
+        """The assistant's reply to an OpenAI-style list of messages: its text; or, with OpenAI-style
+        `tools` (and tool_choice "auto" | "none" | "required" | {"type": "function", "function":
+        {"name": ...}}), a ChatReply with the content and the parsed tool calls."""
+        if tools is None:
+            return "".join(self._pieces(self.prompt_ids(messages=messages), options))
+        plan = self.plan_tools(messages, tools, tool_choice, options.pop("parallel_tool_calls", False))
+        ids = self.prompt_ids(messages=plan.messages, tools=plan.template_tools)
+        content, calls = plan.parse("".join(self._pieces(ids, {**options, **plan.constraint})))
+        return ChatReply(content, calls)
+
+    def plan_tools(self, messages: list[dict], tools: list[dict], tool_choice="auto", parallel: bool = False):
+        """How this model's template takes `tools` (see `lmforge.tools.plan_tools`)."""
+        if not self.chat_template:
+            from lmforge.errors import ChatTemplateError
+
+            raise ChatTemplateError("this model has no chat template, so it cannot be given tools")
+        return plan_tools(self.chat_template, template_messages(messages), tools, tool_choice, parallel)
 
 
 ENGINES = ("auto", *RUNTIME_ENGINES)

@@ -3,6 +3,7 @@ and the pure functions over one row of float32 logits that apply it."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -46,6 +47,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    json_schema: str | None = None  # a JSON Schema (dict or JSON text; kept as text) the output must follow
+    regex: str | None = None  # a regular expression the whole output must match
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) the output must follow
 
     def __post_init__(self):
         # Normalise the containers callers naturally pass (a dict of biases, a list or str of stops).
@@ -56,6 +60,14 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.logprobs, bool):
             raise SamplingError("logprobs", "logprobs must be true or false")
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise SamplingError(name, f"{name} must be a non-empty string")
+        given = [n for n in CONSTRAINTS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise SamplingError(given[1], f"give one of {', '.join(CONSTRAINTS)}, not {' and '.join(given)}")
         for name, lo, hi, kind in _RANGES:
             value = getattr(self, name)
             if value is None and name == "seed":
@@ -81,8 +93,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(option, source) of the output constraint, if any: json_schema, regex or grammar."""
+        return next(((n, getattr(self, n)) for n in CONSTRAINTS if getattr(self, n) is not None), None)
+
 
 OPTION_NAMES = frozenset(f.name for f in fields(SamplingParams))
+CONSTRAINTS = ("json_schema", "regex", "grammar")
+ANY_JSON_OBJECT = '{"type": "object"}'  # OpenAI's response_format json_object
 _RANGES = (  # (name, min, max, type): OpenAI's documented limits where it has them
     ("max_tokens", 1, math.inf, int),
     ("temperature", 0.0, 2.0, float),
@@ -113,6 +132,37 @@ def _biases(bias) -> tuple[tuple[int, float], ...]:
             raise SamplingError("logit_bias", f"logit_bias for {token} must be in [-100, 100], got {value}")
         out.append((int(token), value))
     return tuple(out)
+
+
+def response_format_options(fmt) -> dict:
+    """OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema":
+    {"name", "schema", "strict"}}) as SamplingParams options; SamplingError names the field."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise SamplingError("response_format", "response_format.type must be text, json_object or json_schema")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": ANY_JSON_OBJECT}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise SamplingError("response_format", "response_format json_schema needs a 'json_schema' object")
+    return {"json_schema": spec.get("schema") if spec.get("schema") is not None else ANY_JSON_OBJECT}
+
+
+def _schema_text(schema) -> str:
+    """A JSON Schema (a dict, or its JSON text) as JSON text; SamplingError unless it is an object."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise SamplingError("json_schema", f"json_schema is not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise SamplingError("json_schema", "json_schema must be a JSON object (a schema)")
+    try:
+        return json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise SamplingError("json_schema", f"json_schema cannot be written as JSON ({e})") from None
 
 
 def _int(value, name: str) -> int:

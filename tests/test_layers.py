@@ -22,6 +22,8 @@ LAYERS = {
     "lmforge.runtime": 5,
     "lmforge.generate": 6,
     "lmforge.sampling": 6,
+    "lmforge.constrain": 6,
+    "lmforge.tools": 6,
     "lmforge.model": 7,
     "lmforge.server": 8,
     "lmforge.bench": 8,

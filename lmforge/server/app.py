@@ -29,6 +29,7 @@ from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialSch
 from lmforge.server.guard import Guard
 from lmforge.server.metrics import Metrics
 from lmforge.server.streaming import SSE_HEADERS, deltas, event_stream
+from lmforge.tools import ToolError
 
 log = logging.getLogger("lmforge.server")
 
@@ -92,14 +93,20 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
 
 
 def _sampling(
-    state: ServerState, ids: list[int], req, max_tokens: int | None, logprobs: bool, top_logprobs: int
+    state: ServerState,
+    ids: list[int],
+    req,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    constraints: list[tuple[str, dict]],
 ) -> SamplingParams:
     """SamplingParams for a request: max_tokens capped by the server's limit and the context
     left after the prompt; prompts that do not fit are a 400 with the counts."""
     if not ids:
         raise P.ApiError(400, "the prompt is empty", param="prompt")
     limit = state.limits.max_tokens_limit
-    params = req.sampling_params(limit if max_tokens is None else max_tokens, logprobs, top_logprobs)
+    params = req.sampling_params(limit if max_tokens is None else max_tokens, logprobs, top_logprobs, constraints)
     try:
         return fit_to_context(
             len(ids), replace(params, max_tokens=min(params.max_tokens, limit)), state.model.engine.context_length
@@ -110,11 +117,15 @@ def _sampling(
         ) from None
 
 
-def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
+def _submit(
+    state: ServerState, ids: list[int], params: SamplingParams, constraints: list[tuple[str, dict]]
+) -> tuple[Handle, asyncio.Queue]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     model = state.model
-    with P.sampling_errors():  # logit_bias ids past the vocabulary
+    # the sequence state checks logit_bias ids against the vocabulary and compiles the grammar
+    fields = {option: field for field, options in constraints for option in options}
+    with P.sampling_errors(fields):
         handle = Handle(
             model.tokenizer,
             ids,
@@ -128,9 +139,11 @@ def _submit(state: ServerState, ids: list[int], params: SamplingParams) -> tuple
     return handle, events
 
 
-async def _reply(state: ServerState, request: Request, req, ids: list[int], params: SamplingParams, fmt):
-    """Generate for one validated request and answer it whole or as an SSE stream, shaped by `fmt`."""
-    handle, events = _submit(state, ids, params)
+async def _reply(state: ServerState, request: Request, req, prepared):
+    """Generate for one validated request (`prepared`: prompt ids, SamplingParams, format, the
+    constraints' request fields) and answer it whole or as an SSE stream, shaped by the format."""
+    ids, params, fmt, constraints = prepared
+    handle, events = _submit(state, ids, params, constraints)
     base = {
         "id": f"{fmt.id_prefix}-{uuid.uuid4().hex}",
         "created": int(time.time()),
@@ -157,22 +170,47 @@ async def _reply(state: ServerState, request: Request, req, ids: list[int], para
 
 
 def _chat_request(state: ServerState, req: P.ChatRequest):
-    """(prompt ids, SamplingParams, format) of a chat request: the messages through the template."""
+    """(prompt ids, SamplingParams, format, constraints) of a chat request: the messages (and tools) through
+    the template; response_format or a forced tool call as the output constraint."""
     model = state.model
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    try:
-        ids = model.prompt_ids(messages=messages)
-    except ChatTemplateError as e:
-        raise P.ApiError(400, str(e), param="messages") from None
+    messages = [_message(m) for m in req.messages]
     if req.top_logprobs and not req.logprobs:
         raise P.ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if req.tool_choice is not None and not req.tools:
+        raise P.ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+    plan, constraints = None, req.constraints()
+    try:
+        if req.tools:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice
+            plan = model.plan_tools(messages, tools, choice or "auto", req.parallel_tool_calls)
+            constraints = [("tools", plan.constraint), *constraints] if plan.constraint else constraints
+            ids = model.prompt_ids(messages=plan.messages, tools=plan.template_tools)
+        else:
+            ids = model.prompt_ids(messages=messages)
+    except ChatTemplateError as e:
+        raise P.ApiError(400, str(e), param="messages") from None
+    except ToolError as e:
+        raise P.ApiError(400, str(e), param=e.param) from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _sampling(state, ids, req, max_tokens, req.logprobs, req.top_logprobs or 0)
-    return ids, params, P.ChatFormat(req.logprobs, _token_text(model))
+    params = _sampling(state, ids, req, max_tokens, req.logprobs, req.top_logprobs or 0, constraints)
+    return ids, params, P.ChatFormat(req.logprobs, _token_text(model), plan), constraints
+
+
+def _message(m: P.ChatMessage) -> dict:
+    """An OpenAI message as a template dict: developer as system, text parts joined, tool fields kept."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _completion_request(state: ServerState, req: P.CompletionRequest):
-    """(prompt ids, SamplingParams, format) of a completion request: a raw prompt or token ids."""
+    """(prompt ids, SamplingParams, format, constraints) of a completion request: a raw prompt or token ids."""
     model = state.model
     if req.suffix:
         raise P.ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
@@ -187,11 +225,11 @@ def _completion_request(state: ServerState, req: P.CompletionRequest):
         ids = list(prompt)
         if any(not 0 <= t < model.engine.vocab_size for t in ids):
             raise P.ApiError(400, f"token ids must be in [0, {model.engine.vocab_size})", param="prompt")
-    params = _sampling(
-        state, ids, req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs is not None, req.logprobs or 0
-    )
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    constraints = req.constraints()
+    params = _sampling(state, ids, req, max_tokens, req.logprobs is not None, req.logprobs or 0, constraints)
     echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)) if req.echo else ""
-    return ids, params, P.CompletionFormat(req.logprobs is not None, _token_text(model), echo)
+    return ids, params, P.CompletionFormat(req.logprobs is not None, _token_text(model), echo), constraints
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -314,8 +352,7 @@ def _generation_route(state: ServerState, schema, prepare):
         state.ready()
         req = P.parse(schema, await request.body())
         state.check_model(req.model)
-        ids, params, fmt = prepare(state, req)
-        return await _reply(state, request, req, ids, params, fmt)
+        return await _reply(state, request, req, prepare(state, req))
 
     return route
 

@@ -1,7 +1,8 @@
 """The OpenAI API's request shapes (validated strictly), its error bodies, and response builders.
 
-Unknown fields are accepted and ignored, as clients send fields a local model has no use for
-(`user`, `metadata`, ...); fields we read are type-checked without coercion ("5" is not 5)."""
+No field is silently ignored: each one OpenAI defines is honoured, or declared here as harmless
+to ignore (`user`, `metadata`, ... : the README's field table), or answered with a 400 naming it;
+so is any unknown field. Fields are type-checked without coercion ("5" is not 5)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.generate import Delta, TokenLogprob
-from lmforge.sampling import SamplingError, SamplingParams
+from lmforge.sampling import SamplingError, SamplingParams, response_format_options
 
 
 class ApiError(Exception):
@@ -34,7 +35,7 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
 class TextPart(_Strict):
@@ -42,9 +43,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -54,11 +69,46 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # harmless: lmforge never pads chunks
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # lmforge always enforces the schema
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # lmforge always enforces a required call's arguments
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Common(_Strict):
     """Fields both generation routes take. Sampling fields are type-checked here and range-checked
-    once, by SamplingParams (`sampling_params`); vLLM's top_k, min_p and repetition_penalty too."""
+    once, by SamplingParams (`sampling_params`); vLLM's top_k, min_p, repetition_penalty and
+    guided_json / guided_regex / guided_grammar (sent in the OpenAI client's `extra_body`) too."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -75,6 +125,16 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    user: str | None = None  # harmless: identifies the end user to OpenAI
+    metadata: dict | None = None  # harmless: tags stored requests; lmforge stores nothing
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The output constraints the request asks for: (request field, SamplingParams options)."""
+        given = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_grammar", "grammar"))
+        return [(field, {option: getattr(self, field)}) for field, option in given if getattr(self, field) is not None]
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -82,10 +142,21 @@ class _Common(_Strict):
             raise ApiError(400, "'stop' takes at most 4 sequences", param="stop")
         return tuple(stop)
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
-        """The request's SamplingParams; a value out of range is a 400 naming its field."""
-        with sampling_errors():
+    def sampling_params(
+        self, max_tokens: int, logprobs: bool, top_logprobs: int, constraints: list[tuple[str, dict]]
+    ) -> SamplingParams:
+        """The request's SamplingParams, with at most one of `constraints` ((request field, options));
+        a value out of range is a 400 naming its field."""
+        if len(constraints) > 1:
+            raise ApiError(
+                400,
+                f"give one output constraint, not {' and '.join(f for f, _ in constraints)}",
+                param=constraints[1][0],
+            )
+        field, options = constraints[0] if constraints else (None, {})
+        with sampling_errors(dict.fromkeys(options, field)):
             return SamplingParams(
+                **options,
                 max_tokens=max_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
@@ -103,12 +174,13 @@ class _Common(_Strict):
 
 
 @contextmanager
-def sampling_errors():
-    """SamplingError -> ApiError 400 with the option's name as `param`."""
+def sampling_errors(fields: dict | None = None):
+    """SamplingError -> ApiError 400 with the option's name as `param`, or the request field
+    it came from (`fields`: option -> field, e.g. json_schema -> response_format)."""
     try:
         yield
     except SamplingError as e:
-        raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+        raise ApiError(400, str(e), param=(fields or {}).get(e.param, e.param), code="invalid_value") from None
 
 
 class ChatRequest(_Common):
@@ -116,6 +188,25 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    # llama.cpp's default, not OpenAI's: a small model asked for "one or more" calls repeats them
+    parallel_tool_calls: bool = False
+    modalities: list[Literal["text"]] | None = None  # text is all lmforge answers with
+    store: bool | None = None  # harmless: lmforge stores nothing
+    service_tier: str | None = None  # harmless: one tier here
+    prompt_cache_key: str | None = None  # harmless: a routing hint for OpenAI's caches
+    safety_identifier: str | None = None  # harmless: identifies the end user to OpenAI
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """The guided_* fields and response_format as (request field, SamplingParams options)."""
+        found = super().constraints()
+        if self.response_format is None:
+            return found
+        with sampling_errors():
+            options = response_format_options(self.response_format.model_dump(by_alias=True, exclude_none=True))
+        return [("response_format", options), *found] if options else found
 
 
 class CompletionRequest(_Common):
@@ -123,6 +214,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+    best_of: int = Field(1, ge=1, le=1)
 
 
 class TokenizeRequest(_Strict):
@@ -137,14 +229,16 @@ class DetokenizeRequest(_Strict):
 def _param(loc: tuple, data) -> str | None:
     """The dotted path of `loc` through the request `data` (union branch labels dropped)."""
     parts, node = [], data
-    for key in loc:
+    for n, key in enumerate(loc):
         if isinstance(node, dict) and isinstance(key, str) and key in node:
             node = node[key]
         elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
             node = node[key]
-        elif isinstance(node, dict) and isinstance(key, str) and not parts:
-            parts.append(key)  # a missing top-level field
+        elif isinstance(node, dict) and isinstance(key, str) and n == len(loc) - 1:
+            parts.append(key)  # a missing field
             break
+        elif isinstance(key, str):
+            continue  # a union branch's label
         else:
             break
         parts.append(str(key))
@@ -162,8 +256,17 @@ def parse(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        errors = e.errors(include_url=False)
+        unsupported = [x for x in errors if x["type"] == "extra_forbidden"]
+        err = (unsupported or errors)[0]
         param = _param(err["loc"], data)
+        if unsupported:
+            raise ApiError(
+                400,
+                f"'{param}' is not supported by lmforge; remove it (the README lists every field and what it does)",
+                param=param,
+                code="unsupported_parameter",
+            ) from None
         where = f"'{param}'" if param else "the request"
         code = "missing_required_parameter" if err["type"] == "missing" else "invalid_value"
         raise ApiError(400, f"invalid {where}: {err['msg']}", param=param, code=code) from None
@@ -210,28 +313,58 @@ def merge(deltas: list[Delta]) -> tuple[str, list[TokenLogprob], Delta]:
 
 
 class ChatFormat:
-    """How /v1/chat/completions shapes a reply: whole (`choice`) or as stream chunks."""
+    """How /v1/chat/completions shapes a reply: whole (`choice`) or as stream chunks (`chunks`).
+    With tools (`plan`, a lmforge.tools.ToolPlan) the reply is held until it ends, then given as
+    content or as tool calls (finish_reason "tool_calls"), streamed as OpenAI streams them."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def __init__(self, logprobs: bool, token_text):
-        self.logprobs, self.token_text = logprobs, token_text
+    def __init__(self, logprobs: bool, token_text, plan=None):
+        self.logprobs, self.token_text, self.plan = logprobs, token_text, plan
+        self.held: list[str] = []
 
     def opening(self) -> list[dict]:
         return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
-    def chunk(self, d: Delta) -> dict:
-        return {
-            "index": 0,
-            "delta": {"content": d.text} if d.text else {},
-            "logprobs": chat_logprobs(d.logprobs, self.token_text) if self.logprobs else None,
-            "finish_reason": d.finish_reason,
-        }
+    def chunks(self, d: Delta) -> list[dict]:
+        logprobs = chat_logprobs(d.logprobs, self.token_text) if self.logprobs else None
+        if self.plan is None:
+            if not (d.text or d.finish_reason or logprobs and d.logprobs):
+                return []
+            delta = {"content": d.text} if d.text else {}
+            return [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}]
+        self.held.append(d.text)
+        if d.finish_reason is None:
+            return []
+        content, calls = self.plan.parse("".join(self.held))
+        if not calls:
+            return [
+                {"index": 0, "delta": {"content": content or ""}, "logprobs": None, "finish_reason": d.finish_reason}
+            ]
+        out = []
+        for i, c in enumerate(calls):
+            head = {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+            args = {"index": i, "function": {"arguments": c.arguments}}
+            out += [
+                {"index": 0, "delta": {"tool_calls": [x]}, "logprobs": None, "finish_reason": None}
+                for x in (head, args)
+            ]
+        return [*out, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]
 
     def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        if self.plan is not None:
+            content, calls = self.plan.parse(text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls
+                ]
+                finish_reason = "tool_calls"
         return {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": chat_logprobs(infos, self.token_text) if self.logprobs else None,
             "finish_reason": finish_reason,
         }
@@ -249,15 +382,12 @@ class CompletionFormat:
     def opening(self) -> list[dict]:
         return [{"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}] if self.echo else []
 
-    def chunk(self, d: Delta) -> dict:
-        out = {
-            "index": 0,
-            "text": d.text,
-            "finish_reason": d.finish_reason,
-            "logprobs": completion_logprobs(d.logprobs, self.token_text, self.offset) if self.logprobs else None,
-        }
+    def chunks(self, d: Delta) -> list[dict]:
+        if not (d.text or d.finish_reason or self.logprobs and d.logprobs):
+            return []
+        logprobs = completion_logprobs(d.logprobs, self.token_text, self.offset) if self.logprobs else None
         self.offset += len(d.text)
-        return out
+        return [{"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": logprobs}]
 
     def choice(self, text: str, infos: list[TokenLogprob], finish_reason: str) -> dict:
         return {

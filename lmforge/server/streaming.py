@@ -63,8 +63,8 @@ async def event_stream(base: dict, fmt, deltas, include_usage: bool):
         yield sse({**chunk, "choices": [choice]})
     try:
         async for d in deltas:
-            if d.text or d.finish_reason or (fmt.logprobs and d.logprobs):
-                yield sse({**chunk, "choices": [fmt.chunk(d)]})
+            for choice in fmt.chunks(d):
+                yield sse({**chunk, "choices": [choice]})
             if d.finish_reason and include_usage:
                 yield sse({**chunk, "choices": [], "usage": P.usage(d.prompt_tokens, d.completion_tokens)})
     except P.ApiError as e:

@@ -59,7 +59,7 @@ def max_logit_error(int4: Path, fp32: Path, ids: list[int]) -> float:
 
 def measure(label: str, gguf: Path, tmp: Path, chunks: int, ctx: int) -> dict:
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.evaluate import perplexity, read_text, windows
+    from lmforge.evaluate import perplexity, read_text, text_windows
     from lmforge.export.convert import convert
     from lmforge.tokenizer import Tokenizer
 
@@ -67,7 +67,7 @@ def measure(label: str, gguf: Path, tmp: Path, chunks: int, ctx: int) -> dict:
     exact = convert(gguf, tmp / f"{label}-int4-l0", target="cpu-int4", accuracy_level=0, progress=False)
     fp32 = convert(gguf, tmp / f"{label}-fp32", target="cpu-fp32", progress=False)
     tok = Tokenizer.from_folder(int4)
-    wins = windows(tok.encode(read_text(None)), ctx, chunks, tok.bos_id if tok.add_bos else None)
+    wins = text_windows(tok, read_text(None), ctx, chunks)
     ours = perplexity(int4, ctx=ctx, chunks=chunks, progress=False)
     theirs, n = llamacpp_perplexity(gguf, wins)
     meta = json.loads((int4 / "lmforge.json").read_text())

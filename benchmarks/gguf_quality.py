@@ -44,7 +44,7 @@ def tensors(path: Path) -> dict:
 
 
 def main():
-    from lmforge.evaluate import read_text, windows
+    from lmforge.evaluate import read_text, text_windows
     from lmforge.export.gguf import convert_to_gguf
     from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
@@ -58,8 +58,7 @@ def main():
     from lmforge.checkpoint.gguf import read_metadata
 
     tok = Tokenizer.from_gguf_metadata(read_metadata(src))
-    ids = tok.encode(read_text(None))
-    wins = windows(ids, 512, args.chunks, tok.bos_id if tok.add_bos else None)
+    wins = text_windows(tok, read_text(None), 512, args.chunks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -35,7 +35,7 @@ FORMS = [  # (label, convert options)
 
 
 def main():
-    from lmforge.evaluate import perplexity, read_text, windows
+    from lmforge.evaluate import perplexity, read_text, text_windows
     from lmforge.export.convert import convert
     from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
@@ -61,7 +61,7 @@ def main():
             print(rows[-1], flush=True)
             if label == "lmforge cpu-fp32":
                 tok = Tokenizer.from_folder(folder)
-        wins = windows(tok.encode(read_text(None)), 512, chunks, tok.bos_id if tok.add_bos else None)
+        wins = text_windows(tok, read_text(None), 512, chunks)
         src = resolve("smollm2-135m")
         f32 = dequantized_gguf(src, tmp / "f32.gguf")
         q40 = llamacpp_quantize(f32, tmp / "q4_0.gguf", "Q4_0")

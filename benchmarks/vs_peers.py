@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from lmforge.bench import _genai_folder
-    from lmforge.evaluate import perplexity, read_text, windows
+    from lmforge.evaluate import perplexity, read_text, text_windows
     from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
 
@@ -75,7 +75,7 @@ def main():
         src = resolve("smollm2-135m")
         ppl = [perplexity(f, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
         tok = Tokenizer.from_folder(forms[0])
-        wins = windows(tok.encode(read_text(None)), 512, 40, tok.bos_id if tok.add_bos else None)
+        wins = text_windows(tok, read_text(None), 512, 40)
         ppl += [
             llamacpp_perplexity(src, wins, args.threads)[0],
             perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl,

@@ -211,8 +211,9 @@ def _prompt_ids(tok, prompt_tokens: int) -> list[int]:
     return ids
 
 
-def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path]]:
-    """(runner, label, path) of each peer in VS, run on SOURCE (or what onnxruntime-genai's builder makes of it)."""
+def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path | str]]:
+    """(runner, label, path) of each peer in VS, run on SOURCE (or what onnxruntime-genai's builder
+    makes of it); a peer that cannot be prepared (its builder fails) has its reason for a path."""
     peers = []
     for p in vs:
         if p == "llamacpp":
@@ -220,7 +221,11 @@ def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path]]:
                 raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
             peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
         else:
-            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", _genai_folder(source)))
+            try:
+                folder: Path | str = _genai_folder(source)
+            except LmforgeError as e:  # a row with the reason; the other runners are still measured
+                folder = str(e)
+            peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", folder))
     return peers
 
 
@@ -272,6 +277,9 @@ def bench(
             for i, ((kind, _, path), done) in enumerate(zip(runners, passes)):
                 if done and "error" in done[-1]:
                     continue  # a runner that failed once is not retried
+                if isinstance(path, str):  # it could not even be prepared
+                    done.append({"error": path})
+                    continue
                 if rnd or i:
                     time.sleep(PAUSE_S)  # let the machine settle after the last runner's process
                 done.append(_figures(kind, path, job))

@@ -79,7 +79,7 @@ def cmd_convert(args) -> int:
     if args.gguf:
         from lmforge.export.gguf import convert_to_gguf
 
-        print(convert_to_gguf(args.source, args.output, args.gguf, force=args.force))
+        print(convert_to_gguf(args.source, args.output, args.gguf, force=args.force, requantize=args.requantize))
         return 0
     if args.hf:
         from lmforge.export.hf import convert_to_hf
@@ -404,7 +404,8 @@ def _convert_parser(sub) -> None:
     p.add_argument(
         "--requantize",
         action="store_true",
-        help="GGUF input: dequantize and quantize again instead of exact transcoding",
+        help="GGUF input: dequantize and quantize again instead of exact transcoding; with --gguf, choose each "
+        "tensor's type afresh even when the source already is that file type",
     )
     p.add_argument(
         "--head-bits",

@@ -1,6 +1,7 @@
 """Perplexity as llama.cpp's `llama-perplexity` measures it, so numbers sit beside its own.
 
-The text is tokenized once; it is cut into non-overlapping windows of `ctx` tokens; when the
+The text is tokenized once, with BOS in front when the vocabulary adds one (llama-perplexity
+tokenizes with add_special); it is cut into non-overlapping windows of `ctx` tokens; when the
 model adds BOS, each window's first token is replaced by BOS; each window runs from an empty
 cache and only its second half is scored (every token there has at least ctx/2 of context).
 """
@@ -70,6 +71,15 @@ def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None)
     return out
 
 
+def text_windows(tok, text: str, ctx: int, chunks: int | None) -> list[list[int]]:
+    """llama-perplexity's windows of TEXT under tokenizer TOK: the whole text tokenized with BOS
+    first when the vocabulary adds one, then `windows` (BOS again replacing each window's first
+    token). Tokenizing without that first BOS shifts every window by one token."""
+    bos = tok.bos_id if tok.add_bos else None
+    ids = tok.encode(text, add_special=True)
+    return windows(ids, ctx, chunks, bos)
+
+
 def nll_of_window(logits: np.ndarray, window: list[int]) -> tuple[float, int]:
     """Sum of -log p(next token) over the window's second half, and how many were scored."""
     ctx = len(window)
@@ -102,7 +112,7 @@ def perplexity(
     engine = OrtEngine(folder, threads=threads, full_logits=True)
     check_ctx(ctx, engine)
     tok = Tokenizer.from_folder(folder)
-    wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
+    wins = text_windows(tok, text, ctx, chunks)
     with Progress(len(wins), progress, "perplexity", unit="chunk") as bar:
         start = time.perf_counter()
         total, count = 0.0, 0
@@ -166,7 +176,7 @@ def kl_divergence(
             "KL divergence needs one vocabulary"
         )
     tok = Tokenizer.from_folder(folders[1])
-    wins = windows(tok.encode(text), ctx, chunks, tok.bos_id if tok.add_bos else None)
+    wins = text_windows(tok, text, ctx, chunks)
     kls, same, nll, ref_nll = [], [], 0.0, 0.0
     for w in wins:
         logits, ref_logits = engines[0].score(w), engines[1].score(w)

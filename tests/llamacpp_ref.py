@@ -38,13 +38,17 @@ def dequantized_gguf(src: Path, dst: Path) -> Path:
     return dst
 
 
-def llamacpp_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
-    """llama.cpp's own quantizer (`llama_model_quantize`), e.g. ftype "Q4_0", "Q4_K_M", "Q8_0"."""
+def llamacpp_quantize(src: Path, dst: Path, ftype: str, threads: int = 2, **params) -> Path:
+    """llama.cpp's own quantizer (`llama_model_quantize`), e.g. ftype "Q4_0", "Q4_K_M", "Q8_0";
+    `params` set further fields of its parameters (e.g. token_embedding_type=8 for Q8_0)."""
     import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = threads
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    p.nthread = threads
+    for key, value in params.items():
+        setattr(p, key, value)
+    params = p
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc})")

@@ -93,3 +93,17 @@ def test_bench_folder_runs_peers_on_its_source(tmp_path):
     assert "error" not in rows[1] and rows[1]["file_bytes"] == 98362432  # the Q4_1 GGUF itself
     for row in rows:  # one run per process: a spread only if both processes' runs were pooled
         assert row["processes"] == 2 and row["decode_std"] > 0 and row["prefill_std"] > 0
+
+
+def test_bench_failing_peer_is_a_row_and_the_others_are_measured(tiny_factory):
+    """onnxruntime-genai's builder 0.18 fails on transformers 5's Gemma 3 config: its row says why,
+    lmforge's row is still measured, and the exit status says a runner could not be measured."""
+    pytest.importorskip("onnxruntime_genai")
+    src = tiny_factory(("gemma3", "float32", False, None))
+    r = run_cli(
+        "bench", src, "--vs", "ortgenai", "--prompt-tokens", "16", "--gen-tokens", "4", "--repetitions", "1", "--json"
+    )
+    assert r.returncode == 1 and "onnxruntime-genai (its builder's int4) could not be measured" in r.stderr
+    lmforge, genai = json.loads(r.stdout)
+    assert "error" not in lmforge and lmforge["decode_mean"] > 0
+    assert genai["runner"].startswith("onnxruntime-genai") and "builder failed" in genai["error"]

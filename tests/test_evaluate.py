@@ -46,7 +46,7 @@ def test_windows_follow_llama_perplexity():
 def test_perplexity_matches_llamacpp_on_the_same_weights(default_model_path, tmp_path):
     """3 windows: lmforge's cpu-fp32 against llama.cpp on an F32 GGUF of the same weights."""
     pytest.importorskip("llama_cpp")
-    from lmforge.evaluate import read_text
+    from lmforge.evaluate import read_text, text_windows
     from lmforge.export.convert import convert
     from lmforge.tokenizer import Tokenizer
     from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity
@@ -54,10 +54,57 @@ def test_perplexity_matches_llamacpp_on_the_same_weights(default_model_path, tmp
     folder = convert("smollm2-135m", tmp_path / "fp32", progress=False)
     ours = perplexity(folder, chunks=3, progress=False)
     tok = Tokenizer.from_folder(folder)
-    ws = windows(tok.encode(read_text(None)), 512, 3, None)
+    ws = text_windows(tok, read_text(None), 512, 3)
     ref, n = llamacpp_perplexity(dequantized_gguf(default_model_path, tmp_path / "f32.gguf"), ws)
     assert n == ours.tokens_scored == 3 * 255
     assert abs(ours.ppl - ref) / ref < 1e-3, (ours.ppl, ref)
+
+
+def llama_perplexity_windows(gguf_path, text: str, ctx: int, chunks: int) -> tuple[list[list[int]], bool]:
+    """The windows llama-perplexity builds: llama.cpp tokenizes the text with add_special (BOS
+    first when the vocabulary adds one), cuts chunks of ctx, and puts BOS over each chunk's first token;
+    also whether the vocabulary adds BOS."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=ctx, vocab_only=True, verbose=False)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
+    toks = llm.tokenize(text.encode(), add_bos=True, special=False)
+    out = []
+    for i in range(min(chunks, len(toks) // ctx)):
+        w = toks[i * ctx : (i + 1) * ctx]
+        if add_bos:
+            w[0] = llm.token_bos()
+        out.append(w)
+    return out, bool(add_bos)
+
+
+@pytest.mark.parametrize("model", ["default", "phi3"])
+def test_perplexity_windows_and_figure_equal_llama_perplexitys(model, default_model_path, tiny_factory, tmp_path):
+    """On a vocabulary without BOS (the default model) and a SentencePiece one that adds BOS (the
+    tiny Phi-3 written as GGUF): lmforge's windows are llama-perplexity's, token for token, and
+    lmforge's perplexity of the GGUF's weights equals llama.cpp's own within 0.1%."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.evaluate import read_text, text_windows
+    from lmforge.export.convert import convert
+    from lmforge.export.gguf import convert_to_gguf
+    from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity
+
+    if model == "default":
+        gguf_path, ctx, chunks = dequantized_gguf(default_model_path, tmp_path / "f32.gguf"), 512, 2
+    else:
+        src = tiny_factory(("phi3", "float32", False, None))
+        gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
+    text = read_text(None)[:20000]
+    ref, add_bos = llama_perplexity_windows(gguf_path, text, ctx, chunks)
+    assert add_bos == (model == "phi3")
+    assert text_windows(open_checkpoint(gguf_path).tokenizer(), text, ctx, chunks) == ref
+    data = tmp_path / "text.txt"
+    data.write_bytes(text.encode())
+    folder = convert(gguf_path, tmp_path / "fp32", progress=False)
+    ours = perplexity(folder, data=data, ctx=ctx, chunks=chunks, progress=False)
+    theirs, n = llamacpp_perplexity(gguf_path, ref)
+    assert n == ours.tokens_scored and abs(ours.ppl - theirs) / theirs < 1e-3, (ours.ppl, theirs)
 
 
 def test_cli_ppl_and_kld(tiny_factory, tmp_path):

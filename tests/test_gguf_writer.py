@@ -11,6 +11,7 @@ pytest.importorskip("llama_cpp")
 
 from lmforge.export.gguf import convert_to_gguf  # noqa: E402
 from lmforge.runtime.llamacpp import LlamaCppEngine  # noqa: E402
+from tests.test_errors import run_cli  # noqa: E402
 from tests.test_onnx_parity import PARITY_CASES, hf_model, parity_errors, prompt_ids, rel_err  # noqa: E402
 
 TOL = 1e-3
@@ -182,6 +183,33 @@ def test_phi3_fused_qkv_mix_equals_llamacpps(kind, gguf_factory, tmp_path):
     """Phi-3's fused attn_qkv gets more bits in the layers where attn_v would, as in llama.cpp."""
     _, f32 = gguf_factory("phi3")
     _same_as_llamacpp(f32, kind, tmp_path)
+
+
+def test_gguf_of_its_own_file_type_passes_through_unless_requantize(tiny_factory, tmp_path):
+    """llama.cpp's Q4_K_M with its token embedding overridden to Q8_0 (a choice lmforge's rules
+    would not make: the tied head gets Q6_K), written again as q4_k_m: every tensor keeps its type
+    and bytes; with --requantize the types follow the rules, which is llama.cpp's default mix."""
+    import gguf
+
+    from tests.gguf_ref import write
+    from tests.llamacpp_ref import llamacpp_quantize
+
+    f32 = write(tiny_factory(("llama", "float32", False, "k256")), tmp_path / "k256-f32.gguf")
+    q8 = int(gguf.GGMLQuantizationType.Q8_0)
+    src = llamacpp_quantize(f32, tmp_path / "src.gguf", "Q4_K_M", token_embedding_type=q8)
+    theirs = _tensors(src)
+    assert theirs["token_embd.weight"][0] == "Q8_0"
+    r = run_cli("convert", src, "-o", tmp_path / "kept.gguf", "--gguf", "q4_k_m")
+    assert r.returncode == 0, r.stderr
+    assert _tensors(tmp_path / "kept.gguf") == theirs
+    r = run_cli("convert", src, "-o", tmp_path / "mixed.gguf", "--gguf", "q4_k_m", "--requantize")
+    assert r.returncode == 0, r.stderr
+    mixed, default_mix = (
+        _tensors(tmp_path / "mixed.gguf"),
+        _tensors(llamacpp_quantize(f32, tmp_path / "d.gguf", "Q4_K_M")),
+    )
+    assert {n: t for n, (t, _) in mixed.items()} == {n: t for n, (t, _) in default_mix.items()}
+    assert mixed["token_embd.weight"][0] == "Q6_K"
 
 
 def test_gguf_to_gguf_same_type_copies_blocks(default_model_path, tmp_path, monkeypatch):

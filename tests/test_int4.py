@@ -2,6 +2,7 @@
 quantizer, int4 graphs against fp32, AWQ folding, targets and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lmforge.checkpoint import open_checkpoint
 from lmforge.export.convert import convert
 from lmforge.quant.nbits import rtn
-from lmforge.quant.transcode import transcode
+from lmforge.quant.transcode import BIT_IDENTICAL, EXACT_TYPES, transcode
 from lmforge.runtime.ort import OrtEngine
 from tests import gguf_ref
 from tests.test_errors import assert_user_error, run_cli
@@ -89,9 +90,12 @@ def test_symmetric_rtn_is_ggml_q4_0():
     assert (err(fitted) <= err(ours) * (1 + 1e-6) + 1e-12).all() and err(fitted).sum() < 0.97 * err(ours).sum()
 
 
+LLAMACPP_FTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
 @pytest.fixture(scope="module")
 def llamacpp_ggufs(tiny_factory, default_model_path, tmp_path_factory):
-    """A tiny llama with rows of 256 as F32 GGUF, and llama.cpp's own Q4_0, Q4_1, Q8_0, Q4_K_M of it."""
+    """A tiny llama with rows of 256 as F32 GGUF, and llama.cpp's own quantizations of it."""
     pytest.importorskip("llama_cpp")
     from lmforge.checkpoint.gguf import read_metadata
     from tests.llamacpp_ref import llamacpp_quantize
@@ -100,57 +104,82 @@ def llamacpp_ggufs(tiny_factory, default_model_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("ggufs")
     vocab = gguf_ref.bpe_vocab_meta(read_metadata(default_model_path), "smollm")
     f32 = gguf_ref.write(folder, root / "f32.gguf", vocab=vocab)
-    return {
-        "F32": f32,
-        **{t: llamacpp_quantize(f32, root / f"{t}.gguf", t) for t in ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")},
-    }
+    return {"F32": f32, **{t: llamacpp_quantize(f32, root / f"{t}.gguf", t) for t in LLAMACPP_FTYPES}}
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", LLAMACPP_FTYPES)
 def test_transcoding_reproduces_gguf_weights(ftype, llamacpp_ggufs):
+    """MatMulNBits (run by ONNX Runtime) on the transcoded codes against gguf-py's dequantization
+    of llama.cpp's blocks: bit-identical for the types without offsets, else within float32 rounding."""
     import gguf
 
     ckpt = open_checkpoint(llamacpp_ggufs[ftype])
     seen = set()
     for info in ckpt.infos:
-        if info.dtype not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K"):
+        if info.dtype in ("F32", "F16"):
             continue
+        assert info.dtype in EXACT_TYPES, info
         raw = ckpt.read_raw(info.name)
         ref = gguf.quants.dequantize(raw.blocks, gguf.GGMLQuantizationType[raw.qtype]).reshape(raw.shape)
         nb = transcode(raw.qtype, raw.blocks, raw.shape)
         ours = ort_dequantize(nb)
-        if raw.qtype in ("Q4_0", "Q8_0"):
+        if raw.qtype in BIT_IDENTICAL:
             np.testing.assert_array_equal(ours, ref, err_msg=info.name)
         else:
             assert rel_err(ours, ref) <= 1e-6, (info.name, rel_err(ours, ref))
         seen.add(raw.qtype)
-    assert seen >= ({"Q4_K"} if ftype == "Q4_K_M" else {ftype})
+    assert seen >= {ftype.split("_M")[0]}
 
 
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K_M"])
+def _logits_agree(int4: Path, fp32: Path, bound: float) -> None:
+    """Prefill of 20 tokens and 4 greedy decode steps of both folders: logits within `bound`."""
+    a, b = OrtEngine(int4), OrtEngine(fp32)
+    ids = prompt_ids(20, a.vocab_size, 7)
+    ca, cb = a.new_cache(1, 30), b.new_cache(1, 30)
+    la, lb = a.prefill(ca, [ids])[0], b.prefill(cb, [ids])[0]
+    for _ in range(4):
+        assert rel_err(la, lb) <= bound
+        t = int(lb.argmax())
+        la, lb = a.decode(ca, [t])[0], b.decode(cb, [t])[0]
+
+
+@pytest.mark.parametrize("ftype", LLAMACPP_FTYPES)
 def test_transcoded_graph_equals_dequantized_graph(ftype, llamacpp_ggufs, tmp_path):
     """The int4 graph built from GGUF blocks (accuracy level 0: float activations) against the
-    fp32 graph of the same dequantized weights. Q8_0 files are all Q8_0: equal logits. In the
-    others llama.cpp made the tied output Q6_K, which is quantized again (8-bit RTN, with a warning),
-    so they agree to that head's rounding; Q4_K_M also mixes Q6_K into some q/k/v and down groups,
-    which are quantized again at 4 bits."""
+    fp32 graph of the same dequantized weights: every tensor transcoded (the _M mixes' Q4_K beside
+    Q6_K in one q/k/v group included), none quantized again, logits equal to float rounding."""
     src = llamacpp_ggufs[ftype]
     r = run_cli("convert", src, "-o", tmp_path / "int4", "--target", "cpu-int4", "--accuracy-level", "0")
     assert r.returncode == 0, r.stderr
     int4 = tmp_path / "int4"
     fp32 = convert(src, tmp_path / "fp32", target="cpu-fp32", progress=False)
     meta = json.loads((int4 / "lmforge.json").read_text())
-    assert set(meta["transcoded"]) == {"Q8_0"} if ftype == "Q8_0" else {ftype.split("_M")[0]} <= set(meta["transcoded"])
-    if ftype != "Q8_0":
-        assert "Q6_K" in meta["requantized"] and "have no exact MatMulNBits form" in r.stderr
-    a, b = OrtEngine(int4), OrtEngine(fp32)
-    ids = prompt_ids(20, a.vocab_size, 7)
-    ca, cb = a.new_cache(1, 30), b.new_cache(1, 30)
-    la, lb = a.prefill(ca, [ids])[0], b.prefill(cb, [ids])[0]
-    for _ in range(4):
-        assert rel_err(la, lb) <= {"Q8_0": 1e-5, "Q4_K_M": 0.15}.get(ftype, 2e-2)
-        t = int(lb.argmax())
-        la, lb = a.decode(ca, [t])[0], b.decode(cb, [t])[0]
+    stored = {i.dtype for i in open_checkpoint(src).infos} - {"F32", "F16"}
+    assert set(meta["transcoded"]) == stored and meta["requantized"] == []
+    assert "no exact MatMulNBits form" not in r.stderr
+    _logits_agree(int4, fp32, 1e-5)
+
+
+def test_untied_embedding_with_offsets_is_gathered_from_its_blocks(tiny_factory, default_model_path, tmp_path):
+    """An untied Q4_1 token embedding (per-block offsets) stays in its 4-bit blocks, read by
+    GatherBlockQuantized plus the gathered offsets, and gives the dequantized weights' logits."""
+    pytest.importorskip("llama_cpp")
+    import onnx
+
+    from lmforge.checkpoint.gguf import read_metadata
+    from tests.llamacpp_ref import llamacpp_quantize
+
+    folder = tiny_factory(("llama", "float32", False, None))
+    vocab = gguf_ref.bpe_vocab_meta(read_metadata(default_model_path), "smollm")
+    f32 = gguf_ref.write(folder, tmp_path / "f32.gguf", vocab=vocab)
+    src = llamacpp_quantize(f32, tmp_path / "q4_1.gguf", "Q4_1")
+    ckpt = open_checkpoint(src)
+    assert not ckpt.spec.tied_embeddings and ckpt.read_raw("embed").qtype == "Q4_1"
+    int4 = convert(src, tmp_path / "int4", target="cpu-int4", accuracy_level=0, progress=False)
+    graph = onnx.load(int4 / "model.onnx", load_external_data=False).graph
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    assert "embed" not in {t.name for t in graph.initializer}  # no float table
+    _logits_agree(int4, convert(src, tmp_path / "fp32", target="cpu-fp32", progress=False), 1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma3"])

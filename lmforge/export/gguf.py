@@ -112,7 +112,9 @@ class _Plan:
     """The tensors of the output in order: GGUF name, numpy shape, ggml type, and where the data
     comes from (canonical name and stored type, or None for hyper-parameter tensors)."""
 
-    def __init__(self, ckpt, ft: FileType, extra: dict[str, np.ndarray]):
+    def __init__(self, ckpt, ft: FileType, extra: dict[str, np.ndarray], keep_types: bool):
+        import gguf
+
         spec, arch = ckpt.spec, ckpt.arch
         self.items: list[tuple[str, tuple[int, ...], object, TensorInfo | None]] = []
         self.notes: list[str] = []
@@ -124,6 +126,9 @@ class _Plan:
                 raise LmforgeError(
                     f"tensor {info.name!r} has no GGUF name for {spec.arch}; this model cannot be written as GGUF"
                 )
+            if keep_types:  # the source's own choice for this tensor, whatever our rules would pick
+                self.items.append((gname, tuple(info.shape), gguf.GGMLQuantizationType[info.dtype], info))
+                continue
             qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
             if note:
                 self.notes.append(note)
@@ -145,10 +150,20 @@ def _encode(arr: np.ndarray, qtype) -> np.ndarray:
     return quantize(np.ascontiguousarray(arr, dtype=np.float32).reshape(arr.shape[0], -1), qtype)
 
 
-def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, progress: bool | None = None) -> Path:
+def keeps_source_types(ckpt, ft: FileType, requantize: bool) -> bool:
+    """Whether a GGUF source already of file type `ft` passes through: each tensor keeps its type
+    and bytes (the file's own mix may differ from lmforge's rules, e.g. llama.cpp's per-family ones)."""
+    return ckpt.format == "gguf" and not requantize and ckpt.meta.get("general.file_type") == int(ft.ftype)
+
+
+def convert_to_gguf(
+    source, out, gguf_type: str = "q8_0", force: bool = False, progress: bool | None = None, requantize: bool = False
+) -> Path:
     """Write SOURCE (known name, HF folder, GGUF file) as a GGUF file OUT of type `gguf_type`
     (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m q5_k_m q6_k). From a GGUF source, tensors whose
-    type does not change are copied block for block. Returns OUT."""
+    type does not change are copied block for block; a source already of that file type is copied
+    as it is, tensor types included, unless `requantize` (then each tensor's type follows
+    llama.cpp's rules, as for any other source). Returns OUT."""
     import gguf
 
     ft = get_file_type(gguf_type)
@@ -168,7 +183,7 @@ def convert_to_gguf(source, out, gguf_type: str = "q8_0", force: bool = False, p
         copied, vocab = [], hf_vocab(ckpt.path, spec.vocab_size)
         tokens = vocab["tokenizer.ggml.tokens"][0]
     meta, extra = _arch_metadata(ckpt)
-    plan = _Plan(ckpt, ft, extra)
+    plan = _Plan(ckpt, ft, extra, keeps_source_types(ckpt, ft, requantize))
     if plan.notes:  # one line per kind of fallback, as a summary
         log.warning(
             f"{len(plan.notes)} tensors fall back to another type ({plan.notes[0]}"

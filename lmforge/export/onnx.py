@@ -194,8 +194,12 @@ def _rms_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
 
 
 def _linear(g: Graph, x: str, w, name: str, bias: np.ndarray | None = None, accuracy_level: int = 0) -> str:
-    """x @ W.T (+ bias) for W (out, in) as in HF: MatMul on W.T, or MatMulNBits on its codes."""
-    if isinstance(w, NBits):
+    """x @ W.T (+ bias) for W (out, in) as in HF: MatMul on W.T, or MatMulNBits on its codes (one
+    per stacked part, concatenated, when W is a list of NBits of different layouts)."""
+    if isinstance(w, list):
+        ys = [_matmul_nbits(g, x, _nbits_weights(g, part, f"{name}.{j}"), accuracy_level) for j, part in enumerate(w)]
+        y = g.node("Concat", ys, axis=-1)
+    elif isinstance(w, NBits):
         y = _matmul_nbits(g, x, _nbits_weights(g, w, name), accuracy_level)
     else:
         y = g.node("MatMul", [x, g.weight(name, np.ascontiguousarray(w.T))])
@@ -413,14 +417,37 @@ def _layer(
 
 
 def _gatherable(w: NBits) -> bool:
-    """GatherBlockQuantized reads these codes: integer zero points, no offsets, whole blocks per row."""
-    return w.zp_kind != "float" and w.offsets is None and w.K % w.block_size == 0
+    """GatherBlockQuantized reads these codes: integer zero points, whole blocks per row (per-block
+    offsets are gathered beside them)."""
+    return w.zp_kind != "float" and w.K % w.block_size == 0
+
+
+def _gather_quantized(g: Graph, codes: NBitsWeight) -> str:
+    """Rows `input_ids` of the table stored as `codes` (V, H): GatherBlockQuantized over the
+    MatMulNBits codes through a Reshape, plus each block's offset when the codes have them."""
+    packed = g.node("Reshape", [codes.qweight, g.const([codes.N, -1])])  # (V, H*bits/8)
+    x = g.node(
+        "GatherBlockQuantized",
+        [packed, "input_ids", codes.scales] + ([codes.zero_points] if codes.zero_points else []),
+        domain=MS,
+        bits=codes.bits,
+        block_size=codes.block_size,
+        quantize_axis=1,
+        gather_axis=0,
+    )
+    if not codes.offsets:
+        return x
+    per_block = g.node("Gather", [codes.offsets, "input_ids"], axis=1)  # offsets (n_blocks, V) -> (n_blocks, B, S)
+    per_block = g.node("Unsqueeze", [g.node("Transpose", [per_block], perm=[1, 2, 0]), g.const([-1])])
+    spread = g.node("Mul", [per_block, g.const(np.ones(codes.block_size), g.dtype.type)])  # (B, S, n_blocks, block)
+    return g.node("Add", [x, g.node("Reshape", [spread, g.const([0, 0, -1])])])
 
 
 def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str, Callable[[], HeadWeight]]:
     """The embedded tokens (B, S, H) and the output head: written now when the embedding shares
     it, else a function that writes it once after the layers (holding nothing meanwhile).
-    When quantizing, an untied embedding table is stored quantized too (head_bits).
+    When quantizing, an untied embedding table is stored quantized too (head_bits, or the
+    GGUF's own blocks).
 
     A tied, quantized embedding is stored once: GatherBlockQuantized reads the head's
     MatMulNBits codes through a Reshape (when _gatherable; otherwise the input side gets a float table)."""
@@ -432,16 +459,7 @@ def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str,
     codes = None
     if isinstance(table, NBits) and _gatherable(table):
         codes = _nbits_weights(g, table, "lm_head" if spec.tied_embeddings else "embed")
-        packed = g.node("Reshape", [codes.qweight, g.const([codes.N, -1])])  # (V, H*bits/8)
-        x = g.node(
-            "GatherBlockQuantized",
-            [packed, "input_ids", codes.scales] + ([codes.zero_points] if codes.zero_points else []),
-            domain=MS,
-            bits=codes.bits,
-            block_size=codes.block_size,
-            quantize_axis=1,
-            gather_axis=0,
-        )
+        x = _gather_quantized(g, codes)
     else:
         dense = g.weight("embed", table.dequantize() if isinstance(table, NBits) else table)
         x = g.node("Gather", [dense, "input_ids"])

@@ -119,25 +119,31 @@ class WeightSource:
             ws.append(w)
         return ws[0] if len(ws) == 1 else np.concatenate(ws)
 
-    def _exact(self, parts: list[str]) -> NBits | None:
-        """Transcoded GGUF blocks when every part allows it, with one (bits, block) layout."""
+    def _exact(self, parts: list[str]) -> NBits | list[NBits] | None:
+        """Transcoded GGUF blocks when every part allows it: one NBits, or one per run of parts
+        that share a (bits, block) layout when a mix stores them differently (e.g. Q4_K q and k
+        beside a Q6_K v); the graph then runs one MatMulNBits per run and concatenates."""
         q = self.quant
         if q is None or q.requantize or q.method == "awq" or self.ckpt.format != "gguf":
             return None
         types = [self.types[p] for p in parts]
         if not all(t in EXACT_TYPES for t in types):
             return None
-        coded = []
+        runs: list[list[NBits]] = []
         for p in parts:
             raw = self.ckpt.read_raw(p)
-            coded.append(transcode(raw.qtype, raw.blocks, raw.shape))
-        if len({c.bits for c in coded}) > 1:
-            return None
+            coded = transcode(raw.qtype, raw.blocks, raw.shape)
+            if runs and (runs[-1][0].bits, runs[-1][0].block_size) == (coded.bits, coded.block_size):
+                runs[-1].append(coded)
+            else:
+                runs.append([coded])
         self.transcoded.update(types)
-        return coded[0] if len(coded) == 1 else concat(coded)
+        stacked = [run[0] if len(run) == 1 else concat(run) for run in runs]
+        return stacked[0] if len(stacked) == 1 else stacked
 
-    def matrix(self, parts: list[str], group: str | None = None) -> np.ndarray | NBits:
-        """The (N, K) weight of `parts` stacked along N: float, or NBits when quantizing.
+    def matrix(self, parts: list[str], group: str | None = None) -> np.ndarray | NBits | list[NBits]:
+        """The (N, K) weight of `parts` stacked along N: float, or NBits when quantizing (a list
+        of NBits stacked along N when exact GGUF parts differ in bits or block size).
 
         `group` names the AWQ scale applied to the input columns."""
         exact = self._exact(parts)

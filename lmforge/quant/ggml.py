@@ -99,6 +99,11 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
+def unpack_q5(q: np.ndarray, head: int) -> np.ndarray:
+    """(n, head + 20) uint8 blocks of Q5_0 (head 2) or Q5_1 (head 4) -> (n, 32) 5-bit codes."""
+    return _unpack_nibbles(q[:, head + 4 :]) | _unpack_high_bits(q[:, head : head + 4])
+
+
 def _trunc_u8(v: np.ndarray) -> np.ndarray:
     """C's float -> int8/uint8 conversion of a non-negative value (truncates toward zero)."""
     return v.astype(np.int32).astype(np.uint8)
@@ -217,7 +222,7 @@ class Q5_0(BlockCodec, qtype=GGMLQuantizationType.Q5_0):
 
     @classmethod
     def dequantize_blocks(cls, q):
-        codes = _unpack_nibbles(q[:, 6:]) | _unpack_high_bits(q[:, 2:6])
+        codes = unpack_q5(q, 2)
         return (codes.astype(_f32) - _f32(16)) * _f16_read(q[:, :2])
 
 
@@ -233,7 +238,7 @@ class Q5_1(BlockCodec, qtype=GGMLQuantizationType.Q5_1):
 
     @classmethod
     def dequantize_blocks(cls, q):
-        codes = _unpack_nibbles(q[:, 8:]) | _unpack_high_bits(q[:, 4:8])
+        codes = unpack_q5(q, 4)
         return codes.astype(_f32) * _f16_read(q[:, :2]) + _f16_read(q[:, 2:4])
 
 

@@ -183,11 +183,18 @@ def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([head, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
 
 
-def dequantize_q4_k(q: np.ndarray) -> np.ndarray:
-    """dequantize_row_q4_K: (n_blocks, 144) uint8 -> (n_blocks, 256) float32."""
+def q4_k_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_blocks, 144) uint8 -> codes (n_blocks, 8, 32) uint8 in [0, 15], and each sub-block's
+    scale d*sc and offset dmin*m (n_blocks, 8, 1): value = scale * code - offset."""
     dl, ml = _scale_min_k4(q)
     qs = q[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8)[:, None]
-    return (dl * (qs & 0xF).reshape(-1, 8, 32).astype(F32) - ml).reshape(-1, QK_K)
+    return (qs & 0xF).reshape(-1, 8, 32), dl, ml
+
+
+def dequantize_q4_k(q: np.ndarray) -> np.ndarray:
+    """dequantize_row_q4_K: (n_blocks, 144) uint8 -> (n_blocks, 256) float32."""
+    codes, dl, ml = q4_k_codes(q)
+    return (dl * codes.astype(F32) - ml).reshape(-1, QK_K)
 
 
 def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
@@ -199,12 +206,19 @@ def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([head, qh, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
 
 
-def dequantize_q5_k(q: np.ndarray) -> np.ndarray:
-    """dequantize_row_q5_K: (n_blocks, 176) uint8 -> (n_blocks, 256) float32."""
+def q5_k_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_blocks, 176) uint8 -> codes (n_blocks, 8, 32) uint8 in [0, 31], scales d*sc and
+    offsets dmin*m (n_blocks, 8, 1): value = scale * code - offset."""
     dl, ml = _scale_min_k4(q)
     qh = (q[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (nb, 8, 32)
     ql = (q[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8)[:, None]) & 0xF
-    return (dl * (ql.reshape(-1, 8, 32) | (qh << 4)).astype(F32) - ml).reshape(-1, QK_K)
+    return ql.reshape(-1, 8, 32) | (qh << 4), dl, ml
+
+
+def dequantize_q5_k(q: np.ndarray) -> np.ndarray:
+    """dequantize_row_q5_K: (n_blocks, 176) uint8 -> (n_blocks, 256) float32."""
+    codes, dl, ml = q5_k_codes(q)
+    return (dl * codes.astype(F32) - ml).reshape(-1, QK_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +250,20 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def dequantize_q6_k(q: np.ndarray) -> np.ndarray:
-    """dequantize_row_q6_K: (n_blocks, 210) uint8 -> (n_blocks, 256) float32."""
+def q6_k_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n_blocks, 210) uint8 -> codes (n_blocks, 16, 16) uint8 in [0, 63] and each sub-block's
+    scale d*sc (n_blocks, 16, 1), exact in float32: value = scale * (code - 32)."""
     nb = q.shape[0]
     ql = q[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]
     ql = (ql & 0xF).reshape(nb, 2, 4, 32)
     qh = (q[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
-    codes = (ql | (qh << 4)).astype(F32) - F32(32)  # (nb, 2, 4, 32)
+    codes = (ql | (qh << 4)).reshape(nb, 16, 16)  # (nb, 2, 4, 32) in value order
     sc = q[:, 192:208].view(np.int8).astype(F32)
     d = q[:, 208:210].copy().view("<f2").astype(F32)
-    dl = (d * sc).reshape(nb, 16, 1)
-    return (dl * codes.reshape(nb, 16, 16)).reshape(nb, QK_K)
+    return codes, (d * sc).reshape(nb, 16, 1)
+
+
+def dequantize_q6_k(q: np.ndarray) -> np.ndarray:
+    """dequantize_row_q6_K: (n_blocks, 210) uint8 -> (n_blocks, 256) float32."""
+    codes, dl = q6_k_codes(q)
+    return (dl * (codes.astype(F32) - F32(32))).reshape(-1, QK_K)

@@ -1,67 +1,126 @@
 """Exact transcoding of GGUF quantized blocks into MatMulNBits codes.
 
-- Q4_0 (d, 32 x 4-bit, value = (q - 8) d): 4-bit codes, block 32, implicit zero point 8: the
-  dequantized weights are bit-identical.
-- Q8_0 (d, 32 x int8): 8-bit codes q + 128, implicit zero point 128: bit-identical.
-- Q4_1 (d, m, value = q d + m) and Q4_K (super-blocks of 8 x 32 with 6-bit scales and mins,
-  value = (d sc) q - dmin m): 4-bit codes, block 32, implicit zero point 8, scale d (or d sc)
-  and a per-block offset m + 8 d (or -dmin m + 8 d sc) that the graph adds (see NBits): equal
-  to gguf-py's dequantization up to float32 rounding of the offset.
+Every ggml type with a linear dequantization, value = scale * (q - centre) [+ offset] per block,
+becomes MatMulNBits codes at the type's own block size (32, or 16 for Q6_K's sub-blocks). ONNX
+Runtime's MatMulNBits takes 2, 4 or 8 bits, so 4-bit types keep 4-bit codes and 5- and 6-bit
+types are stored as 8-bit codes (the code shifted so that the type's centre sits at 128, the
+implicit zero point):
+
+- Q4_0 (value = d (q - 8)), Q8_0 (d q), Q5_0 (d (q - 16)), Q6_K (d sc (q - 32), sub-blocks of
+  16): codes, scale, implicit zero point. ONNX Runtime computes (q - zero point) * scale, the
+  same single float32 product as ggml's: bit-identical weights.
+- Q4_1 (value = d q + m), Q5_1, Q4_K and Q5_K (value = d sc q - dmin m, sub-blocks of 32):
+  codes centred the same way, scale d (or d sc), and a per-block offset (m + centre d, or
+  -dmin m + centre d sc) that the graph adds (see NBits): equal to ggml's dequantization up to
+  the float32 rounding of that offset.
+
+Types without such a form (IQ*, ...) are dequantized and quantized again by the caller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from lmforge.quant import kquants
+from lmforge.quant.ggml import unpack_q5
 from lmforge.quant.nbits import NBits
-
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")
 
 
 def _f16(col: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 -> (n,) float32."""
     return np.ascontiguousarray(col).view(np.float16).astype(np.float32)[..., 0]
 
 
-def _nibbles_split(qs: np.ndarray) -> np.ndarray:
+def _nibbles(qs: np.ndarray) -> np.ndarray:
     """ggml's 32-value layout: byte j holds value j (low nibble) and value j + 16 (high)."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _centered(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, k: int) -> NBits:
-    """value = q scale + offset as (q - 8) scale + (offset + 8 scale): the integer part stays
-    centred, which keeps int8-activation kernels (accuracy_level 4) as accurate as for RTN."""
-    return NBits(q, scale, None, 4, k, offsets=(offset + 8 * scale).astype(np.float32))
+# Each decoder: (n_blocks, type_size) uint8 -> codes (n_blocks, sub-blocks, sub-block size) in
+# [0, 2^source bits), scales and offsets (n_blocks, sub-blocks) with value = scale * code + offset
+# (offset None: value = scale * (code - centre)). Table: type -> (decoder, source bits, NBits bits).
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _q4_0(b: np.ndarray) -> Decoded:
+    return _nibbles(b[:, 2:])[:, None], _f16(b[:, 0:2])[:, None], None
+
+
+def _q8_0(b: np.ndarray) -> Decoded:
+    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)[:, None], _f16(b[:, 0:2])[:, None], None
+
+
+def _q5_0(b: np.ndarray) -> Decoded:
+    return unpack_q5(b, 2)[:, None], _f16(b[:, 0:2])[:, None], None
+
+
+def _q4_1(b: np.ndarray) -> Decoded:
+    return _nibbles(b[:, 4:])[:, None], _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+
+
+def _q5_1(b: np.ndarray) -> Decoded:
+    return unpack_q5(b, 4)[:, None], _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+
+
+def _q4_k(b: np.ndarray) -> Decoded:
+    codes, dl, ml = kquants.q4_k_codes(b)
+    return codes, dl[..., 0], -ml[..., 0]
+
+
+def _q5_k(b: np.ndarray) -> Decoded:
+    codes, dl, ml = kquants.q5_k_codes(b)
+    return codes, dl[..., 0], -ml[..., 0]
+
+
+def _q6_k(b: np.ndarray) -> Decoded:
+    codes, dl = kquants.q6_k_codes(b)
+    return codes, dl[..., 0], None
+
+
+DECODERS: dict[str, tuple[Callable[[np.ndarray], Decoded], int, int]] = {
+    "Q4_0": (_q4_0, 4, 4),
+    "Q4_1": (_q4_1, 4, 4),
+    "Q4_K": (_q4_k, 4, 4),
+    "Q8_0": (_q8_0, 8, 8),
+    "Q5_0": (_q5_0, 5, 8),
+    "Q5_1": (_q5_1, 5, 8),
+    "Q5_K": (_q5_k, 5, 8),
+    "Q6_K": (_q6_k, 6, 8),
+}
+EXACT_TYPES = tuple(DECODERS)
+BIT_IDENTICAL = tuple(t for t in ("Q4_0", "Q8_0", "Q5_0", "Q6_K"))  # no offset: ggml's very product
+
+
+def bytes_per_weight(qtype: str) -> tuple[float, float]:
+    """(GGUF bytes, transcoded MatMulNBits bytes incl. float32 scales and offsets) per weight."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    decoder, _, bits = DECODERS[qtype]
+    codes, _, offset = decoder(np.zeros((1, size), np.uint8))
+    sub = codes.shape[-1]
+    return size / block, bits / 8 + (4 if offset is None else 8) / sub
 
 
 def transcode(qtype: str, blocks: np.ndarray, shape: tuple[int, int]) -> NBits:
-    """GGUF rows `blocks` (N, bytes_per_row) of type `qtype` for a weight of `shape` (N, K)."""
+    """GGUF rows `blocks` (N, bytes_per_row) of type `qtype` for a weight of `shape` (N, K).
+
+    Codes are centred: value = (code - 2^(bits-1)) scale [+ offset], with the source's centre
+    (2^(source bits - 1)) at the implicit zero point, which keeps int8-activation kernels
+    (accuracy_level 4) as accurate as for RTN."""
+    if qtype not in DECODERS:
+        raise ValueError(f"no exact transcoding for {qtype}")
     n, k = shape
-    if qtype == "Q4_0":
-        b = blocks.reshape(n, k // 32, 18)
-        d = _f16(b[..., 0:2])
-        q = _nibbles_split(b[..., 2:])
-        return NBits(q.astype(np.uint8), d, None, 4, k)
-    if qtype == "Q8_0":
-        b = blocks.reshape(n, k // 32, 34)
-        d = _f16(b[..., 0:2])
-        q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return NBits(q, d, None, 8, k)
-    if qtype == "Q4_1":
-        b = blocks.reshape(n, k // 32, 20)
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = _nibbles_split(b[..., 4:]).astype(np.uint8)
-        return _centered(q, d, m, k)
-    if qtype == "Q4_K":
-        b = blocks.reshape(n, k // 256, 144)
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        sc_raw = b[..., 4:16].reshape(n, -1, 3, 4)
-        lo, mid, hi = sc_raw[..., 0, :], sc_raw[..., 1, :], sc_raw[..., 2, :]
-        sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)  # (n, sb, 8)
-        mn = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1).astype(np.float32)
-        qs = b[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 64 values
-        q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 8, 32)  # (n, sb, 8 sub-blocks, 32)
-        scale = (d[..., None] * sc).astype(np.float32).reshape(n, -1)  # d * sc, exact in float32
-        offset = -(dmin[..., None] * mn).astype(np.float32).reshape(n, -1)  # value = q * scale + offset
-        q = q.reshape(n, -1, 32).astype(np.uint8)
-        return _centered(q, scale, offset, k)
-    raise ValueError(f"no exact transcoding for {qtype}")
+    decoder, src_bits, bits = DECODERS[qtype]
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+    codes, scale, offset = decoder(np.ascontiguousarray(blocks).reshape(-1, size))
+    sub = codes.shape[-1]
+    centre, shift = 2 ** (src_bits - 1), 2 ** (bits - 1) - 2 ** (src_bits - 1)
+    q = codes.reshape(n, k // sub, sub)
+    if shift:
+        q = q + np.uint8(shift)
+    scale = scale.reshape(n, -1).astype(np.float32)
+    if offset is not None:
+        offset = (offset.reshape(n, -1) + np.float32(centre) * scale).astype(np.float32)
+    return NBits(q.astype(np.uint8, copy=False), scale, None, bits, k, offsets=offset)

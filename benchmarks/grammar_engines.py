@@ -18,6 +18,7 @@ Every (engine, vocabulary) runs in its own process, --rounds rounds interleaved 
 figures are the median over rounds, with the range (min-max) beside it. A compile over 5 s runs in
 the first round only.
 
+    pip install xgrammar outlines-core   # the two peers (not in the dev extra: xgrammar pulls triton)
     python benchmarks/grammar_engines.py [--rounds 3] [--threads 2] [--walks 10] [--timeout 240]
 
 Writes benchmarks/results/grammar_engines.{md,json}.

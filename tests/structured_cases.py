@@ -1,16 +1,45 @@
 """JSON Schemas and regexes for the structured-output tests: the subset OpenAI's structured outputs
 accept (objects, arrays, enums, const, anyOf, $defs/$ref, string patterns and formats, number
-ranges, required/optional) plus what llguidance adds (lengths, item counts)."""
+ranges, required/optional) plus what llguidance adds (lengths, item counts).
+
+Every string, array and object here is bounded (maxLength, maxItems, additionalProperties false,
+as OpenAI's strict mode asks), so that a random-weight model's output ends within a tiny model's
+256-token context: a free key or string would be valid at any length. Free-form JSON objects are
+tested on the real model."""
 
 NAME = {"type": "string", "maxLength": 24}
 SCHEMAS = [
-    {"type": "object"},
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+        "additionalProperties": False,
+    },
     {"type": "object", "properties": {"name": NAME}, "required": ["name"], "additionalProperties": False},
-    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
+    {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["age"],
+        "additionalProperties": False,
+    },
     {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False},
-    {"type": "object", "properties": {"x": {"type": "number", "minimum": -1, "maximum": 1}}, "required": ["x"]},
-    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
-    {"type": "object", "properties": {"kind": {"const": "point"}, "v": {"type": "integer"}}, "required": ["kind", "v"]},
+    {
+        "type": "object",
+        "properties": {"x": {"type": "number", "minimum": -1, "maximum": 1}},
+        "required": ["x"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"kind": {"const": "point"}, "v": {"type": "integer"}},
+        "required": ["kind", "v"],
+        "additionalProperties": False,
+    },
     {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 1, "maxItems": 5},
     {"type": "array", "items": NAME, "maxItems": 3},
     {
@@ -24,7 +53,7 @@ SCHEMAS = [
         "properties": {
             "user": {
                 "type": "object",
-                "properties": {"name": NAME, "email": {"type": "string", "format": "email"}},
+                "properties": {"name": NAME, "email": {"type": "string", "format": "email", "maxLength": 30}},
                 "required": ["name", "email"],
                 "additionalProperties": False,
             }
@@ -38,8 +67,18 @@ SCHEMAS = [
         "required": ["code"],
         "additionalProperties": False,
     },
-    {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"]},
-    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"]},
+    {
+        "type": "object",
+        "properties": {"day": {"type": "string", "format": "date"}},
+        "required": ["day"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"id": {"type": "string", "format": "uuid"}},
+        "required": ["id"],
+        "additionalProperties": False,
+    },
     {
         "type": "object",
         "properties": {"a": {"type": "integer"}, "b": NAME, "c": {"type": "boolean"}},
@@ -108,7 +147,11 @@ SCHEMAS = [
         "required": ["status"],
         "additionalProperties": False,
     },
-    {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}, "maxProperties": 3},
+    {
+        "type": "object",
+        "properties": {"p": {"type": "integer", "minimum": 0, "maximum": 9}, "q": {"enum": ["x", "y"]}, "r": NAME},
+        "additionalProperties": False,
+    },
     {
         "type": "object",
         "properties": {

@@ -195,6 +195,28 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_pull(args) -> int:
+    from lmforge.checkpoint import resolve
+
+    print(resolve(args.model))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from lmforge.store import models_report
+
+    print(models_report(as_json=args.json))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from lmforge.store import remove
+
+    for line in remove(args.target):
+        print(line)
+    return 0
+
+
 def cmd_eval_ppl(args) -> int:
     from lmforge.evaluate import perplexity
 
@@ -523,6 +545,18 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _store_parsers(sub) -> None:
+    p = sub.add_parser("pull", help="download MODEL (a catalogue name or Hub id) into the Hub cache, no conversion")
+    p.add_argument("model", help="catalogue name, ORG/NAME[@REV], ORG/NAME:QUANT, ORG/NAME/FILE.gguf, ORG/NAME:FOLDER")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("models", help="the catalogue, what is downloaded, and the converted forms in the cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("rm", help="remove a converted form, or a model's download and its forms")
+    p.add_argument("target", metavar="MODEL_OR_FORM", help="a form from `lmforge models`, a catalogue name or Hub id")
+    p.set_defaults(func=cmd_rm)
+
+
 # in `lmforge --help` order
 SUBCOMMAND_PARSERS = (
     _inspect_parser,
@@ -535,6 +569,7 @@ SUBCOMMAND_PARSERS = (
     _machine_parsers,
     _chat_parser,
     _serve_parser,
+    _store_parsers,
 )
 
 

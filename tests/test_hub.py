@@ -264,3 +264,27 @@ def test_local_path_wins_and_did_you_mean(hub, home, tiny_llama):
     assert len(hub.requests) == n_requests
     assert_user_error(lmforge(hub, home, "run", "phi-3-mini4k", "-p", "x"), "did you mean 'phi-3-mini-4k'?")
     assert_user_error(lmforge(hub, home, "pull", "smollm2-1.7"), "did you mean 'smollm2-1.7b'?")
+
+
+def test_models_and_rm(hub, home, tiny_repo):
+    ok(lmforge(hub, home, "pull", "tiny-org/tiny-llama"))
+    run_text(hub, home, "tiny-org/tiny-llama")
+    report = json.loads(ok(lmforge(hub, home, "models", "--json")).stdout)
+    names = [c["name"] for c in report["catalogue"]]
+    assert names[0] == "smollm2-135m" and "phi-3-mini-4k" in names and "mistral-7b-v0.3" in names
+    (download,) = report["downloads"]
+    weights = sum(p.stat().st_size for p in tiny_repo.iterdir() if p.is_file())
+    assert download["repo"] == "tiny-org/tiny-llama" and download["bytes"] == weights
+    (form,) = report["forms"]
+    assert form["repo"] == "tiny-org/tiny-llama" and form["target"] == "cpu-fp32" and form["bytes"] > 0
+    text = ok(lmforge(hub, home, "models")).stdout
+    assert "phi-3-mini-4k" in text and "tiny-org/tiny-llama" in text and form["name"] in text
+    r = ok(lmforge(hub, home, "rm", form["name"]))
+    assert f"removed form {form['name']}" in r.stdout and not Path(form["path"]).exists()
+    run_text(hub, home, "tiny-org/tiny-llama")  # converts again
+    r = ok(lmforge(hub, home, "rm", "tiny-org/tiny-llama"))
+    assert "removed form" in r.stdout and "removed download tiny-org/tiny-llama" in r.stdout
+    report = json.loads(ok(lmforge(hub, home, "models", "--json")).stdout)
+    assert report["downloads"] == [] and report["forms"] == []
+    assert_user_error(lmforge(hub, home, "rm", "tiny-org/tiny-llama"), "nothing named", "lmforge models")
+    assert_user_error(lmforge(hub, home, "rm", "no-such-form"), "nothing named")

@@ -102,15 +102,15 @@ def _choose(ref: HubRef, what: str, candidates: list[str], available: list[str])
 
 def _gguf_plan(ref: HubRef, ggufs: list[str]) -> Plan:
     if ref.file:
-        name = _choose(ref, "GGUF file", [g for g in ggufs if g == ref.file], ggufs)
+        matches, shown = [g for g in ggufs if g == ref.file], ref
     else:
         quant = ref.tag or DEFAULT_QUANT
-        matches = _gguf_matches(ggufs, quant)
+        matches, shown = _gguf_matches(ggufs, quant), ref if ref.tag else HubRef(ref.repo, tag=quant)
         if not matches and not ref.tag and len(ggufs) == 1:
             matches = ggufs
-        name = _choose(ref if ref.tag else HubRef(ref.repo, tag=quant), "GGUF quant", matches, ggufs)
-    if re.search(r"-\d{5}-of-\d{5}\.gguf$", name):
-        raise CheckpointError(f"{name} is one part of a split GGUF; lmforge reads single-file GGUFs: merge it first")
+    if matches and all(re.search(r"-\d{5}-of-\d{5}\.gguf$", m) for m in matches):
+        raise CheckpointError(f"{matches[0]} is part of a split GGUF; lmforge reads single-file GGUFs: merge it first")
+    name = _choose(shown, "GGUF file" if ref.file else "GGUF quant", matches, ggufs)
     return Plan("gguf", [name], name)
 
 
@@ -130,7 +130,9 @@ def plan_files(ref: HubRef, files: list[str]) -> Plan:
         _choose(ref, "GGUF quant or ONNX folder", [], ggufs + onnx_dirs)
     if "config.json" in files and _top_level(files, (".safetensors",)):
         side = [f for f in HF_SIDE_FILES if f in files]
-        return Plan("hf", ["config.json", *side, *_top_level(files, (".safetensors", SHARD_INDEX))])
+        # with an index, the shards it names are fetched once it is read (never a consolidated.* copy)
+        weights = [SHARD_INDEX] if SHARD_INDEX in files else _top_level(files, (".safetensors",))
+        return Plan("hf", ["config.json", *side, *weights])
     if "config.json" in files and _top_level(files, PICKLE_SUFFIXES):
         pickles = ", ".join(_top_level(files, PICKLE_SUFFIXES)[:3])
         raise CheckpointError(

@@ -140,12 +140,22 @@ def _stats(model) -> str:
     )
 
 
+def _prompt(args) -> str:
+    """-p TEXT, or the standard input for `-p -` or when it is piped and no -p is given."""
+    if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.prompt is None:
+        raise LmforgeError("give the prompt with -p TEXT, or pipe it in (or -p - to read the standard input)")
+    return args.prompt
+
+
 def cmd_run(args) -> int:
     from lmforge.model import load
 
+    prompt = _prompt(args)
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     try:
-        for piece in model.stream(args.prompt, raw=args.raw, **_sampling(args)):
+        for piece in model.stream(prompt, raw=args.raw, **_sampling(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -159,7 +169,8 @@ def cmd_chat(args) -> int:
     from lmforge.model import load
 
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
-    history: list[dict] = []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
     print("lmforge chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
@@ -173,7 +184,7 @@ def cmd_chat(args) -> int:
         if line.strip() in ("/exit", "/quit", "/bye"):
             return 0
         if line.strip() == "/reset":
-            history = []
+            history = list(system)
             print("(conversation cleared)")
             continue
         if not line.strip():
@@ -442,7 +453,7 @@ def _convert_parser(sub) -> None:
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate from a prompt, streaming text to stdout and stats to stderr")
     _add_generation_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", help="the prompt; - (or a pipe and no -p) reads it from the standard input")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     p.set_defaults(func=cmd_run)
 
@@ -517,6 +528,7 @@ def _machine_parsers(sub) -> None:
 def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation (kept by /reset)")
     p.set_defaults(func=cmd_chat)
 
 

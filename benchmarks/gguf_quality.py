@@ -44,9 +44,9 @@ def tensors(path: Path) -> dict:
 
 
 def main():
+    from lmforge.checkpoint import resolve
     from lmforge.evaluate import read_text, text_windows
     from lmforge.export.gguf import convert_to_gguf
-    from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser()

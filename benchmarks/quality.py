@@ -35,9 +35,9 @@ FORMS = [  # (label, convert options)
 
 
 def main():
+    from lmforge.checkpoint import resolve
     from lmforge.evaluate import perplexity, read_text, text_windows
     from lmforge.export.convert import convert
-    from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser()

@@ -39,8 +39,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from lmforge.bench import _genai_folder
+    from lmforge.checkpoint import resolve
     from lmforge.evaluate import perplexity, read_text, text_windows
-    from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
 
     sys.path.insert(0, str(ROOT))

@@ -244,8 +244,8 @@ def bench(
     Runner processes follow each other with a pause of PAUSE_S. `rounds` > 1 interleaves the
     runners: each round runs every runner once more, in a fresh process, so a machine that speeds
     up or slows down during the run weighs on every runner alike; figures pool all rounds."""
+    from lmforge.checkpoint import resolve
     from lmforge.model import cached_onnx
-    from lmforge.registry import resolve
     from lmforge.tokenizer import Tokenizer
 
     unknown = [p for p in vs if p not in PEERS]

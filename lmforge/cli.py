@@ -143,12 +143,22 @@ def _stats(model) -> str:
     )
 
 
+def _prompt(args) -> str:
+    """-p TEXT, or the standard input for `-p -` or when it is piped and no -p is given."""
+    if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.prompt is None:
+        raise LmforgeError("give the prompt with -p TEXT, or pipe it in (or -p - to read the standard input)")
+    return args.prompt
+
+
 def cmd_run(args) -> int:
     from lmforge.model import load
 
+    prompt = _prompt(args)
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     try:
-        for piece in model.stream(args.prompt, raw=args.raw, **_sampling(args)):
+        for piece in model.stream(prompt, raw=args.raw, **_sampling(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -162,7 +172,8 @@ def cmd_chat(args) -> int:
     from lmforge.model import load
 
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
-    history: list[dict] = []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
     print("lmforge chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
@@ -176,7 +187,7 @@ def cmd_chat(args) -> int:
         if line.strip() in ("/exit", "/quit", "/bye"):
             return 0
         if line.strip() == "/reset":
-            history = []
+            history = list(system)
             print("(conversation cleared)")
             continue
         if not line.strip():
@@ -196,6 +207,28 @@ def cmd_chat(args) -> int:
             continue
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_pull(args) -> int:
+    from lmforge.checkpoint import resolve
+
+    print(resolve(args.model))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from lmforge.store import models_report
+
+    print(models_report(as_json=args.json))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from lmforge.store import remove
+
+    for line in remove(args.target):
+        print(line)
+    return 0
 
 
 def cmd_eval_ppl(args) -> int:
@@ -428,7 +461,7 @@ def _convert_parser(sub) -> None:
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate from a prompt, streaming text to stdout and stats to stderr")
     _add_generation_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", help="the prompt; - (or a pipe and no -p) reads it from the standard input")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     p.set_defaults(func=cmd_run)
 
@@ -503,6 +536,7 @@ def _machine_parsers(sub) -> None:
 def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _add_generation_args(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation (kept by /reset)")
     p.set_defaults(func=cmd_chat)
 
 
@@ -531,6 +565,18 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _store_parsers(sub) -> None:
+    p = sub.add_parser("pull", help="download MODEL (a catalogue name or Hub id) into the Hub cache, no conversion")
+    p.add_argument("model", help="catalogue name, ORG/NAME[@REV], ORG/NAME:QUANT, ORG/NAME/FILE.gguf, ORG/NAME:FOLDER")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("models", help="the catalogue, what is downloaded, and the converted forms in the cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("rm", help="remove a converted form, or a model's download and its forms")
+    p.add_argument("target", metavar="MODEL_OR_FORM", help="a form from `lmforge models`, a catalogue name or Hub id")
+    p.set_defaults(func=cmd_rm)
+
+
 # in `lmforge --help` order
 SUBCOMMAND_PARSERS = (
     _inspect_parser,
@@ -543,6 +589,7 @@ SUBCOMMAND_PARSERS = (
     _machine_parsers,
     _chat_parser,
     _serve_parser,
+    _store_parsers,
 )
 
 

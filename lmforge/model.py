@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.chat import render_with, template_from_folder
+from lmforge.checkpoint import resolve, source_label
 from lmforge.errors import LmforgeError
 from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
-from lmforge.registry import cache_dir, resolve
+from lmforge.registry import cache_dir
 from lmforge.runtime.engine import ENGINES as RUNTIME_ENGINES
 from lmforge.runtime.ort import OrtEngine, is_onnx_folder
 from lmforge.sampling import SamplingParams
@@ -56,10 +57,11 @@ def cached_onnx(model: str | os.PathLike, target: str = DEFAULT_TARGET, progress
     files = sorted(path.iterdir()) if path.is_dir() else [path]  # a folder's files, not its own mtime
     stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
     key = hashlib.sha256(f"{path.resolve()}|{stamp}|{target}|{FORMAT_VERSION}".encode())
-    out = cache_dir() / "onnx" / f"{path.stem}-{target}-{key.hexdigest()[:12]}"
+    out = cache_dir() / "onnx" / f"{source_label(path)}-{target}-{key.hexdigest()[:12]}"
     with _locked(out.with_name(out.name + ".lock")):
         if not is_onnx_folder(out):
             convert(path, out, target=target, force=True, progress=progress)
+        os.utime(out)  # its mtime says when it was last used (`lmforge models`)
     return out
 
 

@@ -48,3 +48,19 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tqdm_class(enabled: bool | None):
+    """A tqdm class for libraries that draw their own bars (huggingface_hub's downloads), shown
+    by the same rule as `Progress`: ENABLED, or when None whether stderr is a terminal."""
+    from tqdm import tqdm
+
+    show = shown(enabled)
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)  # huggingface_hub's bar groups; plain tqdm rejects the keyword
+            kwargs["disable"] = not show
+            super().__init__(*args, **kwargs)
+
+    return Bar

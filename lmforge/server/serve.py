@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import ENGINES
@@ -96,7 +97,7 @@ def serve(
         import uvicorn
     except ImportError:
         raise LmforgeError("the server needs FastAPI and uvicorn; run: pip install 'lmforge[server]'") from None
-    from lmforge.registry import KNOWN_MODELS, resolve
+    from lmforge.checkpoint import resolve
     from lmforge.server.app import Limits, create_app
 
     _check_arguments(
@@ -110,7 +111,7 @@ def serve(
         from lmforge.model import pick_engine
 
         pick_engine(path, engine, device, target)
-    name = name or (str(model) if str(model) in KNOWN_MODELS else path.name)
+    name = name or (path.name if Path(str(model)).expanduser().exists() else str(model))  # a name or Hub id as typed
     sock = _bind(host, port)
     server: uvicorn.Server | None = None
 

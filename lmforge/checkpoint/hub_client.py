@@ -1,0 +1,167 @@
+"""The calls into `huggingface_hub` (repo listing, file download, the cache's layout) and the
+one-line errors its exceptions become. `hub.py` decides what to fetch; this module fetches it.
+
+huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN itself:
+nothing here overrides them, so a real download takes the same path as the tests' local Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import CheckpointError, LmforgeError, ModelNotFoundError
+from lmforge.progress import tqdm_class
+
+
+def pull_hint(ref) -> str:
+    return f"run `lmforge pull {ref}` where the Hub is reachable, then again here"
+
+
+LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN (and accept the model's terms on its Hub page)"
+
+
+def _hf():
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors  # noqa: F401 - submodules read as attributes below
+    except ImportError:
+        raise LmforgeError("Hub ids need huggingface_hub; run: pip install huggingface-hub") from None
+    if not os.environ.get("HF_HUB_VERBOSITY"):  # its retry warnings would break the one-line errors
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    return huggingface_hub
+
+
+@dataclass
+class Listing:
+    """A repo's file names at a revision; `offline` when they come from the local cache
+    (`snapshot` is then the cached folder and `why` says why the Hub was not asked)."""
+
+    names: list[str]
+    revision: str
+    offline: bool = False
+    snapshot: Path | None = None
+    why: str = ""
+
+
+def offline_mode() -> bool:
+    return bool(_hf().constants.HF_HUB_OFFLINE)
+
+
+def repo_cache_folder(repo: str) -> Path:
+    """The Hub cache's folder of a model repo (models--ORG--NAME under HF_HUB_CACHE)."""
+    hf = _hf()
+    return Path(hf.constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def cached_snapshot(repo: str, revision: str) -> Path | None:
+    """The cached snapshot folder of REPO at REVISION (a commit, or a branch/tag via refs/), or None."""
+    folder = repo_cache_folder(repo)
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def _cached_listing(ref, why: str) -> Listing:
+    revision = ref.revision or "main"
+    snapshot = cached_snapshot(ref.repo, revision)
+    if snapshot is None:
+        raise ModelNotFoundError(f"{ref} is not in the Hub cache and {why}; {pull_hint(ref)}")
+    names = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    return Listing(names, revision, True, snapshot, why)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Transport failures of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def list_files(ref) -> Listing:
+    """The repo's files: from the Hub, or from the cache when offline or the Hub is unreachable."""
+    hf = _hf()
+    revision = ref.revision or "main"
+    if offline_mode():
+        return _cached_listing(ref, "HF_HUB_OFFLINE=1 is set")
+    try:
+        with hub_errors(ref):
+            info = hf.HfApi().model_info(ref.repo, revision=revision)
+    except _CannotReach as e:
+        return _cached_listing(ref, f"the Hub cannot be reached ({e})")
+    return Listing([s.rfilename for s in info.siblings or []], revision)
+
+
+def fetch(ref, revision: str, name: str, progress: bool | None, local_only: bool = False) -> str:
+    """Download (or find in the cache) one file of REF's repo; returns its local path."""
+    hf = _hf()
+    with hub_errors(ref, name):
+        return hf.hf_hub_download(
+            ref.repo, name, revision=revision, tqdm_class=tqdm_class(progress), local_files_only=local_only
+        )
+
+
+class _CannotReach(LmforgeError):
+    """The Hub could not be reached (network down or the server failing); the cache may still serve."""
+
+
+def _status(e) -> int | None:
+    response = getattr(e, "response", None)
+    return getattr(response, "status_code", None)
+
+
+@contextmanager
+def hub_errors(ref, name: str | None = None):
+    """huggingface_hub's exceptions -> one-line LmforgeErrors that say what to do."""
+    err = _hf().errors
+    what = f"{ref.repo}/{name}" if name else str(ref)
+    try:
+        yield
+    except err.GatedRepoError:
+        raise LmforgeError(f"{ref.repo} is gated: {LOGIN_HINT}") from None
+    except err.RevisionNotFoundError:
+        raise ModelNotFoundError(f"{ref.repo} has no revision {ref.revision!r} on the Hub") from None
+    except err.RepositoryNotFoundError as e:
+        if _status(e) in (401, 403):
+            raise LmforgeError(f"{ref.repo} is not on the Hub, or is private: check the name or {LOGIN_HINT}") from None
+        raise ModelNotFoundError(f"no such model or path: {str(ref)!r} (the Hub has no repo {ref.repo})") from None
+    except err.RemoteEntryNotFoundError:
+        raise ModelNotFoundError(f"{ref.repo} has no file {name!r} at revision {ref.revision or 'main'}") from None
+    except err.HfHubHTTPError as e:
+        if _status(e) in (401, 403):
+            raise LmforgeError(f"the Hub refused {what} ({_status(e)}): {LOGIN_HINT}") from None
+        raise _CannotReach(f"the Hub answered {_status(e)} for {what}; run the command again") from None
+    except (err.LocalEntryNotFoundError, err.OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE=1 is set" if offline_mode() else "the Hub cannot be reached"
+        raise ModelNotFoundError(f"{what} is not in the Hub cache and {why}; {pull_hint(ref)}") from None
+    except _network_errors() as e:
+        endpoint = _hf().constants.ENDPOINT
+        raise _CannotReach(
+            f"cannot reach the Hub at {endpoint} for {what} ({e.__class__.__name__}); check the network, "
+            "or set HF_HUB_OFFLINE=1 to use the cache"
+        ) from None
+    except OSError as e:  # e.g. huggingface_hub's size consistency check after a broken transfer
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise CheckpointError(f"downloading {what} failed ({first}); run the command again") from None
+
+
+def cache_root() -> Path:
+    """HF_HUB_CACHE as huggingface_hub resolved it."""
+    return Path(_hf().constants.HF_HUB_CACHE)
+
+
+def is_in_hub_cache(path: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(cache_root()))
+    except ValueError:
+        return False
+    return True

@@ -35,9 +35,8 @@ from tests.llamacpp_ref import llamacpp_perplexity, llamacpp_quantize  # noqa: E
 
 def k256_f32(tmp: Path) -> Path:
     """The tiny rows-of-256 llama with SmolLM2's vocabulary, as an F32 GGUF."""
-    from lmforge.checkpoint import open_checkpoint
+    from lmforge.checkpoint import open_checkpoint, resolve
     from lmforge.checkpoint.gguf import read_metadata
-    from lmforge.checkpoint import resolve
     from tests import gguf_ref, tiny
 
     src = resolve("smollm2-135m")

@@ -118,8 +118,6 @@ class SequenceState:
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         token = self.sample(logits)
-        if self.constraint is not None:
-            self.constraint.advance(token)
         info = []
         if p.logprobs:
             lp = log_softmax(logits)
@@ -140,6 +138,8 @@ class SequenceState:
             rest = self.text[self.emitted :] + (self.detok.flush() if self.detok is not None else "")
             return self._finish(piece + rest, token, info, "length")
         self.next_token = token
+        if self.constraint is not None:  # only a sequence that goes on needs its next mask
+            self.constraint.advance(token)
         return Delta(piece, token, info, None, len(self.prompt_ids), self.n)
 
     def _finish(self, text: str, token: int, info: list[TokenLogprob], reason: str) -> Delta:

@@ -490,3 +490,137 @@ def test_library_cli_and_batch_constraints(reference, int4_folder, tmp_path):
     assert recs[1]["text"] == text
     assert recs[2]["finish_reason"] == "tool_calls" and recs[2]["tool_calls"][0]["name"] in ("get_weather", "add")
     assert "does not compile" in recs[3]["error"]
+
+
+# ---- other engines and template families -------------------------------------------------------
+
+HERMES_TEMPLATE = (  # Qwen2.5's way of offering tools and reading calls and results back, in short
+    "{%- if tools %}<|im_start|>system\nYou may call functions. <tools>\n{%- for t in tools %}{{ t | tojson }}\n"
+    '{%- endfor %}</tools>\nReturn calls as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call><|im_end|>\n'
+    "{%- endif %}{%- for m in messages %}{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ m.content }}\n</tool_response><|im_end|>\n{%- elif m.tool_calls %}<|im_start|>assistant\n"
+    "{%- for c in m.tool_calls %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}\n</tool_call>{%- endfor %}<|im_end|>\n{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "<|im_end|>\n{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_llamacpp_engine_is_constrained_too(default_model_path):
+    pytest.importorskip("llama_cpp")
+    from lmforge.model import load
+
+    model = load(default_model_path, engine="llamacpp", threads=2)
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "rank": {"type": "integer", "minimum": 1, "maximum": 9},
+        },
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    for seed in range(3):
+        text = model.generate("Name a city.", json_schema=schema, temperature=1.0, seed=seed, max_tokens=60)
+        jsonschema.validate(json.loads(text), schema)
+    assert re.fullmatch("(yes|no)", model.generate("Is it?", regex="(yes|no)", max_tokens=4))
+
+
+def test_a_template_that_knows_tools_gets_them_and_its_calls_are_read(tiny_factory, tmp_path):
+    """Hermes/Qwen2.5-style template on a random-weight model: tools and history rendered by the
+    template itself; a required call is constrained to the family's syntax and always parses."""
+    from lmforge.export.convert import convert
+    from lmforge.generate import fit_to_context
+    from lmforge.model import ChatReply, load
+    from lmforge.sampling import SamplingParams
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "w",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"c": {"type": "string", "maxLength": 6}},
+                    "required": ["c"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "a": {"type": "integer", "minimum": -9, "maximum": 9},
+                        "b": {"type": "integer", "minimum": -9, "maximum": 9},
+                    },
+                    "required": ["a", "b"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+    ]
+    from tests.test_errors import edited_copy
+
+    # the tiny llama with room for a prompt that lists tools (its own context is 256 tokens)
+    folder = convert(
+        edited_copy(tiny_factory, tmp_path, "config.json", max_position_embeddings=1024), tmp_path / "m", progress=False
+    )
+    model = load(folder)
+    model.chat_template = HERMES_TEMPLATE
+    history = [
+        {"role": "user", "content": "Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"c": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3"},
+        {"role": "user", "content": "1+2?"},
+    ]
+    plan = model.plan_tools(history, tools, "required")
+    ids = model.prompt_ids(messages=plan.messages, tools=plan.template_tools)
+    prompt = model.tokenizer.decode(ids)
+    assert '"name": "add"' in prompt and '<tool_call>\n{"name": "w", "arguments": {"c": "Oslo"}}' in prompt
+    assert "<tool_response>\n-3" in prompt and plan.syntax.name == "hermes"
+    room = fit_to_context(len(ids), SamplingParams(max_tokens=1000), model.engine.context_length).max_tokens
+    assert room >= 60, (len(ids), room)
+    for seed in range(5):
+        for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+            reply = model.chat(history, tools=tools, tool_choice=choice, temperature=1.0, seed=seed, max_tokens=room)
+            assert isinstance(reply, ChatReply) and len(reply.tool_calls) == 1, reply
+            call = reply.tool_calls[0]
+            schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call.name)
+            jsonschema.validate(json.loads(call.arguments), schema)
+            assert choice == "required" or call.name == "add"
+
+
+@pytest.mark.parametrize(
+    "syntax,text,content,calls",
+    [
+        (
+            "hermes",
+            'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>',
+            "Let me check.",
+            [("f", {"a": 1}), ("g", {})],
+        ),
+        ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', None, [("f", {"a": 1})]),
+        ("phi4", '<|tool_call|>[{"name": "f", "arguments": {"x": "y"}}]<|/tool_call|>', None, [("f", {"x": "y"})]),
+        ("llama3", '<|python_tag|>{"name": "f", "parameters": {"a": 2}}', None, [("f", {"a": 2})]),
+        ("llama3", "Paris is the capital.", "Paris is the capital.", []),
+        ("hermes", "<tool_call>\n{not json", "<tool_call>\n{not json", []),
+        (None, '{"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}', None, [("f", {"a": 1})]),
+        (None, '{"content": "Hello"}', "Hello", []),
+    ],
+)
+def test_tool_calls_are_read_per_family(syntax, text, content, calls):
+    from lmforge.tools import SYNTAXES, parse_calls
+
+    got_content, got = parse_calls(text, next((s for s in SYNTAXES if s.name == syntax), None))
+    assert got_content == content and [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)

@@ -4,9 +4,10 @@ the default model (cpu-int4), in the same run.
 Each runner is its own process, the two take turns over --rounds rounds (the machine is shared):
 `plain` generates --tokens tokens with EOS banned; `schema` generates under a JSON Schema whose
 every valid document is long (an array of exactly 16 strings, without length bounds, as OpenAI's
-strict schemas have none), so both decode a comparable number of tokens. Both greedy, 2 threads, the library's own loop (Model.stream_generate);
-decode tok/s is what GenerationResponse reports (tokens after the first over the time after it).
-Also the compile time of a 200-property schema (llguidance builds a matcher; its first mask counts).
+strict schemas have none), so both decode a comparable number of tokens. Both greedy, 2 threads,
+the library's own loop (Model.stream_generate); decode tok/s is what GenerationResponse reports
+(tokens after the first over the time after it). Also the compile time of a 200-property schema
+(llguidance builds a matcher; its first mask counts).
 
     python benchmarks/structured_speed.py [--rounds 3] [--tokens 160] [--threads 2]
 

@@ -138,7 +138,7 @@ def generate_record(model, item: Item) -> dict:
             messages = messages or [{"role": "user", "content": req["prompt"]}]
             choice, parallel = req.get("tool_choice", "auto"), req.get("parallel_tool_calls", False)
             plan = model.plan_tools(messages, req["tools"], choice, parallel)
-            options.update(plan.constraint)
+            options = plan.options(options)
             ids = model.prompt_ids(messages=plan.messages, tools=plan.template_tools)
         else:
             ids = model.prompt_ids(messages=messages) if messages is not None else model.prompt_ids(req["prompt"])

@@ -42,7 +42,10 @@ def _ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
     per = _tokenizers.setdefault(tokenizer, {})
     key = (vocab_size, eos_ids)
     if key not in per:
-        per[key] = _llg().LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+        try:
+            per[key] = _llg().LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+        except (ValueError, RuntimeError) as e:  # a vocabulary llguidance cannot read
+            raise SamplingError("grammar", f"structured output is not available for this tokenizer ({e})") from None
     return per[key]
 
 
@@ -61,10 +64,9 @@ class Constraint:
         self.param = param
         self.vocab_size = vocab_size
         ll_tok = _ll_tokenizer(tokenizer, vocab_size, tuple(sorted(set(eos_ids))))
-        error = llg.LLMatcher.validate_grammar(text, ll_tok)
-        if error:
-            raise SamplingError(param, f"{param} does not compile: {_first_line(error)}")
-        self.matcher = llg.LLMatcher(ll_tok, text, log_level=0)
+        self.matcher = llg.LLMatcher(ll_tok, text, log_level=0)  # compiles; errors are its state, not raised
+        if self.matcher.is_error():
+            raise SamplingError(param, f"{param} does not compile: {_first_line(self.matcher.get_error())}")
         self.bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)  # the next mask, 1 bit a token
         self._fill()
         if not self._allowed().any():
@@ -86,7 +88,8 @@ class Constraint:
     def advance(self, token: int) -> None:
         """Consume the sampled token (one the mask allowed) and compute the next mask."""
         self.matcher.consume_token(token)
-        assert not self.matcher.is_error(), self.matcher.get_error()
+        if self.matcher.is_error():  # the mask allowed it, so llguidance disagrees with itself
+            raise RuntimeError(f"the grammar refused token {token}: {_first_line(self.matcher.get_error())}")
         self._fill()
 
 

@@ -69,7 +69,8 @@ class Model:
     """A loaded model: `generate`, `stream`, `chat` and `stream_chat` take the options of
     `lmforge.sampling.SamplingParams` as keywords (max_tokens, temperature, top_p, top_k, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs,
-    top_logprobs), and raw=True skips the chat template. `last` is the last GenerationResponse."""
+    top_logprobs, and one output constraint: json_schema, regex or grammar), and raw=True skips the
+    chat template; `chat` also takes OpenAI-style tools. `last` is the last GenerationResponse."""
 
     def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None):
         self.engine = engine
@@ -126,7 +127,7 @@ class Model:
             return "".join(self._pieces(self.prompt_ids(messages=messages), options))
         plan = self.plan_tools(messages, tools, tool_choice, options.pop("parallel_tool_calls", False))
         ids = self.prompt_ids(messages=plan.messages, tools=plan.template_tools)
-        content, calls = plan.parse("".join(self._pieces(ids, {**options, **plan.constraint})))
+        content, calls = plan.parse("".join(self._pieces(ids, plan.options(options))))
         return ChatReply(content, calls)
 
     def plan_tools(self, messages: list[dict], tools: list[dict], tool_choice="auto", parallel: bool = False):

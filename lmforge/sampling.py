@@ -32,7 +32,8 @@ class SamplingParams:
 
     Applied per token in this order: logit_bias, repetition_penalty (transformers' rule over the
     last 64 tokens, prompt included), presence/frequency penalties (OpenAI's rule over generated
-    tokens), then temperature, top_k, top_p, min_p and a seeded draw (greedy at temperature 0)."""
+    tokens), the output constraint's mask (json_schema, regex or grammar: lmforge.constrain), then
+    temperature, top_k, top_p, min_p and a seeded draw (greedy at temperature 0)."""
 
     max_tokens: int = 256
     temperature: float = 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from lmforge.constrain import JSON_OPTIONS
 from lmforge.errors import LmforgeError
+from lmforge.sampling import CONSTRAINTS
 
 
 class ToolError(LmforgeError):
@@ -87,6 +88,13 @@ class ToolPlan:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a finished reply."""
         return parse_calls(text, self.syntax) if self.calls else (text, [])
+
+    def options(self, options: dict) -> dict:
+        """Sampling options with this plan's output constraint; one the caller gave as well is refused."""
+        given = [k for k in CONSTRAINTS if options.get(k) is not None]
+        if self.constraint and given:
+            raise ToolError("tools", f"tools with this tool_choice constrain the output; drop {given[0]}")
+        return {**options, **self.constraint}
 
 
 def plan_tools(
@@ -231,7 +239,8 @@ def parse_calls(text: str, syntax: CallSyntax | None) -> tuple[str | None, list[
             return text, []
         if isinstance(reply, dict) and isinstance(reply.get("tool_calls"), list):
             return None, [_call(c["name"], c["arguments"]) for c in reply["tool_calls"] if _is_call(c, "arguments")]
-        return (reply.get("content") if isinstance(reply, dict) else None) or text, []
+        content = reply.get("content") if isinstance(reply, dict) else None
+        return content if isinstance(content, str) else text, []
     start = text.find(syntax.start) if syntax.start else _json_start(text)
     if start < 0:
         return text, []

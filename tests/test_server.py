@@ -622,6 +622,67 @@ def test_engine_fault_fails_its_requests_not_the_server(reference):
         )
 
 
+def test_a_failed_prefill_and_a_failed_row_answer_their_requests_only(reference):
+    """A batched prefill that raises fails the prompts in it (they had left the queue: they must
+    not wait forever); a sequence whose own sampling raises fails alone, its batch goes on."""
+    from lmforge.runtime.ort import OrtEngine
+    from lmforge.sampling import SamplingParams
+    from lmforge.server.batching import BatchScheduler, Failed, Handle
+
+    class FailingPrefill(OrtEngine):
+        fail = True
+
+        def prefill(self, cache, token_ids):
+            if FailingPrefill.fail:
+                FailingPrefill.fail = False
+                raise RuntimeError("injected prefill fault")
+            return super().prefill(cache, token_ids)
+
+    engine = object.__new__(FailingPrefill)
+    engine.__dict__.update(reference.engine.__dict__)
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
+    results = {i: [] for i in range(len(prompts))}
+    done = threading.Event()
+
+    def sink(i):
+        def put(item):
+            results[i].append(item)
+            if all(r and (isinstance(r[-1], Failed) or r[-1].finish_reason) for r in results.values()):
+                done.set()
+
+        return put
+
+    handles = [
+        Handle(
+            reference.tokenizer,
+            reference.prompt_ids(p, raw=True),
+            SamplingParams(max_tokens=12),
+            reference.eos_token_ids,
+            engine.vocab_size,
+            sink(i),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    broken = handles[1].state
+    broken.accept = lambda row: 1 / 0  # this row's own fault, at its first token
+    sched = BatchScheduler(engine, max_batch=4)
+    try:
+        for h in handles[:2]:
+            assert sched.submit(h)
+        sched.start()
+        assert wait_until(lambda: all(results[i] for i in (0, 1)), timeout=30), results
+        assert all(isinstance(results[i][-1], Failed) for i in (0, 1))  # the failed prefill held both
+        FailingPrefill.fail = False
+        handles[1].state, handles[1].done = broken, False  # a fresh submit of the broken row, with a good one
+        results[1].clear()
+        assert sched.submit(handles[1]) and sched.submit(handles[2])
+        assert done.wait(60), results
+    finally:
+        sched.close()
+    assert isinstance(results[1][-1], Failed) and "ZeroDivisionError" in str(results[1][-1])
+    assert "".join(d.text for d in results[2]) == reference.generate(prompts[2], raw=True, max_tokens=12)
+
+
 def test_full_queue_is_a_429(reference):
     from fastapi.testclient import TestClient
 

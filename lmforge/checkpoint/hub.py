@@ -68,6 +68,8 @@ class Plan:
 def parse_hub_id(text: str) -> HubRef | None:
     """The HubRef of TEXT, or None when it does not look like a Hub id."""
     m = HUB_ID.match(text)
+    if m and m["revision"] in (".", ".."):
+        m = None  # a revision is a branch, tag or commit, never a path step
     if not m or text.startswith((".", "/", "~")):
         return None
     return HubRef(m["repo"], m["revision"], m["tag"], m["file"])
@@ -166,11 +168,20 @@ def check_config(ref: HubRef, path: str | os.PathLike) -> None:
 
 
 def _shards(ref: HubRef, index_path: str) -> list[str]:
+    """The safetensors files the shard index names: each a .safetensors file at the repo's top."""
     try:
         weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(f"{SHARD_INDEX} of {ref.repo} is not a valid shard index") from None
+    strays = [s for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and _top_name(s))]
+    if strays:
+        raise CheckpointError(f"{SHARD_INDEX} of {ref.repo} names {strays[0]!r}, not a safetensors file of the repo")
+    return shards
+
+
+def _top_name(name: str) -> bool:
+    return "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def _fetch_plan(ref: HubRef, plan: Plan, fetch) -> Path:

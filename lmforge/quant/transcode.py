@@ -91,7 +91,7 @@ DECODERS: dict[str, tuple[Callable[[np.ndarray], Decoded], int, int]] = {
     "Q6_K": (_q6_k, 6, 8),
 }
 EXACT_TYPES = tuple(DECODERS)
-BIT_IDENTICAL = tuple(t for t in ("Q4_0", "Q8_0", "Q5_0", "Q6_K"))  # no offset: ggml's very product
+BIT_IDENTICAL = ("Q4_0", "Q8_0", "Q5_0", "Q6_K")  # no offset: ggml's very product
 
 
 def bytes_per_weight(qtype: str) -> tuple[float, float]:

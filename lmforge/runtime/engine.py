@@ -34,7 +34,8 @@ class Engine(Protocol):
         """An empty cache of `batch_size` rows with room for `capacity` positions each."""
 
     def prefill(self, cache: Cache, token_ids: list[list[int]]) -> np.ndarray:
-        """Append each row's tokens; returns float32 logits (batch, vocab) of each row's last token."""
+        """Append each row's tokens; returns float32 logits (batch, vocab) of each row's last token,
+        an array the caller owns (samplers write into its rows)."""
 
     def decode(self, cache: Cache, token_ids: list[int]) -> np.ndarray:
-        """Append one token per row; returns float32 logits (batch, vocab)."""
+        """Append one token per row; returns float32 logits (batch, vocab), an array the caller owns."""

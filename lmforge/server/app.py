@@ -117,22 +117,22 @@ def _sampling(
         ) from None
 
 
-def _submit(
+async def _submit(
     state: ServerState, ids: list[int], params: SamplingParams, constraints: list[tuple[str, dict]]
 ) -> tuple[Handle, asyncio.Queue]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     model = state.model
+
+    def sink(item) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
     # the sequence state checks logit_bias ids against the vocabulary and compiles the grammar
+    # (milliseconds, more for a large schema): off the event loop, which keeps other streams going
     fields = {option: field for field, options in constraints for option in options}
     with P.sampling_errors(fields):
-        handle = Handle(
-            model.tokenizer,
-            ids,
-            params,
-            model.eos_token_ids,
-            model.engine.vocab_size,
-            lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+        handle = await loop.run_in_executor(
+            None, Handle, model.tokenizer, ids, params, model.eos_token_ids, model.engine.vocab_size, sink
         )
     if not state.scheduler.submit(handle):
         raise P.ApiError(429, "too many requests are waiting; retry later", "server_error", code="queue_full")
@@ -143,7 +143,7 @@ async def _reply(state: ServerState, request: Request, req, prepared):
     """Generate for one validated request (`prepared`: prompt ids, SamplingParams, format, the
     constraints' request fields) and answer it whole or as an SSE stream, shaped by the format."""
     ids, params, fmt, constraints = prepared
-    handle, events = _submit(state, ids, params, constraints)
+    handle, events = await _submit(state, ids, params, constraints)
     base = {
         "id": f"{fmt.id_prefix}-{uuid.uuid4().hex}",
         "created": int(time.time()),

@@ -210,6 +210,7 @@ class BatchScheduler(Scheduler):
         self.pool = engine.new_pool(max_batch, initial_capacity)
         self.active: list[Handle] = []  # decoding; active[i].row == i
         self.filling: Handle | None = None  # a long prompt being prefilled in chunks, row len(active)
+        self.prefilling: list[Handle] = []  # short prompts in the prefill call now running
 
     def active_count(self) -> int:
         return len(self.active) + (self.filling is not None)
@@ -267,7 +268,9 @@ class BatchScheduler(Scheduler):
         for i, h in enumerate(batch):
             h.row = start + i
             self.pool.clear_row(h.row)
+        self.prefilling = batch  # off `waiting` and not yet active: an engine fault must still reach them
         logits = self.engine.prefill(self.pool.rows(start, start + len(batch)), [h.state.prompt_ids for h in batch])
+        self.prefilling = []
         self._join(batch, logits)
 
     def _join(self, handles: list[Handle], logits: np.ndarray) -> None:
@@ -288,13 +291,19 @@ class BatchScheduler(Scheduler):
         self._sample(list(self.active), logits)
 
     def _sample(self, handles: list[Handle], logits: np.ndarray) -> None:
-        finished = []
+        leaving = []
         for h, row in zip(handles, logits):
-            delta = h.state.accept(row)
+            try:
+                delta = h.state.accept(row)
+            except Exception as e:  # this sequence's own fault (its sampler, its grammar): it alone fails
+                log.exception("sampling failed for request %d", h.id)
+                self._retire(h, Failed(f"sampling failed: {type(e).__name__}: {str(e)[:200]}"))
+                leaving.append(h)
+                continue
             self.emit(h, delta)
             if delta.finish_reason is not None:
-                finished.append(h)
-        for h in finished:
+                leaving.append(h)
+        for h in leaving:
             self._leave(h)
 
     def _leave(self, h: Handle) -> None:
@@ -314,9 +323,9 @@ class BatchScheduler(Scheduler):
         self._retire(h)
 
     def fail_active(self, error: Failed) -> None:
-        for h in [*self.active, *([self.filling] if self.filling else [])]:
+        for h in [*self.active, *([self.filling] if self.filling else []), *self.prefilling]:
             self._retire(h, error)
-        self.active, self.filling = [], None
+        self.active, self.filling, self.prefilling = [], None, []
         self.pool.lengths[:] = 0
 
 

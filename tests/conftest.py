@@ -139,3 +139,23 @@ def reference(int4_folder):
     from lmforge.model import load
 
     return load(int4_folder, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(int4_folder, tmp_path_factory):
+    """`lmforge serve` on the int4 folder, one per test module. --max-batch 4 with more concurrent
+    requests than that in the tests: some wait and join mid-flight."""
+    from tests.test_server import NAME, Server
+
+    s = Server(
+        int4_folder,
+        "--name",
+        NAME,
+        "--max-batch",
+        4,
+        "--threads",
+        2,
+        log=tmp_path_factory.mktemp("serve") / "serve.log",
+    )
+    yield s
+    s.stop()

@@ -93,23 +93,6 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
-@pytest.fixture(scope="module")
-def server(int4_folder, tmp_path_factory):
-    # --max-batch 4 with more concurrent requests than that: some wait and join mid-flight
-    s = Server(
-        int4_folder,
-        "--name",
-        NAME,
-        "--max-batch",
-        4,
-        "--threads",
-        2,
-        log=tmp_path_factory.mktemp("serve") / "serve.log",
-    )
-    yield s
-    s.stop()
-
-
 # ---- the official client -----------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.structured_cases import REGEXES, SCHEMAS
 from tests.test_errors import assert_user_error, run_cli
-from tests.test_server import NAME, Server
+from tests.test_server import NAME
 
 ARCHS = [
     ("llama", "float32", False, None),
@@ -133,22 +133,6 @@ TOOLS = [
     },
 ]
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server(int4_folder, tmp_path_factory):
-    s = Server(
-        int4_folder,
-        "--name",
-        NAME,
-        "--max-batch",
-        4,
-        "--threads",
-        2,
-        log=tmp_path_factory.mktemp("serve") / "serve.log",
-    )
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

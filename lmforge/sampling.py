@@ -231,12 +231,17 @@ def repetition_penalty(
 ) -> np.ndarray:
     """transformers'/llama.cpp's rule over the last `window` tokens: positive logits are divided
     by the penalty and negative ones multiplied. Returns a new array."""
+    out = logits.copy()
+    _penalize(out, tokens, penalty, window)
+    return out
+
+
+def _penalize(logits: np.ndarray, tokens: list[int], penalty: float, window: int = REPETITION_WINDOW) -> None:
+    """`repetition_penalty` in place."""
     recent = np.unique(np.asarray(tokens[-window:], dtype=np.int64))
-    logits = logits.copy()
     if recent.size:
         sel = logits[recent]
         logits[recent] = np.where(sel > 0, sel / penalty, sel * penalty)
-    return logits
 
 
 class LogitsProcessor:
@@ -265,7 +270,7 @@ class LogitsProcessor:
         if self.bias_ids.size:
             np.add.at(logits, self.bias_ids, self.bias_values)
         if p.repetition_penalty != 1.0:
-            logits = repetition_penalty(logits, tokens, p.repetition_penalty)
+            _penalize(logits, tokens, p.repetition_penalty)  # on the copy made above
         if self.counts and (p.presence_penalty or p.frequency_penalty):
             ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
             freq = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))

@@ -37,10 +37,11 @@ def run_on_ray(model: str, items: list, writer, target: str | None, address: str
         raise LmforgeError("--ray needs Ray: pip install 'lmforge[ray]'") from None
     if not items:
         return
+    from lmforge.export.targets import DEFAULT_TARGET
     from lmforge.model import cached_onnx
 
     # convert once here: actors on this machine find the cached folder (others convert their own)
-    cached_onnx(model, target or "cpu-fp32")
+    cached_onnx(model, target or DEFAULT_TARGET)
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)

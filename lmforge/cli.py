@@ -144,11 +144,13 @@ def _stats(model) -> str:
 
 
 def _prompt(args) -> str:
-    """-p TEXT, or the standard input for `-p -` or when it is piped and no -p is given."""
+    """-p TEXT, --file PATH, or the standard input for `-p -` or when it is piped and neither is given."""
+    if getattr(args, "file", None) is not None:
+        return read_user_text(args.file, "prompt file")
     if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
         return sys.stdin.read()
     if args.prompt is None:
-        raise LmforgeError("give the prompt with -p TEXT, or pipe it in (or -p - to read the standard input)")
+        raise LmforgeError("give the prompt with -p TEXT or --file PATH, or pipe it in (-p - reads the standard input)")
     return args.prompt
 
 
@@ -157,12 +159,18 @@ def cmd_run(args) -> int:
 
     prompt = _prompt(args)
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
-    try:
+    running = f"lmforge: running {args.model} as {model.form}"
+    try:  # said with the first piece: an error before it (a prompt too long, ...) stays one line
         for piece in model.stream(prompt, raw=args.raw, **_sampling(args)):
+            if running:
+                print(running, file=sys.stderr, flush=True)
+                running = ""
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
+    if running:
+        print(running, file=sys.stderr)
     sys.stdout.write("\n")
     print(_stats(model), file=sys.stderr)
     return 0
@@ -174,6 +182,7 @@ def cmd_chat(args) -> int:
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
+    print(f"lmforge: running {args.model} as {model.form}", file=sys.stderr)
     print("lmforge chat: /reset clears the conversation, /exit quits; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
@@ -291,7 +300,9 @@ def cmd_recommend(args) -> int:
     print(f"budget {r['budget_bytes'] / 2**30:.1f} GiB, context {r['context']} tokens")
     for f in r["forms"]:
         mark = "->" if f["target"] == r["recommended"] else ("  " if f["fits"] else " x")
-        print(f"{mark} {f['target']:<10} {f['memory_bytes'] / 2**30:6.2f} GiB  {f['speed']:<12} {f['quality']}")
+        print(f"{mark} {f['target']:<11} {f['memory_bytes'] / 2**30:6.2f} GiB  {f['speed']:<12} {f['quality']}")
+        if f["ruled_out"]:
+            print(f"   {'':<11} ruled out: {f['ruled_out']}")
     print(r["command"])
     return 0
 
@@ -375,7 +386,7 @@ def _add_generation_args(p) -> None:
     out.add_argument("--regex", metavar="R", help="the output matches this regular expression")
     out.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance's dialect)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
-    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--threads", type=int, help="ONNX Runtime / llama.cpp threads (default: all cores)")
     p.add_argument(
         "--engine",
@@ -461,7 +472,9 @@ def _convert_parser(sub) -> None:
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate from a prompt, streaming text to stdout and stats to stderr")
     _add_generation_args(p)
-    p.add_argument("-p", "--prompt", help="the prompt; - (or a pipe and no -p) reads it from the standard input")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("-p", "--prompt", help="the prompt; - (or a pipe and no -p) reads it from the standard input")
+    prompt.add_argument("--file", metavar="PATH", help="read the prompt from this UTF-8 text file")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     p.set_defaults(func=cmd_run)
 
@@ -507,7 +520,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("model")
     p.add_argument("input", metavar="IN.jsonl")
     p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
-    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--workers", type=int, default=1, help="engines (Ray actors) with --ray")
     p.add_argument(
         "--ray",
@@ -554,12 +567,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on a request's max_tokens")
     p.add_argument(
         "--engine",
-        default="ort",
-        choices=ENGINES,
-        help="ort (default): continuous batching; llamacpp: a .gguf file, one request at a time",
+        default="auto",
+        choices=["auto", *ENGINES],
+        help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed (one request at a "
+        "time), else ONNX Runtime (continuous batching)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "dml"])
-    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")
+    p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     p.add_argument("--name", help="the model id clients send (default: MODEL's name)")
     p.set_defaults(func=cmd_serve)

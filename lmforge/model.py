@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,10 +71,12 @@ class Model:
     `lmforge.sampling.SamplingParams` as keywords (max_tokens, temperature, top_p, top_k, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs,
     top_logprobs, and one output constraint: json_schema, regex or grammar), and raw=True skips the
-    chat template; `chat` also takes OpenAI-style tools. `last` is the last GenerationResponse."""
+    chat template; `chat` also takes OpenAI-style tools. `last` is the last GenerationResponse;
+    `form` says in words which form runs (e.g. "cpu-int4 (exact transcode of Q4_1, Q8_0)")."""
 
-    def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None):
+    def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None, form: str = ""):
         self.engine = engine
+        self.form = form
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.eos_token_ids = tuple(dict.fromkeys([*engine.eos_token_ids, *tokenizer.eos_ids]))
@@ -170,6 +173,26 @@ def pick_engine(path: Path, engine: str = "auto", device: str = "cpu", target: s
     return engine
 
 
+def describe_form(folder: Path) -> str:
+    """Which form an ONNX folder holds, in words: its target and how its weights were made."""
+    from lmforge.export.folder import META_FILE
+
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        return f"{folder.name} (an onnxruntime-genai folder, as it is)"
+    meta = json.loads(meta_path.read_text())
+    quant = meta.get("quant")
+    if not quant:
+        how = f"{'fp32' if meta.get('dtype') == 'float32' else 'fp16'} weights"
+    elif meta.get("transcoded"):
+        how = f"exact transcode of {', '.join(meta['transcoded'])}"
+        if meta.get("requantized"):
+            how += f"; {', '.join(meta['requantized'])} quantized again with {quant['method'].upper()}"
+    else:
+        how = f"int{quant['bits']} {quant['method'].upper()}, block {quant['block_size']}"
+    return f"{meta.get('target', folder.name)} ({how})"
+
+
 def load(
     model: str | os.PathLike,
     device: str = "cpu",
@@ -182,7 +205,7 @@ def load(
     """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
 
     Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting to ONNX
-    (default: cpu-fp32 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
+    (default: cpu-int4 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
     auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed);
     ONNX Runtime session config entries. Returns a `Model`."""
     path = resolve(model)
@@ -191,8 +214,9 @@ def load(
         from lmforge.runtime.llamacpp import LlamaCppEngine
 
         ckpt = open_checkpoint(path)
-        return Model(LlamaCppEngine(path, device=device, threads=threads), ckpt.tokenizer(), ckpt.chat_template())
+        runner = LlamaCppEngine(path, device=device, threads=threads)
+        return Model(runner, ckpt.tokenizer(), ckpt.chat_template(), f"{path.name} on llama.cpp (as it is)")
     target = target or ("cuda-fp16" if device == "cuda" else DEFAULT_TARGET)
     folder = cached_onnx(model, target, progress)
     ort_engine = OrtEngine(folder, device=device, threads=threads, session_config=session_config)
-    return Model(ort_engine, Tokenizer.from_folder(folder), template_from_folder(folder))
+    return Model(ort_engine, Tokenizer.from_folder(folder), template_from_folder(folder), describe_form(folder))

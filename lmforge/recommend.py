@@ -54,8 +54,27 @@ FORMS = (
 )
 
 
+INSTALL = {
+    LLAMACPP: "llama.cpp is not installed (pip install 'lmforge[llamacpp]')",
+    "CUDAExecutionProvider": "ONNX Runtime has no CUDAExecutionProvider here (a CUDA GPU and onnxruntime-gpu)",
+}
+
+
+def _ruled_out(f: Form, need: int, room: int, providers: set[str], given: bool) -> str | None:
+    """Why form F cannot run here, in one line; None when it can."""
+    if f.needs not in providers:
+        return INSTALL.get(f.needs, f"ONNX Runtime has no {f.needs} here")
+    if need > room:
+        where = "GPU memory" if f.needs == "CUDAExecutionProvider" else "memory"
+        state = "given" if given else "free"
+        return f"too big: needs {need / 2**30:.2f} GiB, {where} {state} is {room / 2**30:.2f} GiB"
+    return None
+
+
 def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dict:
-    """The recommended form of MODEL for this machine (or for `memory_gb` of memory)."""
+    """The recommended form of MODEL for this machine (or for `memory_gb` of memory): a dict with
+    the command that makes it and every form's row (memory need, fits, and `ruled_out`: why a form
+    that does not fit is ruled out, in one line)."""
     from lmforge.checkpoint import open_checkpoint
     from lmforge.devices import devices
 
@@ -89,11 +108,13 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
         # a quantized GGUF already carries int4 weights: transcoding them loses nothing more
         cost = f.cost_from_quantized if quantized_source and f.cost_from_quantized is not None else f.cost
         room = gpu_budget if f.needs == "CUDAExecutionProvider" else budget
+        ruled_out = _ruled_out(f, need, room, providers, memory_gb is not None)
         rows.append(
             {
                 "target": f.target,
                 "memory_bytes": need,
-                "fits": need <= room and f.needs in providers,
+                "fits": ruled_out is None,
+                "ruled_out": ruled_out,
                 "provider": f.needs,
                 "quality": f.quality,
                 "speed": f.speed,
@@ -102,9 +123,10 @@ def recommend(model, memory_gb: float | None = None, context: int = 4096) -> dic
         )
     fitting = [r for r in rows if r["fits"]]
     if not fitting:
-        smallest = min(r["memory_bytes"] for r in rows) / 2**30
+        runnable = [r["memory_bytes"] for r in rows if r["provider"] in providers] or [r["memory_bytes"] for r in rows]
         raise LmforgeError(
-            f"no form of this model fits in {budget / 2**30:.1f} GiB (the smallest needs {smallest:.1f} GiB)"
+            f"no form of this model fits in {budget / 2**30:.1f} GiB "
+            f"(the smallest that can run here needs {min(runnable) / 2**30:.1f} GiB)"
         )
     best = min(fitting, key=lambda r: (r["ppl_cost_percent"], r["memory_bytes"]))
     form = next(f for f in FORMS if f.target == best["target"])

@@ -9,7 +9,7 @@ import pytest
 from tests.test_errors import assert_user_error
 
 QUESTION = "What is the capital of France?"
-RUN = ("--engine", "ort", "--max-tokens", "12", "--threads", "1")
+RUN = ("--engine", "ort", "--target", "cpu-fp32", "--max-tokens", "12", "--threads", "1")
 
 
 def lmforge(*args, stdin=None):
@@ -22,7 +22,7 @@ def lmforge(*args, stdin=None):
 def fp32_model():
     from lmforge.model import load
 
-    return load("smollm2-135m", engine="ort", threads=1)
+    return load("smollm2-135m", engine="ort", target="cpu-fp32", threads=1)
 
 
 def test_prompt_from_stdin(fp32_model):

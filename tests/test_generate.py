@@ -105,6 +105,8 @@ def test_cli_run_answers_the_capital(tmp_path):
             "What is the capital of France?",
             "--engine",
             "ort",
+            "--target",
+            "cpu-fp32",  # FACTS.md: the fp32 path answers Paris (the int4 default does not: test_cli_prompts)
         ],
         capture_output=True,
         text=True,
@@ -127,6 +129,8 @@ def test_cli_run_answers_the_capital(tmp_path):
             "What is the capital of France?",
             "--engine",
             "ort",
+            "--target",
+            "cpu-fp32",
         ],
         capture_output=True,
         text=True,

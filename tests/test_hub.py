@@ -98,7 +98,8 @@ def test_safetensors_repo_pull_convert_run(hub, home, tiny_repo):
     assert hub.weight_bytes - before == weights
     # the Hub id gives what the local folder gives
     assert run_text(hub, home, "tiny-org/tiny-llama") == run_text(hub, home, tiny_repo)
-    ok(lmforge(hub, home, "convert", "tiny-org/tiny-llama", "-o", home / "out", "--target", "cpu-fp32"))
+    # the form run makes by default
+    ok(lmforge(hub, home, "convert", "tiny-org/tiny-llama", "-o", home / "out", "--target", "cpu-int4"))
     assert run_text(hub, home, home / "out") == run_text(hub, home, tiny_repo)
     hub_json = json.loads(ok(lmforge(hub, home, "inspect", "tiny-org/tiny-llama", "--json")).stdout)
     local_json = json.loads(ok(lmforge(hub, home, "inspect", tiny_repo, "--json")).stdout)
@@ -127,7 +128,7 @@ def test_gguf_repo_quant_and_file(hub, home, gguf_repo):
             hub,
             home,
             *("run", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1", "-p", "What is the capital of France?"),
-            *("--engine", "ort", "--max-tokens", "12"),
+            *("--engine", "ort", "--target", "cpu-fp32", "--max-tokens", "12"),
         )
     )
     assert "Paris" in r.stdout  # FACTS.md: the fp32 path of the default model says so
@@ -276,7 +277,7 @@ def test_models_and_rm(hub, home, tiny_repo):
     weights = sum(p.stat().st_size for p in tiny_repo.iterdir() if p.is_file())
     assert download["repo"] == "tiny-org/tiny-llama" and download["bytes"] == weights
     (form,) = report["forms"]
-    assert form["repo"] == "tiny-org/tiny-llama" and form["target"] == "cpu-fp32" and form["bytes"] > 0
+    assert form["repo"] == "tiny-org/tiny-llama" and form["target"] == "cpu-int4" and form["bytes"] > 0
     text = ok(lmforge(hub, home, "models")).stdout
     assert "phi-3-mini-4k" in text and "tiny-org/tiny-llama" in text and form["name"] in text
     r = ok(lmforge(hub, home, "rm", form["name"]))

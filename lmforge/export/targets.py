@@ -62,7 +62,9 @@ TARGETS = {
     )
 }
 
-DEFAULT_TARGET = "cpu-fp32"
+# What run/chat/serve/load convert to on the CPU when no target is given: int4 as Ollama and
+# onnxruntime-genai ship by default (a quantized GGUF's blocks transcoded exactly), never an 8x fp32 copy.
+DEFAULT_TARGET = "cpu-int4"
 
 
 def get_target(name: str) -> Target:

@@ -59,8 +59,8 @@ def _is_loopback(host: str) -> bool:
 
 def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
-    if engine not in ENGINES:
-        raise LmforgeError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine not in ("auto", *ENGINES):
+        raise LmforgeError(f"unknown engine {engine!r}; choose one of: auto, {', '.join(ENGINES)}")
     for what, value in limits.items():
         if value < 1:
             raise LmforgeError(f"{what} must be >= 1")
@@ -77,7 +77,7 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 8,
     max_tokens_limit: int = 2048,
-    engine: str = "ort",
+    engine: str = "auto",
     device: str = "cpu",
     target: str | None = None,
     threads: int | None = None,
@@ -89,7 +89,7 @@ def serve(
 
     Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
     unless told otherwise); the API key every /v1 route then needs; the decode batch size; the
-    cap on max_tokens; engine ort|llamacpp; device; conversion target; threads; the model id
+    cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target; threads; the model id
     clients use (default: MODEL's name). Raises LmforgeError for bad arguments, a model that does
     not exist or does not load."""
     try:
@@ -106,11 +106,10 @@ def serve(
         api_key,
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
     )
-    path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
-    if engine == "llamacpp":
-        from lmforge.model import pick_engine
+    from lmforge.model import pick_engine
 
-        pick_engine(path, engine, device, target)
+    path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
+    engine = pick_engine(path, engine, device, target)
     name = name or (path.name if Path(str(model)).expanduser().exists() else str(model))  # a name or Hub id as typed
     sock = _bind(host, port)
     server: uvicorn.Server | None = None
@@ -121,7 +120,7 @@ def serve(
 
     def load():
         loaded = load_for_serving(model, engine, device, target, threads)
-        print(f"lmforge: {name} is ready", file=sys.stderr, flush=True)
+        print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
         return loaded
 
     app = create_app(

@@ -29,7 +29,7 @@ $(VENV)/.test-stamp: pyproject.toml | $(PY)
 venv: $(VENV)/.test-stamp
 
 run: $(VENV)/.run-stamp
-	$(VENV)/bin/lmforge run smollm2-135m -p "What is the capital of France?"
+	$(VENV)/bin/lmforge run smollm2-135m -p "What is the capital of Italy?"
 
 test: $(VENV)/.test-stamp
 	$(PY) -m ruff check lmforge tests benchmarks

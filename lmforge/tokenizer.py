@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import TokenizerError
@@ -196,12 +196,25 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
     def save(self, folder: Path) -> None:
-        """Write tokenizer.json (and a tokenizer_config.json) so transformers can load the folder."""
+        """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer
+        gives this tokenizer's ids with `add_special_tokens=True`: the tokenizer.json's own
+        pipeline (class PreTrainedTokenizerFast; a named class such as LlamaTokenizer would make
+        transformers rebuild its own pre-tokenizer) and a post-processor that prepends BOS when
+        the model adds one."""
         folder = Path(folder)
-        self.hf.save(str(folder / "tokenizer.json"))
+        hf = HFTokenizer.from_str(self.hf.to_str())  # a copy: our own encode adds BOS itself
+        if self.add_bos:
+            bos = self.hf.id_to_token(self.bos_id)
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)]
+            )
+        else:
+            hf.post_processor = None
+        hf.save(str(folder / "tokenizer.json"))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos,
+            "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
         if self.bos_id is not None:

@@ -426,3 +426,21 @@ def test_cli_llamacpp_engine_device_errors(default_model_path):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--device", "cuda"), "onnxruntime-gpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])  # byte-level BPE without BOS, SentencePiece with BOS
+def test_gguf_to_hf_tokenizer_gives_llamacpp_ids(arch, gguf_factory, wikitext, tmp_path):
+    """`convert X.gguf --hf`: transformers' AutoTokenizer on the folder gives llama.cpp's ids,
+    BOS included when the GGUF adds it."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from lmforge.export.hf import convert_to_hf
+
+    _, path = gguf_factory(arch)
+    tok = AutoTokenizer.from_pretrained(convert_to_hf(path, tmp_path / "hf"))
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in ("The capital of France is", wikitext[:6000]):
+        theirs = llm.tokenize(text.encode(), add_bos=True, special=False)
+        assert (theirs[0] == llm.token_bos()) == (arch == "phi3")
+        assert tok(text).input_ids == theirs

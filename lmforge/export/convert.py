@@ -46,13 +46,11 @@ def write_tokenizer(ckpt, folder: Path) -> None:
         return
     tok = ckpt.tokenizer()
     tok.save(folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
     template = ckpt.chat_template()
     if template:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
         cfg["chat_template"] = template
-    # onnxruntime-genai's tokenizer picks its algorithm from the class name
-    cfg["tokenizer_class"] = "LlamaTokenizer" if ckpt.meta.get("tokenizer.ggml.model") == "llama" else "GPT2Tokenizer"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> dict:

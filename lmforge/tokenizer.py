@@ -125,9 +125,15 @@ class Tokenizer:
     """
 
     def __init__(
-        self, hf: HFTokenizer, bos_id: int | None = None, eos_ids: tuple[int, ...] = (), add_bos: bool = False
+        self,
+        hf: HFTokenizer,
+        bos_id: int | None = None,
+        eos_ids: tuple[int, ...] = (),
+        add_bos: bool = False,
+        pad_id: int | None = None,
     ):
         self.hf = hf
+        self.pad_id = pad_id
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos and bos_id is not None
@@ -143,6 +149,7 @@ class Tokenizer:
             meta.get("tokenizer.ggml.bos_token_id"),
             tuple(dict.fromkeys(e for e in eos if e is not None)),
             bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+            meta.get("tokenizer.ggml.padding_token_id"),
         )
 
     @classmethod
@@ -172,7 +179,7 @@ class Tokenizer:
         add_bos = cfg.get("add_bos_token")
         if add_bos is None and bos is not None:  # the post-processor decides in tokenizer.json
             add_bos = hf.encode("a", add_special_tokens=True).ids[:1] == [bos]
-        return cls(hf, bos, (eos,) if eos is not None else (), bool(add_bos))
+        return cls(hf, bos, (eos,) if eos is not None else (), bool(add_bos), token_id(cfg.get("pad_token")))
 
     @property
     def vocab_size(self) -> int:
@@ -221,6 +228,8 @@ class Tokenizer:
             cfg["bos_token"] = self.hf.id_to_token(self.bos_id)
         if self.eos_ids:
             cfg["eos_token"] = self.hf.id_to_token(self.eos_ids[0])
+        if self.pad_id is not None:
+            cfg["pad_token"] = self.hf.id_to_token(self.pad_id)
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 

@@ -30,9 +30,11 @@ class PerplexityResult:
     chunks: int
     ctx: int
     seconds: float
+    engine: str = "onnxruntime"  # which engine measured it
 
     def to_dict(self) -> dict:
         return {
+            "engine": self.engine,
             "ppl": self.ppl,
             "tokens_scored": self.tokens_scored,
             "chunks": self.chunks,
@@ -101,17 +103,13 @@ def perplexity(
     """Perplexity of MODEL (anything `lmforge.load` takes) on DATA with llama-perplexity's protocol.
 
     Args: the model; text file (default WikiText-2 test); window length; at most this many
-    windows; target preset if MODEL must be converted; threads; progress bar.
+    windows; target preset if MODEL must be converted; threads; progress bar. A .gguf file with
+    no target runs in llama.cpp when llama-cpp-python is installed (the file itself measured);
+    the result's `engine` says which engine measured it.
     """
-    from lmforge.model import cached_onnx
-    from lmforge.runtime.ort import OrtEngine
-    from lmforge.tokenizer import Tokenizer
-
     text = read_text(data)  # a missing file fails before any conversion
-    folder = cached_onnx(model, target or "cpu-fp32", progress)
-    engine = OrtEngine(folder, threads=threads, full_logits=True)
+    engine, tok, name = _scoring_engine(model, target, threads, progress, ctx)
     check_ctx(ctx, engine)
-    tok = Tokenizer.from_folder(folder)
     wins = text_windows(tok, text, ctx, chunks)
     with Progress(len(wins), progress, "perplexity", unit="chunk") as bar:
         start = time.perf_counter()
@@ -121,7 +119,29 @@ def perplexity(
             total, count = total + nll, count + n
             bar.update()
             bar.note(ppl=f"{math.exp(total / count):.4f}")
-    return PerplexityResult(math.exp(total / count), count, len(wins), ctx, time.perf_counter() - start)
+    return PerplexityResult(math.exp(total / count), count, len(wins), ctx, time.perf_counter() - start, name)
+
+
+def _scoring_engine(model, target: str | None, threads: int | None, progress: bool | None, ctx: int):
+    """(engine with `score`, tokenizer, engine name) for MODEL: llama.cpp on a .gguf file when no
+    target is asked for and llama-cpp-python is installed, else onnxruntime on the ONNX folder
+    (a cached conversion of MODEL)."""
+    import importlib.util
+
+    from lmforge.checkpoint import resolve
+    from lmforge.model import cached_onnx
+    from lmforge.runtime.ort import OrtEngine
+    from lmforge.tokenizer import Tokenizer
+
+    path = resolve(model)
+    if target is None and path.is_file() and path.suffix == ".gguf" and importlib.util.find_spec("llama_cpp"):
+        from lmforge.checkpoint import open_checkpoint
+        from lmforge.runtime.llamacpp import LlamaCppEngine
+
+        engine = LlamaCppEngine(path, threads=threads, n_batch=max(ctx, 4))  # one batch per window
+        return engine, open_checkpoint(path).tokenizer(), "llama.cpp"
+    folder = cached_onnx(model, target or "cpu-fp32", progress)
+    return OrtEngine(folder, threads=threads, full_logits=True), Tokenizer.from_folder(folder), "onnxruntime"
 
 
 @dataclass

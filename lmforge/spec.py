@@ -62,6 +62,7 @@ class ModelSpec:
     norm_offset: float = 0.0  # RMSNorm weight is (offset + w) (Gemma: 1)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
+    pad_token_id: int | None = None  # the source's padding id, when it names one
 
     def __post_init__(self):
         assert self.hidden_size > 0 and self.n_layers > 0

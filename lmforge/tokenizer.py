@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import TokenizerError
@@ -125,9 +125,15 @@ class Tokenizer:
     """
 
     def __init__(
-        self, hf: HFTokenizer, bos_id: int | None = None, eos_ids: tuple[int, ...] = (), add_bos: bool = False
+        self,
+        hf: HFTokenizer,
+        bos_id: int | None = None,
+        eos_ids: tuple[int, ...] = (),
+        add_bos: bool = False,
+        pad_id: int | None = None,
     ):
         self.hf = hf
+        self.pad_id = pad_id
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos and bos_id is not None
@@ -143,6 +149,7 @@ class Tokenizer:
             meta.get("tokenizer.ggml.bos_token_id"),
             tuple(dict.fromkeys(e for e in eos if e is not None)),
             bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+            meta.get("tokenizer.ggml.padding_token_id"),
         )
 
     @classmethod
@@ -172,7 +179,7 @@ class Tokenizer:
         add_bos = cfg.get("add_bos_token")
         if add_bos is None and bos is not None:  # the post-processor decides in tokenizer.json
             add_bos = hf.encode("a", add_special_tokens=True).ids[:1] == [bos]
-        return cls(hf, bos, (eos,) if eos is not None else (), bool(add_bos))
+        return cls(hf, bos, (eos,) if eos is not None else (), bool(add_bos), token_id(cfg.get("pad_token")))
 
     @property
     def vocab_size(self) -> int:
@@ -196,18 +203,33 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
     def save(self, folder: Path) -> None:
-        """Write tokenizer.json (and a tokenizer_config.json) so transformers can load the folder."""
+        """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer
+        gives this tokenizer's ids with `add_special_tokens=True`: the tokenizer.json's own
+        pipeline (class PreTrainedTokenizerFast; a named class such as LlamaTokenizer would make
+        transformers rebuild its own pre-tokenizer) and a post-processor that prepends BOS when
+        the model adds one."""
         folder = Path(folder)
-        self.hf.save(str(folder / "tokenizer.json"))
+        hf = HFTokenizer.from_str(self.hf.to_str())  # a copy: our own encode adds BOS itself
+        if self.add_bos:
+            bos = self.hf.id_to_token(self.bos_id)
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)]
+            )
+        else:
+            hf.post_processor = None
+        hf.save(str(folder / "tokenizer.json"))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos,
+            "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
         if self.bos_id is not None:
             cfg["bos_token"] = self.hf.id_to_token(self.bos_id)
         if self.eos_ids:
             cfg["eos_token"] = self.hf.id_to_token(self.eos_ids[0])
+        if self.pad_id is not None:
+            cfg["pad_token"] = self.hf.id_to_token(self.pad_id)
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 

@@ -61,6 +61,8 @@ def write(folder: Path, out: Path, vocab: dict | None = None) -> Path:
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    if cfg.get("pad_token_id") is not None:  # llama.cpp's converter takes config.json's pad id too
+        w.add_pad_token_id(cfg["pad_token_id"])
     if cfg.get("sliding_window") and model_type in ("mistral", "gemma3_text"):
         w.add_sliding_window(cfg["sliding_window"])
     if model_type == "gemma3_text":

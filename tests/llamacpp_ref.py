@@ -55,14 +55,19 @@ def llamacpp_quantize(src: Path, dst: Path, ftype: str, threads: int = 2, **para
     return dst
 
 
-def llamacpp_perplexity(path: Path, windows: list[list[int]], threads: int = 2) -> tuple[float, int]:
-    """Perplexity of a GGUF in llama.cpp over lmforge's windows (second halves scored)."""
+def llamacpp_perplexity(
+    path: Path, windows: list[list[int]], threads: int = 2, flash_attn: bool = False
+) -> tuple[float, int]:
+    """Perplexity of a GGUF in llama.cpp over lmforge's windows (second halves scored);
+    `flash_attn` as llama-perplexity's default (auto: on, on CPU) rather than llama-cpp-python's (off)."""
     import llama_cpp
 
     from lmforge.evaluate import nll_of_window
 
     ctx = len(windows[0])
-    llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads, flash_attn=flash_attn, verbose=False
+    )
     total, count = 0.0, 0
     for w in windows:
         llm.reset()

@@ -140,3 +140,34 @@ def test_kld_of_default_int4_against_fp32(tmp_path):
     int4 = convert("smollm2-135m", tmp_path / "int4", target="cpu-int4", progress=False)
     r = kl_divergence(int4, fp32, chunks=2)
     assert 0 < r.mean < 0.05 and r.same_top > 0.9 and r.tokens_scored == 2 * 255
+
+
+@pytest.mark.parametrize("model", ["default", "phi3"])
+def test_perplexity_of_a_gguf_runs_llamacpp(model, default_model_path, tiny_factory, tmp_path):
+    """`eval ppl FILE.gguf` measures the GGUF itself in llama.cpp (the default model's Q4_1 file,
+    no BOS; a tiny Phi-3 GGUF that adds BOS): llama.cpp's own figure on llama-perplexity's windows
+    within 0.1%, and the result says llama.cpp measured it; a target asks for onnxruntime. llama.cpp
+    runs with its context defaults as llama-perplexity does (flash attention auto, on on CPU; f16 KV):
+    the reference too (with flash attention off the Q4_1 figure is 0.44% lower)."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.evaluate import read_text
+    from lmforge.export.gguf import convert_to_gguf
+    from tests.llamacpp_ref import llamacpp_perplexity
+
+    if model == "default":
+        gguf_path, ctx, chunks = default_model_path, 512, 2
+    else:
+        src = tiny_factory(("phi3", "float32", False, None))
+        gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
+    text = read_text(None)[:20000]
+    data = tmp_path / "text.txt"
+    data.write_bytes(text.encode())
+    ours = perplexity(gguf_path, data=data, ctx=ctx, chunks=chunks, threads=2, progress=False)
+    ref, _ = llama_perplexity_windows(gguf_path, text, ctx, chunks)
+    theirs, n = llamacpp_perplexity(gguf_path, ref, flash_attn=True)
+    assert ours.engine == "llama.cpp" and ours.to_dict()["engine"] == "llama.cpp"
+    assert n == ours.tokens_scored and abs(ours.ppl - theirs) / theirs < 1e-3, (ours.ppl, theirs)
+    if model == "phi3":
+        assert perplexity(gguf_path, data=data, ctx=ctx, chunks=1, target="cpu-fp32", progress=False).engine == (
+            "onnxruntime"
+        )

@@ -426,3 +426,57 @@ def test_cli_llamacpp_engine_device_errors(default_model_path):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert_user_error(run_cli("run", default_model_path, "-p", "hi", "--device", "cuda"), "onnxruntime-gpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])  # byte-level BPE without BOS, SentencePiece with BOS
+def test_gguf_to_hf_tokenizer_gives_llamacpp_ids(arch, gguf_factory, wikitext, tmp_path):
+    """`convert X.gguf --hf`: transformers' AutoTokenizer on the folder gives llama.cpp's ids,
+    BOS included when the GGUF adds it."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from lmforge.export.hf import convert_to_hf
+
+    _, path = gguf_factory(arch)
+    tok = AutoTokenizer.from_pretrained(convert_to_hf(path, tmp_path / "hf"))
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in ("The capital of France is", wikitext[:6000]):
+        theirs = llm.tokenize(text.encode(), add_bos=True, special=False)
+        assert (theirs[0] == llm.token_bos()) == (arch == "phi3")
+        assert tok(text).input_ids == theirs
+
+
+def test_genai_pad_token_id_is_the_sources(tiny_factory, tmp_path):
+    """genai_config.json's pad_token_id: config.json's pad id, the GGUF's padding id (written
+    from the tokenizer's pad token), EOS only when the source names none."""
+    import shutil
+
+    from lmforge.checkpoint.gguf import read_metadata
+    from lmforge.export.convert import convert
+    from lmforge.tokenizer import Tokenizer
+
+    src = tiny_factory(("llama", "float32", False, None))
+    folders = {}
+    for name, config_pad, tok_pad in (("both", 5, 6), ("none", None, None)):
+        folder = shutil.copytree(src, tmp_path / name)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["pad_token_id"] = config_pad
+        (folder / "config.json").write_text(json.dumps(cfg))
+        tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+        tcfg.pop("pad_token", None)
+        if tok_pad is not None:
+            tcfg["pad_token"] = Tokenizer.from_folder(src).id_to_token(tok_pad)
+        (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+        folders[name] = folder
+
+    def genai_pad(source, name):
+        out = convert(source, tmp_path / f"onnx-{name}", progress=False)
+        return json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
+
+    gguf = convert_to_gguf(folders["both"], tmp_path / "both.gguf", "f32", progress=False)
+    assert read_metadata(gguf)["tokenizer.ggml.padding_token_id"] == 6
+    eos = json.loads((src / "config.json").read_text())["eos_token_id"]
+    assert eos not in (5, 6)
+    assert genai_pad(folders["both"], "hf") == 5
+    assert genai_pad(gguf, "gguf") == 6
+    assert genai_pad(folders["none"], "none") == eos

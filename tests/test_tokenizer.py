@@ -129,3 +129,38 @@ def test_cli_tokenize(default_model_path, tmp_path):
     assert json.loads(r.stdout) == llamacpp_vocab(default_model_path).tokenize(
         f.read_bytes(), add_bos=False, special=False
     )
+
+
+def gguf_vocabularies(default_model_path, spm_model, tmp_path):
+    """{name: vocab-only GGUF}: byte-level BPE and SentencePiece, each with and without BOS."""
+    import gguf
+
+    bpe = gguf_ref.bpe_vocab_meta(read_metadata(default_model_path), "smollm")
+    spm = gguf_ref.spm_vocab_meta(spm_model)
+    paths = {}
+    for name, meta, n in (("bpe", bpe, 49152), ("spm", spm, 2000)):
+        for add_bos in (False, True):
+            meta = {**meta, "tokenizer.ggml.add_bos_token": (add_bos, gguf.GGUFValueType.BOOL)}
+            key = f"{name}-{'bos' if add_bos else 'nobos'}"
+            paths[key] = gguf_ref.write_vocab_only(tmp_path / f"{key}.gguf", meta, n)
+    return paths
+
+
+def test_saved_tokenizer_gives_llamacpp_ids_in_transformers(default_model_path, spm_model, wikitext, tmp_path):
+    """The tokenizer files lmforge writes for a GGUF (HF and ONNX folders): transformers'
+    AutoTokenizer, special tokens added as it does by default, gives llama.cpp's ids with its
+    add_bos, for every vocabulary type, BOS or not."""
+    from transformers import AutoTokenizer
+
+    text = wikitext[:6000]
+    for name, path in gguf_vocabularies(default_model_path, spm_model, tmp_path).items():
+        folder = tmp_path / name
+        folder.mkdir()
+        Tokenizer.from_gguf_metadata(read_metadata(path)).save(folder)
+        ref = AutoTokenizer.from_pretrained(folder)
+        llm = llamacpp_vocab(path)
+        for s in ("The capital of France is", text):
+            theirs = llm.tokenize(s.encode(), add_bos=True, special=False)
+            assert (theirs[0] == llm.token_bos()) == name.endswith("-bos"), name
+            assert_same_tokens(ref(s).input_ids, theirs)
+        assert Tokenizer.from_folder(folder).add_bos == name.endswith("-bos")

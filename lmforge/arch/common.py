@@ -174,6 +174,7 @@ def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id") if isinstance(cfg.get("pad_token_id"), int) else None,
     )
     base.update(fields)
     return ModelSpec(**base)

@@ -127,6 +127,7 @@ def spec_from_gguf(meta: dict, arch: Arch, tensors: dict, floats) -> ModelSpec:
         post_norms=has("layers.0.post_attn_norm"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
     fields.update(arch.gguf_spec(g, fields))
     return ModelSpec(**fields)

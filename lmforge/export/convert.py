@@ -46,17 +46,25 @@ def write_tokenizer(ckpt, folder: Path) -> None:
         return
     tok = ckpt.tokenizer()
     tok.save(folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
     template = ckpt.chat_template()
     if template:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
         cfg["chat_template"] = template
-    # onnxruntime-genai's tokenizer picks its algorithm from the class name
-    cfg["tokenizer_class"] = "LlamaTokenizer" if ckpt.meta.get("tokenizer.ggml.model") == "llama" else "GPT2Tokenizer"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> dict:
-    """onnxruntime-genai's genai_config.json for a folder with full logits."""
+def pad_id(spec, tok, eos_ids) -> int:
+    """The source's padding id (config.json or GGUF metadata, then the tokenizer's pad token),
+    EOS only when it names none or one outside the vocabulary."""
+    for pad in (spec.pad_token_id, tok.pad_id):
+        if pad is not None and 0 <= pad < spec.vocab_size:
+            return int(pad)
+    return eos_ids[0]
+
+
+def genai_config(spec, target, eos_ids, bos_id, context: int | None = None, pad: int | None = None) -> dict:
+    """onnxruntime-genai's genai_config.json for a folder with full logits (`pad`: padding id,
+    EOS when None)."""
     context = context or spec.context_length
     provider_options = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}]}[target.provider]
     return {
@@ -85,7 +93,7 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None) -> d
                 "num_key_value_heads": spec.n_kv_heads,
             },
             "eos_token_id": list(eos_ids),
-            "pad_token_id": eos_ids[0],
+            "pad_token_id": pad if pad is not None else eos_ids[0],
             # onnxruntime-genai names decoder types after HF's model_type (its "gemma3" is the
             # vision-language package, "gemma3_text" the text model)
             "type": get_arch(spec.arch).model_type,
@@ -167,7 +175,7 @@ def convert(
         write_tokenizer(ckpt, tmp)
         eos = list(dict.fromkeys([*ckpt.spec.eos_token_ids, *tok.eos_ids])) or [0]
         meta = _folder_meta(ckpt, t, src, tok, eos, tmp, max_positions, time.time() - started)
-        genai = genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions)
+        genai = genai_config(ckpt.spec, t, eos, tok.bos_id, max_positions, pad_id(ckpt.spec, tok, eos))
         (tmp / GENAI_FILE).write_text(json.dumps(genai, indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out

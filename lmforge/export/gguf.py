@@ -180,7 +180,7 @@ def convert_to_gguf(
         copied = [k for k in ckpt.meta if k.startswith(("tokenizer.", "general.")) and k not in NOT_COPIED]
         vocab, tokens = {}, ckpt.meta.get("tokenizer.ggml.tokens", [])
     else:
-        copied, vocab = [], hf_vocab(ckpt.path, spec.vocab_size)
+        copied, vocab = [], hf_vocab(ckpt.path, spec.vocab_size, spec.pad_token_id)
         tokens = vocab["tokenizer.ggml.tokens"][0]
     meta, extra = _arch_metadata(ckpt)
     plan = _Plan(ckpt, ft, extra, keeps_source_types(ckpt, ft, requantize))

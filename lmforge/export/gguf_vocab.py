@@ -146,8 +146,10 @@ def _pick_pre(source: Tokenizer, meta: dict) -> str:
     return "default"
 
 
-def hf_vocab(folder: Path, n_vocab: int) -> dict:
-    """`tokenizer.*` metadata (key -> (value, type name)) for the tokenizer of an HF folder."""
+def hf_vocab(folder: Path, n_vocab: int, pad_id: int | None = None) -> dict:
+    """`tokenizer.*` metadata (key -> (value, type name)) for the tokenizer of an HF folder;
+    the padding id is the tokenizer's pad token, else `pad_id` (config.json's), as llama.cpp's
+    converter chooses."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.exists():
@@ -178,6 +180,9 @@ def hf_vocab(folder: Path, n_vocab: int) -> dict:
         meta["tokenizer.ggml.bos_token_id"] = (source.bos_id, T_UINT32)
     if source.eos_ids:
         meta["tokenizer.ggml.eos_token_id"] = (source.eos_ids[0], T_UINT32)
+    pad = source.pad_id if source.pad_id is not None else pad_id
+    if pad is not None and 0 <= pad < n_vocab:
+        meta["tokenizer.ggml.padding_token_id"] = (pad, T_UINT32)
     meta["tokenizer.ggml.add_bos_token"] = (source.add_bos, T_BOOL)
     meta["tokenizer.ggml.add_eos_token"] = (False, T_BOOL)
     return meta

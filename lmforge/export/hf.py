@@ -73,9 +73,10 @@ def hf_config(spec: ModelSpec) -> dict:
         "vocab_size": spec.vocab_size,
         "hidden_act": "silu",
         "torch_dtype": "float32",
-        # pad_token_id: Phi-3's class default (32000) may lie outside the vocabulary
+        # pad_token_id: the source's, or None (not left out: Phi-3's class default, 32000, may lie
+        # outside the vocabulary)
         "bos_token_id": spec.bos_token_id,
-        "pad_token_id": None,
+        "pad_token_id": spec.pad_token_id if (spec.pad_token_id or 0) < spec.vocab_size else None,
         "eos_token_id": spec.eos_token_ids[0] if len(spec.eos_token_ids) == 1 else list(spec.eos_token_ids),
     }
     scaling = _rope_scaling(spec)

@@ -218,6 +218,27 @@ class LlamaCppEngine(Engine):
         cache.lengths = totals
         return out
 
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Logits (S, vocab) at every position of one sequence, from an empty cache (as
+        llama-perplexity reads them); earlier caches die."""
+        lib = self._lib
+        ids = [int(t) for t in token_ids]
+        self.new_cache(1, len(ids))
+        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            batch = self._llama_batch(len(chunk))
+            batch.n_tokens = len(chunk)
+            for k, t in enumerate(chunk):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = t, start + k, 1, True
+                batch.seq_id[k][0] = 0
+            rc = lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}){_why()}")
+            logits = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(len(chunk), self.vocab_size))
+            out[start : start + len(chunk)] = logits
+        return out
+
     def prefill(self, cache: LlamaCppCache, token_ids: list[list[int]]) -> np.ndarray:
         """Append each row's prompt; returns (batch, vocab) logits of each row's last token."""
         if len(token_ids) != cache.batch_size:

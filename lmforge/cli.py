@@ -251,10 +251,11 @@ def cmd_eval_ppl(args) -> int:
         print(json.dumps(rows[0] if len(rows) == 1 else rows))
     else:
         width = max(len(r["model"]) for r in rows)
-        print(f"{'model':<{width}}  {'ppl':>9}  tokens scored  chunks  seconds")
+        print(f"{'model':<{width}}  {'ppl':>9}  tokens scored  chunks  seconds  engine")
         for r in rows:
             print(
                 f"{r['model']:<{width}}  {r['ppl']:9.4f}  {r['tokens_scored']:>13}  {r['chunks']:>6}  {r['seconds']:>7}"
+                f"  {r['engine']}"
             )
     return 0
 

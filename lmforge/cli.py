@@ -398,7 +398,9 @@ def _add_generation_args(p) -> None:
 
 
 def _add_eval_args(p) -> None:
-    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument(
+        "--data", help="UTF-8 text (default: WikiText-2 test, fetched once from the Hub as llama.cpp's scripts do)"
+    )
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     p.add_argument("--chunks", type=int, help="score at most this many windows")
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")

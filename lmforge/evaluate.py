@@ -20,7 +20,9 @@ from lmforge.errors import LmforgeError, read_user_text
 from lmforge.progress import Progress
 from lmforge.sampling import log_softmax
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# The text llama.cpp's own scripts (scripts/get-wikitext-2.sh) fetch for llama-perplexity:
+# (dataset repo on the Hub, file in it, member of that zip)
+WIKITEXT2 = ("ggml-org/ci", "wikitext-2-raw-v1.zip", "wikitext-2-raw/wiki.test.raw")
 
 
 @dataclass
@@ -43,12 +45,31 @@ class PerplexityResult:
         }
 
 
-def read_text(path: str | os.PathLike | None) -> str:
-    """The evaluation text (default: WikiText-2 test beside the project), line endings kept."""
-    path = Path(path) if path else DEFAULT_DATA
+def read_text(path: str | os.PathLike | None, progress: bool | None = None) -> str:
+    """The evaluation text, line endings kept: the file PATH, or by default WikiText-2's test
+    split as llama.cpp's scripts fetch it (downloaded once into the Hub cache)."""
+    if path is None:
+        return default_text(progress)
+    path = Path(path)
     if not path.exists():
         raise LmforgeError(f"no evaluation text at {path}; pass --data PATH")
     return read_user_text(path, hint="; pass a text file with --data")
+
+
+def default_text(progress: bool | None = None) -> str:
+    """WikiText-2 raw test text from the `ggml-org/ci` dataset repo, through the Hub cache."""
+    import zipfile
+
+    from lmforge.checkpoint.hub_client import fetch_dataset_file
+
+    repo, name, member = WIKITEXT2
+    hint = "pass a text file with --data FILE"
+    archive = fetch_dataset_file(repo, name, progress, "the default evaluation text, WikiText-2", hint)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{archive} holds no UTF-8 {member} ({e.__class__.__name__}); {hint}") from None
 
 
 def check_ctx(ctx: int, engine) -> None:
@@ -107,7 +128,7 @@ def perplexity(
     no target runs in llama.cpp when llama-cpp-python is installed (the file itself measured);
     the result's `engine` says which engine measured it.
     """
-    text = read_text(data)  # a missing file fails before any conversion
+    text = read_text(data, progress)  # a missing file fails before any conversion
     engine, tok, name = _scoring_engine(model, target, threads, progress, ctx)
     check_ctx(ctx, engine)
     wins = text_windows(tok, text, ctx, chunks)

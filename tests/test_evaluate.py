@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lmforge.evaluate import kl_of_window, nll_of_window, perplexity, windows
+from tests.conftest import WIKITEXT
 from tests.test_errors import assert_user_error, run_cli
 
 
@@ -54,7 +55,7 @@ def test_perplexity_matches_llamacpp_on_the_same_weights(default_model_path, tmp
     folder = convert("smollm2-135m", tmp_path / "fp32", progress=False)
     ours = perplexity(folder, chunks=3, progress=False)
     tok = Tokenizer.from_folder(folder)
-    ws = text_windows(tok, read_text(None), 512, 3)
+    ws = text_windows(tok, read_text(WIKITEXT), 512, 3)
     ref, n = llamacpp_perplexity(dequantized_gguf(default_model_path, tmp_path / "f32.gguf"), ws)
     assert n == ours.tokens_scored == 3 * 255
     assert abs(ours.ppl - ref) / ref < 1e-3, (ours.ppl, ref)
@@ -95,7 +96,7 @@ def test_perplexity_windows_and_figure_equal_llama_perplexitys(model, default_mo
     else:
         src = tiny_factory(("phi3", "float32", False, None))
         gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
-    text = read_text(None)[:20000]
+    text = read_text(WIKITEXT)[:20000]
     ref, add_bos = llama_perplexity_windows(gguf_path, text, ctx, chunks)
     assert add_bos == (model == "phi3")
     assert text_windows(open_checkpoint(gguf_path).tokenizer(), text, ctx, chunks) == ref
@@ -159,7 +160,7 @@ def test_perplexity_of_a_gguf_runs_llamacpp(model, default_model_path, tiny_fact
     else:
         src = tiny_factory(("phi3", "float32", False, None))
         gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
-    text = read_text(None)[:20000]
+    text = read_text(WIKITEXT)[:20000]
     data = tmp_path / "text.txt"
     data.write_bytes(text.encode())
     ours = perplexity(gguf_path, data=data, ctx=ctx, chunks=chunks, threads=2, progress=False)

@@ -289,3 +289,46 @@ def test_models_and_rm(hub, home, tiny_repo):
     assert report["downloads"] == [] and report["forms"] == []
     assert_user_error(lmforge(hub, home, "rm", "tiny-org/tiny-llama"), "nothing named", "lmforge models")
     assert_user_error(lmforge(hub, home, "rm", "no-such-form"), "nothing named")
+
+
+@pytest.fixture(scope="module")
+def wikitext_repo(hub, wikitext):
+    """The dataset repo llama.cpp's scripts/get-wikitext-2.sh fetches, holding a shortened text."""
+    import io
+    import zipfile
+
+    from lmforge.evaluate import WIKITEXT2
+
+    repo, name, member = WIKITEXT2
+    text = wikitext[:12000]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(member, text.encode())
+        z.writestr("wikitext-2-raw/wiki.train.raw", b"not this one")
+    hub.add(repo, {name: buf.getvalue(), "README.md": b"ci data"}, repo_type="dataset")
+    return f"datasets/{repo}/{name}", text
+
+
+def test_eval_default_text_from_the_hub(hub, home, wikitext_repo):
+    key, text = wikitext_repo
+    args = ("eval", "ppl", "smollm2-135m", "--ctx", "128", "--chunks", "3", "--json")
+    r = lmforge(hub, home, *args, offline=True)
+    assert_user_error(r, "WikiText-2", "not in the Hub cache", "HF_HUB_OFFLINE=1", "--data FILE")
+    before = hub.served.get(key, 0)
+    fetched = json.loads(ok(lmforge(hub, home, *args)).stdout)
+    assert hub.served[key] > before  # downloaded once, into the Hub cache
+    (home / "text.txt").write_bytes(text.encode())
+    given = json.loads(ok(lmforge(hub, home, *args, "--data", home / "text.txt")).stdout)
+    assert fetched["ppl"] == given["ppl"] and fetched["tokens_scored"] == given["tokens_scored"] > 0
+    n_requests = len(hub.requests)
+    cached = json.loads(ok(lmforge(hub, home, *args, offline=True)).stdout)
+    assert cached["ppl"] == given["ppl"] and len(hub.requests) == n_requests  # the cache alone
+
+
+def test_the_package_never_reads_the_project_tree():
+    """An installed lmforge has no ../shared/ beside it: no module may refer to it."""
+    import re
+
+    pattern = re.compile(r"""["']shared["']|\.\./shared|shared/data|parents\[\d\]\.parent""")
+    offenders = [p.name for p in (ROOT / "lmforge").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

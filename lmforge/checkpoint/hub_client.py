@@ -110,6 +110,30 @@ def fetch(ref, revision: str, name: str, progress: bool | None, local_only: bool
         )
 
 
+@dataclass
+class _DatasetRef:
+    repo: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"datasets/{self.repo}"
+
+
+def fetch_dataset_file(repo: str, name: str, progress: bool | None, what: str, hint: str) -> str:
+    """Download (or find in the Hub cache) file NAME of dataset repo REPO; returns its local path.
+
+    When it is neither cached nor reachable, raises one line: WHAT is not in the Hub cache, why,
+    then HINT (what the user can do instead)."""
+    hf = _hf()
+    try:
+        with hub_errors(_DatasetRef(repo), name):
+            return hf.hf_hub_download(repo, name, repo_type="dataset", tqdm_class=tqdm_class(progress))
+    except (ModelNotFoundError, _CannotReach):
+        why = "HF_HUB_OFFLINE=1 is set" if offline_mode() else "the Hub cannot be reached"
+        where = f"file {name} of Hub dataset {repo}"
+        raise LmforgeError(f"{what} ({where}) is not in the Hub cache and {why}; {hint}") from None
+
+
 class _CannotReach(LmforgeError):
     """The Hub could not be reached (network down or the server failing); the cache may still serve."""
 

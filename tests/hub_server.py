@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +51,7 @@ class FakeHub:
         self.cut: dict[str, int] = {}  # path -> absolute offset at which the next transfer breaks off
         self.failing: set[str] = set()  # paths answered 503 (until cleared)
         self.fail_after_cut = False  # whether a cut path then fails (503)
+        self.rate: float | None = None  # bytes per second a blob is sent at (None: as fast as it goes)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -203,8 +205,16 @@ def _handler(hub: FakeHub):
             self._send(path, data[start:])
 
         def _send(self, path: str, data: bytes) -> None:
-            self.wfile.write(data)
-            with hub.lock:
-                hub.served[path] = hub.served.get(path, 0) + len(data)
+            step = 1 << 16 if hub.rate else max(len(data), 1)
+            for i in range(0, len(data), step):
+                piece = data[i : i + step]
+                try:
+                    self.wfile.write(piece)
+                except OSError:  # the client went away: what it did not take was not served
+                    return
+                with hub.lock:
+                    hub.served[path] = hub.served.get(path, 0) + len(piece)
+                if hub.rate:
+                    time.sleep(len(piece) / hub.rate)
 
     return Handler

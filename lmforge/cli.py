@@ -180,6 +180,9 @@ def cmd_chat(args) -> int:
     from lmforge.model import load
 
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
+    if not model.chat_template:
+        hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
+        raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print(f"lmforge: running {args.model} as {model.form}", file=sys.stderr)

@@ -67,7 +67,7 @@ def measure(label: str, gguf: Path, tmp: Path, chunks: int, ctx: int) -> dict:
     fp32 = convert(gguf, tmp / f"{label}-fp32", target="cpu-fp32", progress=False)
     tok = Tokenizer.from_folder(int4)
     wins = text_windows(tok, read_text(WIKITEXT), ctx, chunks)
-    ours = perplexity(int4, ctx=ctx, chunks=chunks, progress=False)
+    ours = perplexity(int4, data=WIKITEXT, ctx=ctx, chunks=chunks, progress=False)
     theirs, n = llamacpp_perplexity(gguf, wins)
     meta = json.loads((int4 / "lmforge.json").read_text())
     folder_bytes = sum(f.stat().st_size for f in int4.iterdir() if f.name.startswith("model.onnx"))

@@ -49,7 +49,7 @@ def main():
         tmp = Path(tmp)
         for label, opts in FORMS:
             folder = convert("smollm2-135m", tmp / label.replace(" ", "_").replace("/", ""), progress=False, **opts)
-            r = perplexity(folder, chunks=chunks, progress=False)
+            r = perplexity(folder, data=WIKITEXT, chunks=chunks, progress=False)
             rows.append(
                 {
                     "form": label,

@@ -73,12 +73,12 @@ def main():
             rounds=args.rounds,
         )
         src = resolve("smollm2-135m")
-        ppl = [perplexity(f, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
+        ppl = [perplexity(f, data=WIKITEXT, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
         tok = Tokenizer.from_folder(forms[0])
         wins = text_windows(tok, read_text(WIKITEXT), 512, 40)
         ppl += [
             llamacpp_perplexity(src, wins, args.threads)[0],
-            perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl,
+            perplexity(_genai_folder(src), data=WIKITEXT, chunks=40, threads=args.threads, progress=False).ppl,
         ]
     names = [
         "lmforge cpu-int4 (exact from the Q4_1 GGUF)",

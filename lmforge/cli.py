@@ -281,7 +281,8 @@ def cmd_eval_kld(args) -> int:
     else:
         print(
             f"KL divergence: mean {r.mean:.6f}, 99th percentile {r.p99:.6f} | same top token {100 * r.same_top:.2f}% | "
-            f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks"
+            f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks | "
+            f"engines: {r.engine} (ref {r.ref_engine})"
         )
     return 0
 

@@ -77,10 +77,14 @@ def check_ctx(ctx: int, engine) -> None:
         raise LmforgeError(f"--ctx {ctx} must be between 4 and the model's context ({engine.context_length})")
 
 
-def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
-    """llama-perplexity's windows: non-overlapping, BOS replacing the first token when used."""
+def check_chunks(chunks: int | None) -> None:
     if chunks is not None and chunks < 1:
         raise LmforgeError("--chunks must be at least 1")
+
+
+def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
+    """llama-perplexity's windows: non-overlapping, BOS replacing the first token when used."""
+    check_chunks(chunks)
     n = len(tokens) // ctx
     if n == 0:
         raise LmforgeError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}; use a smaller --ctx")
@@ -128,6 +132,7 @@ def perplexity(
     no target runs in llama.cpp when llama-cpp-python is installed (the file itself measured);
     the result's `engine` says which engine measured it.
     """
+    check_chunks(chunks)
     text = read_text(data, progress)  # a missing file fails before any conversion
     engine, tok, name = _scoring_engine(model, target, threads, progress, ctx)
     check_ctx(ctx, engine)
@@ -174,6 +179,8 @@ class KLResult:
     ref_ppl: float
     tokens_scored: int
     chunks: int
+    engine: str = "onnxruntime"  # which engine computed MODEL's distributions
+    ref_engine: str = "onnxruntime"  # and REF's
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -201,14 +208,15 @@ def kl_divergence(
 ) -> KLResult:
     """KL divergence of MODEL's next-token distributions from REF's on the same windows, as
     llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token).
-    `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting."""
-    from lmforge.model import cached_onnx
-    from lmforge.runtime.ort import OrtEngine
-    from lmforge.tokenizer import Tokenizer
-
+    `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting;
+    a .gguf with no target runs in llama.cpp when it is installed, as `perplexity` does (the
+    result's `engine` and `ref_engine` say which engine computed each)."""
+    check_chunks(chunks)
     text = read_text(data)
-    folders = [cached_onnx(model, target or "cpu-fp32"), cached_onnx(ref, ref_target or "cpu-fp32")]
-    engines = [OrtEngine(f, threads=threads, full_logits=True) for f in folders]
+    (engine, _, name), (ref_engine, tok, ref_name) = (
+        _scoring_engine(m, t, threads, None, ctx) for m, t in ((model, target), (ref, ref_target))
+    )
+    engines = [engine, ref_engine]
     for e in engines:
         check_ctx(ctx, e)
     if engines[0].vocab_size != engines[1].vocab_size:
@@ -216,7 +224,6 @@ def kl_divergence(
             f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
             "KL divergence needs one vocabulary"
         )
-    tok = Tokenizer.from_folder(folders[1])
     wins = text_windows(tok, text, ctx, chunks)
     kls, same, nll, ref_nll = [], [], 0.0, 0.0
     for w in wins:
@@ -236,4 +243,6 @@ def kl_divergence(
         math.exp(ref_nll / n),
         n,
         len(wins),
+        name,
+        ref_name,
     )

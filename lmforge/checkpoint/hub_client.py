@@ -140,6 +140,9 @@ def _finish_partial(repo: str, revision: str, name: str, progress: bool | None) 
         *older, partial = partials
         for p in older:
             p.unlink(missing_ok=True)
+        if meta.size is not None and partial.stat().st_size > meta.size:  # not this blob's prefix
+            partial.unlink()
+            return
         with partial.open("ab") as f:
             headers = hf.utils.build_hf_headers()
             http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size,

@@ -218,6 +218,8 @@ def test_kld_of_ggufs_runs_llamacpp(tiny_factory, tmp_path):
     assert (ours.engine, ours.ref_engine) == ("llama.cpp", "llama.cpp")
     ref_windows, _ = llama_perplexity_windows(f32, text, ctx, chunks)
     theirs = llamacpp_kl(q8, f32, ref_windows)
+    print(f"KL mean {ours.mean:.6g} vs {theirs['mean']:.6g}, p99 {ours.p99:.6g} vs {theirs['p99']:.6g}, "
+          f"same top {ours.same_top:.4f} vs {theirs['same_top']:.4f}, {ours.tokens_scored} tokens")  # fmt: skip
     assert ours.tokens_scored == theirs["n"] and 0 < theirs["mean"]
     assert abs(ours.mean - theirs["mean"]) <= 0.02 * theirs["mean"], (ours.mean, theirs["mean"])
     assert abs(ours.p99 - theirs["p99"]) <= 0.05 * theirs["p99"], (ours.p99, theirs["p99"])

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def prompt_ids(n: int) -> list[int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 
@@ -58,7 +58,7 @@ def main():
     from lmforge.checkpoint.gguf import read_metadata
 
     tok = Tokenizer.from_gguf_metadata(read_metadata(src))
-    wins = text_windows(tok, read_text(None), 512, args.chunks)
+    wins = text_windows(tok, read_text(WIKITEXT), 512, args.chunks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

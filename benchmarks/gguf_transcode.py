@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 from tests.llamacpp_ref import llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 
@@ -66,8 +66,8 @@ def measure(label: str, gguf: Path, tmp: Path, chunks: int, ctx: int) -> dict:
     exact = convert(gguf, tmp / f"{label}-int4-l0", target="cpu-int4", accuracy_level=0, progress=False)
     fp32 = convert(gguf, tmp / f"{label}-fp32", target="cpu-fp32", progress=False)
     tok = Tokenizer.from_folder(int4)
-    wins = text_windows(tok, read_text(None), ctx, chunks)
-    ours = perplexity(int4, ctx=ctx, chunks=chunks, progress=False)
+    wins = text_windows(tok, read_text(WIKITEXT), ctx, chunks)
+    ours = perplexity(int4, data=WIKITEXT, ctx=ctx, chunks=chunks, progress=False)
     theirs, n = llamacpp_perplexity(gguf, wins)
     meta = json.loads((int4 / "lmforge.json").read_text())
     folder_bytes = sum(f.stat().st_size for f in int4.iterdir() if f.name.startswith("model.onnx"))

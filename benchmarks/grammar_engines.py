@@ -43,10 +43,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 ENGINES = ("llguidance", "xgrammar", "outlines-core")
 PACKAGES = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines-core": "outlines_core"}
 SYNTHETIC_SIZE = 150_000

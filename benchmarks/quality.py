@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 
@@ -49,7 +49,7 @@ def main():
         tmp = Path(tmp)
         for label, opts in FORMS:
             folder = convert("smollm2-135m", tmp / label.replace(" ", "_").replace("/", ""), progress=False, **opts)
-            r = perplexity(folder, chunks=chunks, progress=False)
+            r = perplexity(folder, data=WIKITEXT, chunks=chunks, progress=False)
             rows.append(
                 {
                     "form": label,
@@ -61,7 +61,7 @@ def main():
             print(rows[-1], flush=True)
             if label == "lmforge cpu-fp32":
                 tok = Tokenizer.from_folder(folder)
-        wins = text_windows(tok, read_text(None), 512, chunks)
+        wins = text_windows(tok, read_text(WIKITEXT), 512, chunks)
         src = resolve("smollm2-135m")
         f32 = dequantized_gguf(src, tmp / "f32.gguf")
         q40 = llamacpp_quantize(f32, tmp / "q4_0.gguf", "Q4_0")

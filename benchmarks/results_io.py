@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# WikiText-2 test as llama.cpp's scripts unpack it, kept beside the project on these machines
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from results_io import save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+from results_io import WIKITEXT, save  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,12 +73,12 @@ def main():
             rounds=args.rounds,
         )
         src = resolve("smollm2-135m")
-        ppl = [perplexity(f, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
+        ppl = [perplexity(f, data=WIKITEXT, chunks=40, threads=args.threads, progress=False).ppl for f in forms]
         tok = Tokenizer.from_folder(forms[0])
-        wins = text_windows(tok, read_text(None), 512, 40)
+        wins = text_windows(tok, read_text(WIKITEXT), 512, 40)
         ppl += [
             llamacpp_perplexity(src, wins, args.threads)[0],
-            perplexity(_genai_folder(src), chunks=40, threads=args.threads, progress=False).ppl,
+            perplexity(_genai_folder(src), data=WIKITEXT, chunks=40, threads=args.threads, progress=False).ppl,
         ]
     names = [
         "lmforge cpu-int4 (exact from the Q4_1 GGUF)",

@@ -180,6 +180,9 @@ def cmd_chat(args) -> int:
     from lmforge.model import load
 
     model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
+    if not model.chat_template:
+        hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
+        raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print(f"lmforge: running {args.model} as {model.form}", file=sys.stderr)
@@ -278,7 +281,8 @@ def cmd_eval_kld(args) -> int:
     else:
         print(
             f"KL divergence: mean {r.mean:.6f}, 99th percentile {r.p99:.6f} | same top token {100 * r.same_top:.2f}% | "
-            f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks"
+            f"ppl {r.ppl:.4f} (ref {r.ref_ppl:.4f}) | {r.tokens_scored} tokens, {r.chunks} chunks | "
+            f"engines: {r.engine} (ref {r.ref_engine})"
         )
     return 0
 
@@ -398,7 +402,9 @@ def _add_generation_args(p) -> None:
 
 
 def _add_eval_args(p) -> None:
-    p.add_argument("--data", help="UTF-8 text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument(
+        "--data", help="UTF-8 text (default: WikiText-2 test, fetched once from the Hub as llama.cpp's scripts do)"
+    )
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     p.add_argument("--chunks", type=int, help="score at most this many windows")
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-fp32)")

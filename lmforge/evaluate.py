@@ -20,7 +20,9 @@ from lmforge.errors import LmforgeError, read_user_text
 from lmforge.progress import Progress
 from lmforge.sampling import log_softmax
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# The text llama.cpp's own scripts (scripts/get-wikitext-2.sh) fetch for llama-perplexity:
+# (dataset repo on the Hub, file in it, member of that zip)
+WIKITEXT2 = ("ggml-org/ci", "wikitext-2-raw-v1.zip", "wikitext-2-raw/wiki.test.raw")
 
 
 @dataclass
@@ -43,12 +45,31 @@ class PerplexityResult:
         }
 
 
-def read_text(path: str | os.PathLike | None) -> str:
-    """The evaluation text (default: WikiText-2 test beside the project), line endings kept."""
-    path = Path(path) if path else DEFAULT_DATA
+def read_text(path: str | os.PathLike | None, progress: bool | None = None) -> str:
+    """The evaluation text, line endings kept: the file PATH, or by default WikiText-2's test
+    split as llama.cpp's scripts fetch it (downloaded once into the Hub cache)."""
+    if path is None:
+        return default_text(progress)
+    path = Path(path)
     if not path.exists():
         raise LmforgeError(f"no evaluation text at {path}; pass --data PATH")
     return read_user_text(path, hint="; pass a text file with --data")
+
+
+def default_text(progress: bool | None = None) -> str:
+    """WikiText-2 raw test text from the `ggml-org/ci` dataset repo, through the Hub cache."""
+    import zipfile
+
+    from lmforge.checkpoint.hub_client import fetch_dataset_file
+
+    repo, name, member = WIKITEXT2
+    hint = "pass a text file with --data FILE"
+    archive = fetch_dataset_file(repo, name, progress, "the default evaluation text, WikiText-2", hint)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{archive} holds no UTF-8 {member} ({e.__class__.__name__}); {hint}") from None
 
 
 def check_ctx(ctx: int, engine) -> None:
@@ -56,10 +77,14 @@ def check_ctx(ctx: int, engine) -> None:
         raise LmforgeError(f"--ctx {ctx} must be between 4 and the model's context ({engine.context_length})")
 
 
-def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
-    """llama-perplexity's windows: non-overlapping, BOS replacing the first token when used."""
+def check_chunks(chunks: int | None) -> None:
     if chunks is not None and chunks < 1:
         raise LmforgeError("--chunks must be at least 1")
+
+
+def windows(tokens: list[int], ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
+    """llama-perplexity's windows: non-overlapping, BOS replacing the first token when used."""
+    check_chunks(chunks)
     n = len(tokens) // ctx
     if n == 0:
         raise LmforgeError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}; use a smaller --ctx")
@@ -107,7 +132,8 @@ def perplexity(
     no target runs in llama.cpp when llama-cpp-python is installed (the file itself measured);
     the result's `engine` says which engine measured it.
     """
-    text = read_text(data)  # a missing file fails before any conversion
+    check_chunks(chunks)
+    text = read_text(data, progress)  # a missing file fails before any conversion
     engine, tok, name = _scoring_engine(model, target, threads, progress, ctx)
     check_ctx(ctx, engine)
     wins = text_windows(tok, text, ctx, chunks)
@@ -153,6 +179,8 @@ class KLResult:
     ref_ppl: float
     tokens_scored: int
     chunks: int
+    engine: str = "onnxruntime"  # which engine computed MODEL's distributions
+    ref_engine: str = "onnxruntime"  # and REF's
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -180,14 +208,15 @@ def kl_divergence(
 ) -> KLResult:
     """KL divergence of MODEL's next-token distributions from REF's on the same windows, as
     llama-perplexity's --kl-divergence reports it (mean, 99th percentile, same top token).
-    `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting."""
-    from lmforge.model import cached_onnx
-    from lmforge.runtime.ort import OrtEngine
-    from lmforge.tokenizer import Tokenizer
-
+    `target` applies to MODEL, `ref_target` (default cpu-fp32) to REF, when they need converting;
+    a .gguf with no target runs in llama.cpp when it is installed, as `perplexity` does (the
+    result's `engine` and `ref_engine` say which engine computed each)."""
+    check_chunks(chunks)
     text = read_text(data)
-    folders = [cached_onnx(model, target or "cpu-fp32"), cached_onnx(ref, ref_target or "cpu-fp32")]
-    engines = [OrtEngine(f, threads=threads, full_logits=True) for f in folders]
+    (engine, _, name), (ref_engine, tok, ref_name) = (
+        _scoring_engine(m, t, threads, None, ctx) for m, t in ((model, target), (ref, ref_target))
+    )
+    engines = [engine, ref_engine]
     for e in engines:
         check_ctx(ctx, e)
     if engines[0].vocab_size != engines[1].vocab_size:
@@ -195,7 +224,6 @@ def kl_divergence(
             f"MODEL has {engines[0].vocab_size} tokens and REF {engines[1].vocab_size}: "
             "KL divergence needs one vocabulary"
         )
-    tok = Tokenizer.from_folder(folders[1])
     wins = text_windows(tok, text, ctx, chunks)
     kls, same, nll, ref_nll = [], [], 0.0, 0.0
     for w in wins:
@@ -215,4 +243,6 @@ def kl_divergence(
         math.exp(ref_nll / n),
         n,
         len(wins),
+        name,
+        ref_name,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,17 @@ from lmforge.runtime.ort import OrtEngine, is_onnx_folder
 from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 from lmforge.tools import ToolCall, plan_tools, template_messages
+
+log = logging.getLogger(__name__)
+
+# A model with no chat template: a plain prompt runs as raw text, said once on stderr (what Ollama
+# does with a model that has no TEMPLATE); chat messages are refused rather than wrapped in a guessed
+# format (llama.cpp's ChatML fallback) the model was never trained on, which answers plausibly wrong.
+NO_TEMPLATE_RAW = "this model has no chat template: the prompt runs as raw text to continue (--raw silences this)"
+NO_TEMPLATE_CHAT = (
+    "this model has no chat template, so it cannot take chat messages; give it a plain prompt to continue as "
+    'raw text (lmforge run -p TEXT, POST /v1/completions, a "prompt" field in batch)'
+)
 
 
 @dataclass
@@ -81,6 +93,7 @@ class Model:
         self.chat_template = chat_template
         self.eos_token_ids = tuple(dict.fromkeys([*engine.eos_token_ids, *tokenizer.eos_ids]))
         self.last: GenerationResponse | None = None
+        self._said_raw = False
 
     def prompt_ids(
         self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False, tools=None
@@ -89,12 +102,15 @@ class Model:
         the tools a template that knows tools is given)."""
         tok = self.tokenizer
         if messages is None and (raw or not self.chat_template):
+            if not raw and not self._said_raw:  # as Ollama runs a model with no TEMPLATE: the prompt as it is
+                self._said_raw = True
+                log.warning(NO_TEMPLATE_RAW)
             return tok.encode(prompt, add_special=True)
         messages = messages if messages is not None else [{"role": "user", "content": prompt}]
         if not self.chat_template:
             from lmforge.errors import ChatTemplateError
 
-            raise ChatTemplateError("this model has no chat template; pass raw=True (or --raw) with a plain prompt")
+            raise ChatTemplateError(NO_TEMPLATE_CHAT)
         return tok.encode(render_with(self.chat_template, tok, messages, tools=tools), parse_special=True)
 
     def stream_generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationResponse]:

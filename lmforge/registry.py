@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmforge.errors import ModelNotFoundError
@@ -54,12 +54,48 @@ class CatalogueEntry:
     license: str
     params_b: float
     arch: str
-    # "main" until a commit is recorded here: these machines cannot reach the Hub to read one.
+    # a commit from PINNED, else "main" (no commit found for it yet; these machines cannot reach the Hub)
     revision: str = "main"
 
     @property
     def hub_id(self) -> str:
         return f"{self.repo}@{self.revision}"
+
+
+# Commits of the catalogue repos, each read from public material that names it as a revision of
+# that repo (these machines cannot reach the Hub to read `main`'s); the source is on each line.
+PINNED = {
+    # huggingface.co/microsoft/Phi-3-mini-4k-instruct/tree/f39ac1d... (a checkpoint-smoke doc pinning its 2 shards)
+    "phi-3-mini-4k": "f39ac1d28e925b323eae81227eaba4464caced4e",
+    # huggingface.co/microsoft/Phi-3.5-mini-instruct/blob/2fe1924.../LICENSE (web-llm's model list)
+    "phi-3.5-mini": "2fe192450127e6a83f7441aef6e3ca586c338b77",
+    # huggingface.co/microsoft/Phi-4-mini-instruct/tree/5a14955... ("Pinned model" in a results write-up)
+    "phi-4-mini": "5a149550068a1eb93398160d8953f5f56c3603e9",
+    # huggingface.co/meta-llama/Llama-3.2-1B-Instruct/blob/9213176.../config.json (in a vLLM test)
+    "llama-3.2-1b": "9213176726f574b556790deb65791e0c5aa438b6",
+    # snapshot_download("Qwen/Qwen2.5-0.5B-Instruct", revision="7ae5576...") (several projects)
+    "qwen2.5-0.5b": "7ae557604adf67be50417f59c2c2f167def9a775",
+    # huggingface.co/Qwen/Qwen2.5-1.5B-Instruct/tree/989aa79... (several projects)
+    "qwen2.5-1.5b": "989aa7980e4cf806f80c7fef2b1adb7bc71aa306",
+    # huggingface.co/Qwen/Qwen2.5-3B-Instruct/tree/aa8e725... (two projects)
+    "qwen2.5-3b": "aa8e72537993ba99e69dfaafa59ed015b17504d1",
+    # huggingface.co/Qwen/Qwen2.5-7B-Instruct/tree/a09a354... ("main on 2025-01-11", several projects)
+    "qwen2.5-7b": "a09a35458c702b33eeacc393d103063234e8bc28",
+    # huggingface.co/Qwen/Qwen2.5-Coder-1.5B-Instruct/tree/2e1fd39... ("pinned base/config/tokenizer snapshot")
+    "qwen2.5-coder-1.5b": "2e1fd397ee46e1388853d2af2c993145b0f1098a",
+    # huggingface.co/Qwen/Qwen2.5-Coder-7B-Instruct/tree/c03e6d3... (several projects, shards sha256-checked)
+    "qwen2.5-coder-7b": "c03e6d358207e414f1eca0bb1891e29f1db0e242",
+    # huggingface.co/google/gemma-3-1b-it/tree/9b99be8... (a tokenizer project's model list)
+    "gemma-3-1b": "9b99be88fdd7a2496bf644baade44348ad736c95",
+    # huggingface.co/HuggingFaceTB/SmolLM2-360M-Instruct/tree/a10cc15... ("at the pinned revision")
+    "smollm2-360m": "a10cc1512eabd3dde888204e902eca88bddb4951",
+    # huggingface.co/HuggingFaceTB/SmolLM2-1.7B-Instruct/tree/31b70e2... (several projects)
+    "smollm2-1.7b": "31b70e2e869a7173562077fd711b654946d38674",
+    # huggingface.co/mistralai/Mistral-7B-Instruct-v0.3/tree/c170c70... ("directly confirmed as a Git commit")
+    "mistral-7b-v0.3": "c170c708c41dac9275d15a8fff4eca08d52bab71",
+    # huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/tree/12fd25f... (several projects)
+    "smollm2-135m": "12fd25f77366fa6b3b4b768ec3050bf629380bac",
+}
 
 
 def _entries() -> list[CatalogueEntry]:
@@ -87,9 +123,15 @@ def _entries() -> list[CatalogueEntry]:
     ]
 
 
-CATALOGUE = {e.name: e for e in _entries()}
+def _pinned(entries: list[CatalogueEntry]) -> list[CatalogueEntry]:
+    return [replace(e, revision=PINNED.get(e.name, e.revision)) for e in entries]
+
+
+CATALOGUE = {e.name: e for e in _pinned(_entries())}
 # The default model also has a Hub home: `lmforge models` lists it, but it resolves to its package.
-DEFAULT_REPO = CatalogueEntry(DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", 0.135, "llama")
+DEFAULT_REPO = CatalogueEntry(
+    DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", 0.135, "llama", PINNED[DEFAULT_MODEL]
+)
 
 
 def cache_dir() -> Path:

@@ -1,8 +1,10 @@
 """A local HTTP server that speaks the part of the Hugging Face Hub's protocol `huggingface_hub`
 downloads through, so tests run the real client (HF_ENDPOINT pointed here) with no internet:
 
-- `GET /api/models/ORG/NAME[/revision/REV]`: repo info (`sha`, `siblings`);
-- `HEAD|GET /ORG/NAME/resolve/REV/PATH`: small files answered directly with `ETag` (git sha1),
+- `GET /api/models/ORG/NAME[/revision/REV]`: repo info (`sha`, `siblings`); `/api/datasets/...`
+  likewise for dataset repos (published with `add(..., repo_type="dataset")`);
+- `HEAD|GET /ORG/NAME/resolve/REV/PATH` (`/datasets/ORG/NAME/resolve/...` for a dataset): small
+  files answered directly with `ETag` (git sha1),
   `X-Repo-Commit` and `Content-Length`; weights (LFS) redirected (302) to `/cdn/SHA256` under
   another host name (localhost), with `X-Linked-Etag` and `X-Linked-Size`, as the Hub does to its CDN;
 - `GET /cdn/SHA256`: the blob, with byte ranges (`Range: bytes=N-` -> 206);
@@ -19,11 +21,12 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-LFS_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".onnx.data", ".data", ".bin", ".pt", ".pth")
+LFS_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".onnx.data", ".data", ".bin", ".pt", ".pth", ".zip")
 
 
 def is_weight(path: str) -> bool:
@@ -48,6 +51,7 @@ class FakeHub:
         self.cut: dict[str, int] = {}  # path -> absolute offset at which the next transfer breaks off
         self.failing: set[str] = set()  # paths answered 503 (until cleared)
         self.fail_after_cut = False  # whether a cut path then fails (503)
+        self.rate: float | None = None  # bytes per second a blob is sent at (None: as fast as it goes)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -56,8 +60,12 @@ class FakeHub:
         self.cdn_url = f"http://localhost:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def add(self, repo: str, files: dict[str, bytes | Path], refs=("main",), token: str | None = None) -> str:
-        """Publish FILES (contents, or paths to read) as a new commit of REPO, pointed at by REFS."""
+    def add(
+        self, repo: str, files: dict[str, bytes | Path], refs=("main",), token: str | None = None, repo_type="model"
+    ) -> str:
+        """Publish FILES (contents, or paths to read) as a new commit of REPO, pointed at by REFS;
+        a dataset repo is held (and counted in `served`) as "datasets/ORG/NAME"."""
+        repo = f"datasets/{repo}" if repo_type == "dataset" else repo
         contents = {name: v.read_bytes() if isinstance(v, Path) else v for name, v in files.items()}
         r = self.repos.setdefault(repo, Repo())
         r.token = token
@@ -97,10 +105,10 @@ def _handler(hub: FakeHub):
             with hub.lock:
                 hub.requests.append((self.command, self.path, self.headers.get("Range")))
             path = self.path.split("?")[0]
-            m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
+            m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
             if m:
-                return self._info(m[1], m[2] or "main")
-            m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+                return self._info(("datasets/" if m[1] == "datasets" else "") + m[2], m[3] or "main")
+            m = re.match(r"^/((?:datasets/)?[^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
             if m:
                 return self._resolve(m[1], m[2], m[3], body)
             m = re.match(r"^/cdn/([0-9a-f]{64})$", path)
@@ -130,7 +138,12 @@ def _handler(hub: FakeHub):
             r, commit = self._commit(repo, revision)
             if commit is None:
                 return
-            info = {"id": repo, "sha": commit, "private": False, "gated": "auto" if r.token else False}
+            info = {
+                "id": repo.removeprefix("datasets/"),
+                "sha": commit,
+                "private": False,
+                "gated": "auto" if r.token else False,
+            }
             info["siblings"] = [{"rfilename": name} for name in sorted(r.commits[commit])]
             data = json.dumps(info).encode()
             self.send_response(200)
@@ -192,8 +205,16 @@ def _handler(hub: FakeHub):
             self._send(path, data[start:])
 
         def _send(self, path: str, data: bytes) -> None:
-            self.wfile.write(data)
-            with hub.lock:
-                hub.served[path] = hub.served.get(path, 0) + len(data)
+            step = 1 << 16 if hub.rate else max(len(data), 1)
+            for i in range(0, len(data), step):
+                piece = data[i : i + step]
+                try:
+                    self.wfile.write(piece)
+                except OSError:  # the client went away: what it did not take was not served
+                    return
+                with hub.lock:
+                    hub.served[path] = hub.served.get(path, 0) + len(piece)
+                if hub.rate:
+                    time.sleep(len(piece) / hub.rate)
 
     return Handler

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lmforge.evaluate import kl_of_window, nll_of_window, perplexity, windows
+from tests.conftest import WIKITEXT
 from tests.test_errors import assert_user_error, run_cli
 
 
@@ -52,9 +53,9 @@ def test_perplexity_matches_llamacpp_on_the_same_weights(default_model_path, tmp
     from tests.llamacpp_ref import dequantized_gguf, llamacpp_perplexity
 
     folder = convert("smollm2-135m", tmp_path / "fp32", progress=False)
-    ours = perplexity(folder, chunks=3, progress=False)
+    ours = perplexity(folder, data=WIKITEXT, chunks=3, progress=False)
     tok = Tokenizer.from_folder(folder)
-    ws = text_windows(tok, read_text(None), 512, 3)
+    ws = text_windows(tok, read_text(WIKITEXT), 512, 3)
     ref, n = llamacpp_perplexity(dequantized_gguf(default_model_path, tmp_path / "f32.gguf"), ws)
     assert n == ours.tokens_scored == 3 * 255
     assert abs(ours.ppl - ref) / ref < 1e-3, (ours.ppl, ref)
@@ -95,7 +96,7 @@ def test_perplexity_windows_and_figure_equal_llama_perplexitys(model, default_mo
     else:
         src = tiny_factory(("phi3", "float32", False, None))
         gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
-    text = read_text(None)[:20000]
+    text = read_text(WIKITEXT)[:20000]
     ref, add_bos = llama_perplexity_windows(gguf_path, text, ctx, chunks)
     assert add_bos == (model == "phi3")
     assert text_windows(open_checkpoint(gguf_path).tokenizer(), text, ctx, chunks) == ref
@@ -138,7 +139,7 @@ def test_kld_of_default_int4_against_fp32(tmp_path):
 
     fp32 = convert("smollm2-135m", tmp_path / "fp32", progress=False)
     int4 = convert("smollm2-135m", tmp_path / "int4", target="cpu-int4", progress=False)
-    r = kl_divergence(int4, fp32, chunks=2)
+    r = kl_divergence(int4, fp32, data=WIKITEXT, chunks=2)
     assert 0 < r.mean < 0.05 and r.same_top > 0.9 and r.tokens_scored == 2 * 255
 
 
@@ -159,7 +160,7 @@ def test_perplexity_of_a_gguf_runs_llamacpp(model, default_model_path, tiny_fact
     else:
         src = tiny_factory(("phi3", "float32", False, None))
         gguf_path, ctx, chunks = convert_to_gguf(src, tmp_path / "phi3.gguf", "f32", progress=False), 64, 6
-    text = read_text(None)[:20000]
+    text = read_text(WIKITEXT)[:20000]
     data = tmp_path / "text.txt"
     data.write_bytes(text.encode())
     ours = perplexity(gguf_path, data=data, ctx=ctx, chunks=chunks, threads=2, progress=False)
@@ -171,3 +172,57 @@ def test_perplexity_of_a_gguf_runs_llamacpp(model, default_model_path, tiny_fact
         assert perplexity(gguf_path, data=data, ctx=ctx, chunks=1, target="cpu-fp32", progress=False).engine == (
             "onnxruntime"
         )
+
+
+def llamacpp_kl(model_path, ref_path, windows: list[list[int]]) -> dict:
+    """KL(P_ref || P_model) from llama-cpp-python's logits of both files on the same windows
+    (second halves scored, as llama-perplexity --kl-divergence), computed with torch."""
+    import llama_cpp
+    import torch
+
+    ctx = len(windows[0])
+    logits = []
+    for path in (model_path, ref_path):
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=2, flash_attn=True, verbose=False
+        )
+        rows = []
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            rows.append(torch.tensor(np.asarray(llm.scores[ctx // 2 : ctx - 1], dtype=np.float32)))
+        logits.append(torch.log_softmax(torch.cat(rows).double(), dim=-1))
+        del llm
+    lp, lq = logits
+    kl = torch.nn.functional.kl_div(lp, lq, log_target=True, reduction="none").sum(-1).numpy()
+    same = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
+    return {"mean": kl.mean(), "p99": np.percentile(kl, 99), "same_top": same, "n": len(kl)}
+
+
+@pytest.mark.slow
+def test_kld_of_ggufs_runs_llamacpp(tiny_factory, tmp_path):
+    """`eval kld A.gguf --ref B.gguf` computes both in llama.cpp (the rows say so) and gives what
+    llama.cpp's own logits give: a tiny Llama as Q8_0 against its F32 file."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.evaluate import kl_divergence, read_text
+    from lmforge.export.gguf import convert_to_gguf
+
+    src = tiny_factory(("llama", "float32", False, None))
+    f32 = convert_to_gguf(src, tmp_path / "f32.gguf", "f32", progress=False)
+    q8 = convert_to_gguf(src, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    text = read_text(WIKITEXT)[:12000]
+    data = tmp_path / "text.txt"
+    data.write_bytes(text.encode())
+    ctx, chunks = 64, 6
+    ours = kl_divergence(q8, f32, data=data, ctx=ctx, chunks=chunks, threads=2)
+    assert (ours.engine, ours.ref_engine) == ("llama.cpp", "llama.cpp")
+    ref_windows, _ = llama_perplexity_windows(f32, text, ctx, chunks)
+    theirs = llamacpp_kl(q8, f32, ref_windows)
+    print(f"KL mean {ours.mean:.6g} vs {theirs['mean']:.6g}, p99 {ours.p99:.6g} vs {theirs['p99']:.6g}, "
+          f"same top {ours.same_top:.4f} vs {theirs['same_top']:.4f}, {ours.tokens_scored} tokens")  # fmt: skip
+    assert ours.tokens_scored == theirs["n"] and 0 < theirs["mean"]
+    assert abs(ours.mean - theirs["mean"]) <= 0.02 * theirs["mean"], (ours.mean, theirs["mean"])
+    assert abs(ours.p99 - theirs["p99"]) <= 0.05 * theirs["p99"], (ours.p99, theirs["p99"])
+    assert abs(ours.same_top - theirs["same_top"]) <= 2 / theirs["n"], (ours.same_top, theirs["same_top"])
+    r = run_cli("eval", "kld", q8, "--ref", f32, "--data", data, "--ctx", ctx, "--chunks", 1)
+    assert r.returncode == 0 and "engines: llama.cpp (ref llama.cpp)" in r.stdout, r.stderr

@@ -263,3 +263,37 @@ def test_onnxruntime_genai_runs_every_arch(arch, tiny_factory, tmp_path):
     ids = list(range(5, 17))
     theirs = genai_greedy(folder, ids, 6)
     assert greedy_tokens(OrtEngine(folder), ids, len(theirs)) == theirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "phi3", "gemma3"]
+)  # byte-level BPE x2 (no BOS), SentencePiece x2 (BOS)
+def test_gguf_to_hf_generates_as_lmforge(arch, tiny_factory, tmp_path):
+    """GGUF -> HF folder: transformers' AutoTokenizer gives the ids lmforge (llama.cpp's
+    tokenization, BOS where the GGUF adds it) gives, and transformers' greedy `generate` on the
+    folder gives lmforge's greedy tokens on the GGUF, 3 prompts x 8 tokens."""
+    import torch
+    import transformers
+
+    from lmforge.export.gguf import convert_to_gguf
+    from lmforge.export.hf import convert_to_hf
+
+    gguf_path = convert_to_gguf(
+        tiny_factory((arch, "float32", False, None)), tmp_path / "m.gguf", "f32", progress=False
+    )
+    out = convert_to_hf(gguf_path, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # greedy to the end, as greedy_tokens does
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = load(gguf_path, engine="ort", target="cpu-fp32")
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        assert ids == model.prompt_ids(prompt, raw=True), prompt
+        assert (ids[0] == tok.bos_token_id) == (arch in ("phi3", "gemma3"))  # SentencePiece GGUFs add BOS
+        with torch.no_grad():
+            theirs = hf.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=8,
+                do_sample=False, pad_token_id=0,
+            )[0, len(ids) :].tolist()  # fmt: skip
+        assert theirs == greedy_tokens(model.engine, ids, 8), prompt

@@ -33,7 +33,7 @@ def home(tmp_path):
     return tmp_path
 
 
-def lmforge(hub, home, *args, offline=False, token=None, cwd=None):
+def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=False):
     """`python -m lmforge ARGS` as a user runs it, with the Hub at the fake server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(
@@ -46,9 +46,10 @@ def lmforge(hub, home, *args, offline=False, token=None, cwd=None):
     )
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run(
-        [sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd or home
-    )
+    cmd = [sys.executable, "-m", "lmforge", *map(str, args)]
+    if background:  # the running process, for a test to stop
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd or home)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd or home)
 
 
 def ok(r):
@@ -211,6 +212,41 @@ def test_download_cut_then_resumed(hub, home, gguf_repo):
     assert hub.served[key] - before == size + (size // 2 - kept)
 
 
+def test_download_killed_then_resumed_by_the_next_process(hub, home, gguf_repo):
+    """huggingface_hub 2.x leaves a killed process's `ETAG.UUID.incomplete` in blobs/ and starts
+    over; lmforge finishes that file with a Range request."""
+    import signal
+    import time
+
+    size, key = gguf_repo.stat().st_size, f"gguf-org/SmolLM2-135M-Instruct-GGUF/{SMOL_Q4_1}"
+    before, n_requests = hub.served.get(key, 0), len(hub.requests)
+    hub.rate = size / 4  # about four seconds for the whole file
+    try:
+        child = lmforge(hub, home, "pull", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1", background=True)
+        while hub.served.get(key, 0) - before < size // 2 and child.poll() is None:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        hub.rate = None
+    (partial,) = (home / "hf" / "hub").rglob("*.incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < size
+    path = Path(ok(lmforge(hub, home, "pull", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1")).stdout.split()[-1])
+    assert sha256(path) == sha256(gguf_repo)
+    ranges = [rng for _, url, rng in hub.requests[n_requests:] if url.startswith("/cdn/") and rng]
+    assert ranges == [f"bytes={kept}-"]
+    assert hub.served[key] - before < 1.5 * size
+    assert not list((home / "hf" / "hub").rglob("*.incomplete"))
+    # a partial file that is not a prefix of the blob is not trusted: the blob is fetched whole
+    fresh = home / "fresh"
+    blobs = fresh / "hf" / "hub" / "models--gguf-org--SmolLM2-135M-Instruct-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{sha256(gguf_repo)}.0badf11e.incomplete").write_bytes(b"\1" * (size // 2))
+    path = Path(ok(lmforge(hub, fresh, "pull", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1")).stdout.split()[-1])
+    assert sha256(path) == sha256(gguf_repo) and not list(blobs.glob("*.incomplete"))
+
+
 def test_download_failure_is_one_line_and_leaves_nothing_half_done(hub, home, gguf_repo):
     key = f"gguf-org/SmolLM2-135M-Instruct-GGUF/{SMOL_Q4_1}"
     hub.cut[key], hub.fail_after_cut = gguf_repo.stat().st_size // 3, True  # cut, then the Hub fails (503)
@@ -289,3 +325,46 @@ def test_models_and_rm(hub, home, tiny_repo):
     assert report["downloads"] == [] and report["forms"] == []
     assert_user_error(lmforge(hub, home, "rm", "tiny-org/tiny-llama"), "nothing named", "lmforge models")
     assert_user_error(lmforge(hub, home, "rm", "no-such-form"), "nothing named")
+
+
+@pytest.fixture(scope="module")
+def wikitext_repo(hub, wikitext):
+    """The dataset repo llama.cpp's scripts/get-wikitext-2.sh fetches, holding a shortened text."""
+    import io
+    import zipfile
+
+    from lmforge.evaluate import WIKITEXT2
+
+    repo, name, member = WIKITEXT2
+    text = wikitext[:12000]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(member, text.encode())
+        z.writestr("wikitext-2-raw/wiki.train.raw", b"not this one")
+    hub.add(repo, {name: buf.getvalue(), "README.md": b"ci data"}, repo_type="dataset")
+    return f"datasets/{repo}/{name}", text
+
+
+def test_eval_default_text_from_the_hub(hub, home, wikitext_repo):
+    key, text = wikitext_repo
+    args = ("eval", "ppl", "smollm2-135m", "--ctx", "128", "--chunks", "3", "--json")
+    r = lmforge(hub, home, *args, offline=True)
+    assert_user_error(r, "WikiText-2", "not in the Hub cache", "HF_HUB_OFFLINE=1", "--data FILE")
+    before = hub.served.get(key, 0)
+    fetched = json.loads(ok(lmforge(hub, home, *args)).stdout)
+    assert hub.served[key] > before  # downloaded once, into the Hub cache
+    (home / "text.txt").write_bytes(text.encode())
+    given = json.loads(ok(lmforge(hub, home, *args, "--data", home / "text.txt")).stdout)
+    assert fetched["ppl"] == given["ppl"] and fetched["tokens_scored"] == given["tokens_scored"] > 0
+    n_requests = len(hub.requests)
+    cached = json.loads(ok(lmforge(hub, home, *args, offline=True)).stdout)
+    assert cached["ppl"] == given["ppl"] and len(hub.requests) == n_requests  # the cache alone
+
+
+def test_the_package_never_reads_the_project_tree():
+    """An installed lmforge has no ../shared/ beside it: no module may refer to it."""
+    import re
+
+    pattern = re.compile(r"""["']shared["']|\.\./shared|shared/data|parents\[\d\]\.parent""")
+    offenders = [p.name for p in (ROOT / "lmforge").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -3,6 +3,7 @@ the forms `llama-cli -hf`, Ollama and onnxruntime-genai users type, on the file 
 published Phi-3 repos; the catalogue against lmforge's architectures."""
 
 import io
+import re
 
 import pytest
 
@@ -10,7 +11,7 @@ from lmforge.arch import get_arch
 from lmforge.checkpoint.hub import HubRef, parse_hub_id, plan_files
 from lmforge.checkpoint.source import hub_ref
 from lmforge.errors import CheckpointError, ModelNotFoundError
-from lmforge.registry import CATALOGUE, did_you_mean
+from lmforge.registry import CATALOGUE, PINNED, did_you_mean, names
 
 # file lists as microsoft/Phi-3-mini-4k-instruct{,-gguf,-onnx} and mistralai/Mistral-7B-Instruct-v0.3 publish them
 PHI3 = [
@@ -92,7 +93,9 @@ def test_catalogue():
     for entry in CATALOGUE.values():
         assert get_arch(entry.arch).name == entry.arch  # only families lmforge runs
         assert parse_hub_id(entry.hub_id) == HubRef(entry.repo, entry.revision)
-    assert hub_ref("phi-3-mini-4k") == HubRef("microsoft/Phi-3-mini-4k-instruct", "main")
+    assert hub_ref("phi-3-mini-4k") == HubRef("microsoft/Phi-3-mini-4k-instruct", PINNED["phi-3-mini-4k"])
+    assert hub_ref("phi-3-mini-128k") == HubRef("microsoft/Phi-3-mini-128k-instruct", "main")  # none pinned yet
+    assert all(re.fullmatch("[0-9a-f]{40}", c) for c in PINNED.values()) and set(PINNED) <= set(names())
     assert hub_ref("phi-3-mini-4k@abc123") == HubRef("microsoft/Phi-3-mini-4k-instruct", "abc123")
     assert did_you_mean("Phi-3-Mini-4K") == "phi-3-mini-4k"
     assert did_you_mean("qwen2.5-0.5") == "qwen2.5-0.5b"

@@ -90,7 +90,7 @@ def test_symmetric_rtn_is_ggml_q4_0():
     assert (err(fitted) <= err(ours) * (1 + 1e-6) + 1e-12).all() and err(fitted).sum() < 0.97 * err(ours).sum()
 
 
-LLAMACPP_FTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K")
+LLAMACPP_FTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q2_K", "Q3_K_M")
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,17 @@ def test_saved_tokenizer_gives_llamacpp_ids_in_transformers(default_model_path, 
             assert (theirs[0] == llm.token_bos()) == name.endswith("-bos"), name
             assert_same_tokens(ref(s).input_ids, theirs)
         assert Tokenizer.from_folder(folder).add_bos == name.endswith("-bos")
+
+
+@pytest.mark.slow
+def test_saved_tokenizer_gives_llamacpp_ids_on_all_of_wikitext(default_model_path, spm_model, wikitext, tmp_path):
+    """As above on the whole WikiText-2 test file, for each vocabulary, BOS or not."""
+    from transformers import AutoTokenizer
+
+    for name, path in gguf_vocabularies(default_model_path, spm_model, tmp_path).items():
+        folder = tmp_path / name
+        folder.mkdir()
+        Tokenizer.from_gguf_metadata(read_metadata(path)).save(folder)
+        theirs = llamacpp_vocab(path).tokenize(wikitext.encode(), add_bos=True, special=False)
+        assert_same_tokens(AutoTokenizer.from_pretrained(folder)(wikitext).input_ids, theirs)
+        assert len(theirs) > 300_000, name

@@ -7,8 +7,10 @@ nothing here overrides them, so a real download takes the same path as the tests
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +107,82 @@ def fetch(ref, revision: str, name: str, progress: bool | None, local_only: bool
     """Download (or find in the cache) one file of REF's repo; returns its local path."""
     hf = _hf()
     with hub_errors(ref, name):
+        if not local_only:
+            _finish_partial(ref.repo, revision, name, progress)
         return hf.hf_hub_download(
             ref.repo, name, revision=revision, tqdm_class=tqdm_class(progress), local_files_only=local_only
         )
+
+
+def _finish_partial(repo: str, revision: str, name: str, progress: bool | None) -> None:
+    """Resume a download that a killed process left behind. huggingface_hub 2.x writes each
+    download to `blobs/ETAG.UUID.incomplete`, a name unique to the process, and deletes it on an
+    error; a process killed outright leaves it there, and the next run starts from byte 0. Under
+    the lock huggingface_hub takes for that blob, finish the longest such file with a Range
+    request, check its sha256 against the etag and move it into place: hf_hub_download then finds
+    the blob and only links it. With nothing partial in the cache, no request is made here."""
+    blobs = repo_cache_folder(repo) / "blobs"
+    if offline_mode() or not any(blobs.glob("*.incomplete")):
+        return
+    hf = _hf()
+    from huggingface_hub.file_download import http_get
+
+    meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, name, revision=revision))
+    etag = meta.etag or ""
+    if not re.fullmatch(r"[0-9a-f]{64}", etag):  # only LFS blobs are named by their sha256
+        return
+    lock = cache_root() / ".locks" / blobs.parent.name / f"{etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with hf.utils.WeakFileLock(lock):  # a download still running holds it: its file is not ours
+        partials = sorted(blobs.glob(f"{etag}.*.incomplete"), key=lambda p: p.stat().st_size)
+        if not partials or (blobs / etag).exists():
+            return
+        *older, partial = partials
+        for p in older:
+            p.unlink(missing_ok=True)
+        if meta.size is not None and partial.stat().st_size > meta.size:  # not this blob's prefix
+            partial.unlink()
+            return
+        with partial.open("ab") as f:
+            headers = hf.utils.build_hf_headers()
+            http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size,
+                     displayed_filename=name, tqdm_class=tqdm_class(progress))  # fmt: skip
+        if _sha256(partial) != etag:  # not a prefix of this blob after all: download it whole
+            partial.unlink()
+            return
+        os.replace(partial, blobs / etag)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class _DatasetRef:
+    repo: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"datasets/{self.repo}"
+
+
+def fetch_dataset_file(repo: str, name: str, progress: bool | None, what: str, hint: str) -> str:
+    """Download (or find in the Hub cache) file NAME of dataset repo REPO; returns its local path.
+
+    When it is neither cached nor reachable, raises one line: WHAT is not in the Hub cache, why,
+    then HINT (what the user can do instead)."""
+    hf = _hf()
+    try:
+        with hub_errors(_DatasetRef(repo), name):
+            return hf.hf_hub_download(repo, name, repo_type="dataset", tqdm_class=tqdm_class(progress))
+    except (ModelNotFoundError, _CannotReach):
+        why = "HF_HUB_OFFLINE=1 is set" if offline_mode() else "the Hub cannot be reached"
+        where = f"file {name} of Hub dataset {repo}"
+        raise LmforgeError(f"{what} ({where}) is not in the Hub cache and {why}; {hint}") from None
 
 
 class _CannotReach(LmforgeError):

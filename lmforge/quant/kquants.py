@@ -267,3 +267,36 @@ def dequantize_q6_k(q: np.ndarray) -> np.ndarray:
     """dequantize_row_q6_K: (n_blocks, 210) uint8 -> (n_blocks, 256) float32."""
     codes, dl = q6_k_codes(q)
     return (dl * (codes.astype(F32) - F32(32))).reshape(-1, QK_K)
+
+
+# Q2_K and Q3_K are read only (transcoding GGUF files llama.cpp wrote); lmforge writes neither.
+_SHIFT_2 = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1, 1)  # 4 crumbs of a byte
+
+
+def q2_k_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """block_q2_K (84 B: scales[16] 4-bit scale | 4-bit min, qs[64], d f16, dmin f16) ->
+    codes (n_blocks, 16, 16) uint8 in [0, 3], each sub-block's scale d*sc and offset dmin*m
+    (n_blocks, 16, 1): value = scale * code - offset (dequantize_row_q2_K)."""
+    nb = q.shape[0]
+    codes = (q[:, 16:80].reshape(nb, 2, 1, 2, 16) >> _SHIFT_2) & 3  # (half of 128, crumb, 16-run, value)
+    d = q[:, 80:82].copy().view("<f2").astype(F32)
+    dmin = q[:, 82:84].copy().view("<f2").astype(F32)
+    sc = q[:, :16]
+    return codes.reshape(nb, 16, 16), (d * (sc & 0xF).astype(F32))[..., None], (dmin * (sc >> 4).astype(F32))[..., None]
+
+
+def q3_k_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """block_q3_K (110 B: hmask[32] 3rd bits, qs[64] low 2 bits, scales[12] 16 x 6-bit, d f16) ->
+    codes (n_blocks, 16, 16) uint8 in [0, 7] and each sub-block's scale d*(sc - 32)
+    (n_blocks, 16, 1): value = scale * (code - 4) (dequantize_row_q3_K)."""
+    nb = q.shape[0]
+    low = (q[:, 32:96].reshape(nb, 2, 1, 2, 16) >> _SHIFT_2) & 3
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1, 1)  # hmask bit of (half, crumb)
+    high = (q[:, 0:32].reshape(nb, 1, 1, 2, 16) >> bit) & 1
+    codes = (low | (high << 2)).reshape(nb, 16, 16)
+    s, k = q[:, 96:108], np.arange(16)
+    lo4 = (s[:, k % 8] >> (4 * (k // 8)).astype(np.uint8)) & 0xF
+    hi2 = (s[:, 8 + k % 4] >> (2 * (k // 4)).astype(np.uint8)) & 3
+    sc = (lo4 | (hi2 << 4)).astype(F32) - F32(32)
+    d = q[:, 108:110].copy().view("<f2").astype(F32)
+    return codes, (d * sc)[..., None]

@@ -1,18 +1,18 @@
 """Exact transcoding of GGUF quantized blocks into MatMulNBits codes.
 
 Every ggml type with a linear dequantization, value = scale * (q - centre) [+ offset] per block,
-becomes MatMulNBits codes at the type's own block size (32, or 16 for Q6_K's sub-blocks). ONNX
-Runtime's MatMulNBits takes 2, 4 or 8 bits, so 4-bit types keep 4-bit codes and 5- and 6-bit
-types are stored as 8-bit codes (the code shifted so that the type's centre sits at 128, the
-implicit zero point):
+becomes MatMulNBits codes at the type's own block size (32, or 16 for the sub-blocks of Q6_K,
+Q3_K and Q2_K). ONNX Runtime's MatMulNBits takes 2, 4 or 8 bits, so 4-bit types keep 4-bit
+codes, 5- and 6-bit types are stored as 8-bit codes and 2- and 3-bit K-quants as 4-bit codes
+(the code shifted so that the type's centre sits at the implicit zero point, 8 or 128):
 
-- Q4_0 (value = d (q - 8)), Q8_0 (d q), Q5_0 (d (q - 16)), Q6_K (d sc (q - 32), sub-blocks of
-  16): codes, scale, implicit zero point. ONNX Runtime computes (q - zero point) * scale, the
-  same single float32 product as ggml's: bit-identical weights.
-- Q4_1 (value = d q + m), Q5_1, Q4_K and Q5_K (value = d sc q - dmin m, sub-blocks of 32):
-  codes centred the same way, scale d (or d sc), and a per-block offset (m + centre d, or
-  -dmin m + centre d sc) that the graph adds (see NBits): equal to ggml's dequantization up to
-  the float32 rounding of that offset.
+- Q4_0 (value = d (q - 8)), Q8_0 (d q), Q5_0 (d (q - 16)), Q6_K (d sc (q - 32)) and Q3_K
+  (d (sc - 32) (q - 4)): codes, scale, implicit zero point. ONNX Runtime computes
+  (q - zero point) * scale, the same single float32 product as ggml's: bit-identical weights.
+- Q4_1 (value = d q + m), Q5_1, Q4_K, Q5_K and Q2_K (value = d sc q - dmin m): codes centred
+  the same way, scale d (or d sc), and a per-block offset (m + centre d, or -dmin m + centre
+  d sc) that the graph adds (see NBits): equal to ggml's dequantization up to the float32
+  rounding of that offset.
 
 Types without such a form (IQ*, ...) are dequantized and quantized again by the caller.
 """
@@ -75,6 +75,16 @@ def _q5_k(b: np.ndarray) -> Decoded:
     return codes, dl[..., 0], -ml[..., 0]
 
 
+def _q2_k(b: np.ndarray) -> Decoded:
+    codes, dl, ml = kquants.q2_k_codes(b)
+    return codes, dl[..., 0], -ml[..., 0]
+
+
+def _q3_k(b: np.ndarray) -> Decoded:
+    codes, dl = kquants.q3_k_codes(b)
+    return codes, dl[..., 0], None
+
+
 def _q6_k(b: np.ndarray) -> Decoded:
     codes, dl = kquants.q6_k_codes(b)
     return codes, dl[..., 0], None
@@ -89,9 +99,11 @@ DECODERS: dict[str, tuple[Callable[[np.ndarray], Decoded], int, int]] = {
     "Q5_1": (_q5_1, 5, 8),
     "Q5_K": (_q5_k, 5, 8),
     "Q6_K": (_q6_k, 6, 8),
+    "Q2_K": (_q2_k, 2, 4),
+    "Q3_K": (_q3_k, 3, 4),
 }
 EXACT_TYPES = tuple(DECODERS)
-BIT_IDENTICAL = ("Q4_0", "Q8_0", "Q5_0", "Q6_K")  # no offset: ggml's very product
+BIT_IDENTICAL = ("Q4_0", "Q8_0", "Q5_0", "Q6_K", "Q3_K")  # no offset: ggml's very product
 
 
 def bytes_per_weight(qtype: str) -> tuple[float, float]:

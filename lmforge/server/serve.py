@@ -121,6 +121,8 @@ def serve(
     def load():
         loaded = load_for_serving(model, engine, device, target, threads)
         print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
+        if not loaded.chat_template:
+            log.warning("this model has no chat template: /v1/chat/completions answers 400, /v1/completions runs")
         return loaded
 
     app = create_app(

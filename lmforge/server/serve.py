@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import sys
+import time
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -57,6 +59,28 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...]):
+    """The Host names browsers may use (the loopback names, `host` when it is a name, and
+    `allowed_hosts`) and the CORS origins; a user error for a malformed origin."""
+    from lmforge.server.guard import LOOPBACK_NAMES, Access
+
+    for origin in cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
+            raise LmforgeError(f"--cors-origin {origin!r} is not an origin; write it as http://host[:port]")
+    names = {*LOOPBACK_NAMES, *(h.strip().lower().rstrip(".") for h in allowed_hosts)}
+    if not _is_address(host):
+        names.add(host.lower())
+    return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
     if engine not in ("auto", *ENGINES):
@@ -84,28 +108,50 @@ def serve(
     name: str | None = None,
     max_body_bytes: int = 1 << 20,
     log_level: str = "warning",
+    allowed_hosts: tuple[str, ...] = (),
+    cors_origins: tuple[str, ...] = (),
+    shutdown_grace_s: float = 10.0,
+    max_connections: int | None = None,
+    header_timeout_s: float = 10.0,
 ) -> None:
-    """Serve MODEL with the OpenAI API on host:port until interrupted.
+    """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
     Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
     unless told otherwise); the API key every /v1 route then needs; the decode batch size; the
-    cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target; threads; the model id
-    clients use (default: MODEL's name). Raises LmforgeError for bad arguments, a model that does
-    not exist or does not load."""
+    cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target;
+    threads; the model id clients use (default: MODEL's name); the body size limit; uvicorn's log
+    level; Host names to accept besides the loopback names and `host` ("*": any); web origins
+    allowed to call cross-site (CORS); seconds running replies get to finish at shutdown;
+    connections open at once (default: from the open-file limit); seconds a client has to send
+    a request's headers. Raises LmforgeError for bad arguments, a model that does not exist or
+    does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise LmforgeError("the server needs FastAPI and uvicorn; run: pip install 'lmforge[server]'") from None
     from lmforge.checkpoint import resolve
+    from lmforge.server import connections
     from lmforge.server.app import Limits, create_app
 
+    nofile = connections.open_files_limit()
+    max_connections = max_connections or max(16, min(4096, nofile - 128))
     _check_arguments(
         engine,
         port,
         api_key,
-        {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
+        {
+            "--max-batch": max_batch,
+            "--max-tokens-limit": max_tokens_limit,
+            "the body size limit": max_body_bytes,
+            "--max-connections": max_connections,
+        },
     )
+    if shutdown_grace_s < 0 or header_timeout_s <= 0:
+        raise LmforgeError("--shutdown-grace must be >= 0 and the header timeout > 0")
+    if max_connections > nofile - 32:
+        raise LmforgeError(f"--max-connections {max_connections} leaves too few of the {nofile} open files; lower it")
+    access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
 
     path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
@@ -129,6 +175,7 @@ def serve(
         api_key,
         Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
         on_load_error=stop,
+        access=access,
     )
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -138,8 +185,21 @@ def serve(
     )
     if not _is_loopback(host) and api_key is None:
         log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, access_log=False)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        http=connections.guarded_h11(header_timeout_s, max_connections),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=shutdown_grace_s + 2,  # the replies cut off at the grace send their error event
+    )
+    connections.limit_logs()
+
+    def drain() -> None:
+        app.state.draining = time.monotonic() + shutdown_grace_s
+        print(f"lmforge: shutting down; running replies get up to {shutdown_grace_s:g} s", file=sys.stderr, flush=True)
+
+    server = connections.DrainingServer(config, drain)
     server.run(sockets=[sock])
     state = app.state
     if state.status == "failed":

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.schema_fuzz import requests as fuzz_requests
-from tests.test_server import EOS_BIAS, NAME, QUESTION, Server, assert_openai_error
+from tests.test_server import EOS_BIAS, NAME, QUESTION, Server, assert_openai_error, wait_until
 
 BOOM = "boom"  # the message that sends the hostile template into its loops
 HOSTILE_PREFIX = (
@@ -263,7 +263,7 @@ def test_a_body_that_never_arrives_is_a_408(reference):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        assert _wait(lambda: _health(port) == 200, 30)
+        assert wait_until(lambda: _health(port) == 200, 30)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -308,7 +308,7 @@ def test_sigterm_drains_running_streams_and_exits_0(int4_folder, tmp_path):
     try:
         for t in threads:
             t.start()
-        assert all(_wait(lambda a=a: len(a) >= 2, 60) for a, _ in results), "the streams did not start"
+        assert all(wait_until(lambda a=a: len(a) >= 2, 60) for a, _ in results), "the streams did not start"
         s.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         with pytest.raises(httpx.HTTPError):  # no new requests
@@ -328,12 +328,3 @@ def test_sigterm_drains_running_streams_and_exits_0(int4_folder, tmp_path):
             assert last["choices"][0]["finish_reason"] == "length"
         else:
             assert last["error"]["code"] == "server_shutdown", last
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()

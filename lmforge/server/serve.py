@@ -59,6 +59,43 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _connection_limits(max_connections: int | None, shutdown_grace_s: float, header_timeout_s: float) -> int:
+    """--max-connections as given or from the open-file limit (raised to its hard limit first);
+    a user error for limits that make no sense."""
+    from lmforge.server.connections import open_files_limit
+
+    nofile = open_files_limit()
+    max_connections = max_connections or max(16, min(4096, nofile - 128))
+    if max_connections < 1 or max_connections > nofile - 32:
+        raise LmforgeError(f"--max-connections must be in 1..{nofile - 32} (the open-file limit is {nofile})")
+    if shutdown_grace_s < 0 or header_timeout_s <= 0:
+        raise LmforgeError("--shutdown-grace must be >= 0 and --header-timeout > 0")
+    return max_connections
+
+
+def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: float, max_connections: int):
+    """uvicorn for `app` with the connection limits, the drain at SIGTERM and rate-limited logs."""
+    import uvicorn
+
+    from lmforge.server import connections
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        http=connections.guarded_h11(header_timeout_s, max_connections),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=shutdown_grace_s + 2,  # the replies cut off at the grace send their error event
+    )
+    connections.limit_logs()
+
+    def drain() -> None:
+        app.state.draining = time.monotonic() + shutdown_grace_s
+        print(f"lmforge: shutting down; running replies get up to {shutdown_grace_s:g} s", file=sys.stderr, flush=True)
+
+    return connections.DrainingServer(config, drain)
+
+
 def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...]):
     """The Host names browsers may use (the loopback names, `host` when it is a name, and
     `allowed_hosts`) and the CORS origins; a user error for a malformed origin."""
@@ -116,41 +153,28 @@ def serve(
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
-    Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
-    unless told otherwise); the API key every /v1 route then needs; the decode batch size; the
-    cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target;
-    threads; the model id clients use (default: MODEL's name); the body size limit; uvicorn's log
-    level; Host names to accept besides the loopback names and `host` ("*": any); web origins
-    allowed to call cross-site (CORS); seconds running replies get to finish at shutdown;
-    connections open at once (default: from the open-file limit); seconds a client has to send
-    a request's headers. Raises LmforgeError for bad arguments, a model that does not exist or
-    does not load."""
+    Args, as `lmforge serve`'s flags: the model (known name, HF folder, .gguf file, ONNX folder);
+    where to listen; the API key; the decode batch; the max_tokens cap; engine auto|ort|llamacpp;
+    device; conversion target; threads; the model id clients use (default: MODEL's name); the
+    body size limit; uvicorn's log level; Host names to accept besides the loopback names and
+    `host`; CORS origins; seconds running replies get at shutdown; connections open at once
+    (default: from the open-file limit); seconds a client has to send its headers. Raises
+    LmforgeError for bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise LmforgeError("the server needs FastAPI and uvicorn; run: pip install 'lmforge[server]'") from None
     from lmforge.checkpoint import resolve
-    from lmforge.server import connections
     from lmforge.server.app import Limits, create_app
 
-    nofile = connections.open_files_limit()
-    max_connections = max_connections or max(16, min(4096, nofile - 128))
     _check_arguments(
         engine,
         port,
         api_key,
-        {
-            "--max-batch": max_batch,
-            "--max-tokens-limit": max_tokens_limit,
-            "the body size limit": max_body_bytes,
-            "--max-connections": max_connections,
-        },
+        {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
     )
-    if shutdown_grace_s < 0 or header_timeout_s <= 0:
-        raise LmforgeError("--shutdown-grace must be >= 0 and the header timeout > 0")
-    if max_connections > nofile - 32:
-        raise LmforgeError(f"--max-connections {max_connections} leaves too few of the {nofile} open files; lower it")
+    max_connections = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
 
@@ -185,21 +209,7 @@ def serve(
     )
     if not _is_loopback(host) and api_key is None:
         log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        http=connections.guarded_h11(header_timeout_s, max_connections),
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=shutdown_grace_s + 2,  # the replies cut off at the grace send their error event
-    )
-    connections.limit_logs()
-
-    def drain() -> None:
-        app.state.draining = time.monotonic() + shutdown_grace_s
-        print(f"lmforge: shutting down; running replies get up to {shutdown_grace_s:g} s", file=sys.stderr, flush=True)
-
-    server = connections.DrainingServer(config, drain)
+    server = _server(app, log_level, shutdown_grace_s, header_timeout_s, max_connections)
     server.run(sockets=[sock])
     state = app.state
     if state.status == "failed":

@@ -59,6 +59,17 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _announce(name: str, host: str, sock: socket.socket, api_key: str | None) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not _is_loopback(host) and api_key is None:
+        log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
+
+
 def _connection_limits(max_connections: int | None, shutdown_grace_s: float, header_timeout_s: float) -> int:
     """--max-connections as given or from the open-file limit (raised to its hard limit first);
     a user error for limits that make no sense."""
@@ -201,14 +212,7 @@ def serve(
         on_load_error=stop,
         access=access,
     )
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
-        file=sys.stderr,
-        flush=True,
-    )
-    if not _is_loopback(host) and api_key is None:
-        log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
+    _announce(name, host, sock, api_key)
     server = _server(app, log_level, shutdown_grace_s, header_timeout_s, max_connections)
     server.run(sockets=[sock])
     state = app.state

@@ -328,3 +328,12 @@ def test_sigterm_drains_running_streams_and_exits_0(int4_folder, tmp_path):
             assert last["choices"][0]["finish_reason"] == "length"
         else:
             assert last["error"]["code"] == "server_shutdown", last
+
+
+def test_cli_run_with_a_pathological_template_is_one_line_and_exit_2(hostile_folder):
+    from tests.test_errors import assert_user_error, run_cli
+
+    start = time.monotonic()
+    r = run_cli("run", hostile_folder, "-p", BOOM, "--max-tokens", "2")
+    assert_user_error(r, "chat template took more than 1 s to render")
+    assert time.monotonic() - start < 60

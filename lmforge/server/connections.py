@@ -2,8 +2,9 @@
 
 - A connection must finish a request's headers within `header_timeout_s` of opening (or of
   its previous response): slow-loris clients are closed instead of holding descriptors forever.
-- Beyond `max_connections` open at once, a new connection is closed at once, so descriptors
-  never run out (when they did, /health stopped answering and the log filled with tracebacks).
+- Beyond `max_connections` open at once, the oldest idle connection (no request in flight) is
+  closed to make room, or the new one when all are busy: descriptors never run out (when they
+  did, /health stopped answering and the log filled with tracebacks).
 - SIGTERM / SIGINT drain: no new requests, running replies get `grace_s` to finish (then each
   ends with an error event), and the process exits 0 instead of dying of the signal.
 - Repeated log records are rate-limited: a flood of one error becomes a few lines and a count.
@@ -32,11 +33,21 @@ def guarded_h11(header_timeout_s: float, max_connections: int) -> type[H11Protoc
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self.opened = time.monotonic()
             if len(self.connections) > max_connections:
-                log.warning("more than %d connections are open: closing a new one", max_connections)
-                self.transport.close()
-                return
+                # the oldest connection without a request in flight makes room (a slow-loris
+                # client holding slots cannot lock others out); when every one is busy, this one goes
+                idle = [c for c in self.connections if c is not self and c.idle() and not c.transport.is_closing()]
+                victim = min(idle, key=lambda c: c.opened, default=self)
+                log.warning("more than %d connections are open: closing the oldest idle one", max_connections)
+                victim.transport.close()
+                if victim is self:
+                    return
             self._arm()
+
+        def idle(self) -> bool:
+            """No request in flight: headers not yet complete, or between requests."""
+            return self.cycle is None or self.cycle.response_complete
 
         def _arm(self) -> None:
             self._disarm()

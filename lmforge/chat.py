@@ -34,8 +34,8 @@ class Limits:
     """What one render may cost. Real chat templates use a tiny fraction of each."""
 
     timeout_s: float = 1.0  # wall clock for the whole render
-    max_size: int = 8_000_000  # characters of one string, items of one list (and the output)
-    max_total: int = 64_000_000  # characters and items of everything the render makes, summed
+    max_size: int = 4_000_000  # characters of one string, items of one list (and the output)
+    max_total: int = 40_000_000  # characters and items of everything the render makes, summed
     max_argument: int = 100_000  # any integer passed to a call or filter (widths, counts, ...)
     max_int_bits: int = 1 << 16  # the size of an integer the template computes
 

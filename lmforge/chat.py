@@ -4,7 +4,7 @@ Templates come from checkpoints people download; the sandbox refuses attribute a
 could reach Python internals (`__class__`, `__globals__`, ...), so a hostile template fails
 with a one-line error instead of running code. The sandbox here also bounds what a render may
 cost: every string, list and number the template makes is measured before (or as) it is made
-against `Limits` (one object's size, the sum of all it makes, integer size, call arguments),
+against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments),
 and a trace on the rendering thread stops it at its deadline. Over a limit is a ChatTemplateError.
 """
 
@@ -30,7 +30,7 @@ from lmforge.errors import ChatTemplateError
 
 
 @dataclass(frozen=True)
-class Limits:
+class RenderLimits:
     """What one render may cost. Real chat templates use a tiny fraction of each."""
 
     timeout_s: float = 1.0  # wall clock for the whole render
@@ -40,7 +40,7 @@ class Limits:
     max_int_bits: int = 1 << 16  # the size of an integer the template computes
 
 
-LIMITS = Limits()
+RENDER_LIMITS = RenderLimits()
 _WIDTH = re.compile(r"\d+")
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
 
@@ -59,7 +59,7 @@ _current = threading.local()  # .budget: the _Budget of the render running on th
 
 def _budget() -> _Budget:
     budget = getattr(_current, "budget", None)
-    return budget if budget is not None else _Budget(LIMITS)  # outside render(): the default limits
+    return budget if budget is not None else _Budget(RENDER_LIMITS)  # outside render(): the default limits
 
 
 def _size(value) -> int:
@@ -74,7 +74,7 @@ def _size(value) -> int:
 class _Budget:
     """One render's account: its deadline and what it has made so far."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: RenderLimits):
         self.limits, self.made = limits, 0
         self.deadline = time.monotonic() + limits.timeout_s
 
@@ -298,7 +298,7 @@ def render(
     bos_token: str = "",
     eos_token: str = "",
     tools: list[dict] | None = None,
-    limits: Limits = LIMITS,
+    limits: RenderLimits = RENDER_LIMITS,
     **extra,
 ) -> str:
     """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`.

@@ -179,7 +179,7 @@ def test_browser_rules_on_a_real_server(hostile_server):
     for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io"):
         assert_openai_error(httpx.get(url + "/health", headers={"host": host}), 403)
         assert_openai_error(httpx.post(url + "/v1/completions", json=good, headers={"host": host}), 403)
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "192.168.0.7:1"):
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "localhost.", "192.168.0.7:1", "[::1]:80"):
         assert httpx.get(url + "/health", headers={"host": host}).status_code == 200, host
     # a cross-site form or fetch: text/plain needs no preflight, so it must not run
     before = hostile_server.metrics()

@@ -356,3 +356,48 @@ def test_cli_run_with_a_pathological_template_is_one_line_and_exit_2(hostile_fol
     r = run_cli("run", hostile_folder, "-p", BOOM, "--max-tokens", "2")
     assert_user_error(r, "chat template took more than 1 s to render")
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_with_few_descriptors_a_connection_flood_leaves_health_answering_and_the_log_small(int4_folder, tmp_path):
+    """The issue's case: out of descriptors, /health stopped answering and asyncio logged 450k
+    tracebacks. With 256 descriptors and 600 connections that never finish their headers the
+    server stays under its descriptor budget (connections past it, and the oldest idle ones,
+    are closed), /health answers, and the log stays a few lines."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from tests.test_server import free_port
+
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "lmforge", "serve", str(int4_folder), "--port", str(port), "--threads", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+        )
+    socks = []
+    try:
+        assert wait_until(lambda: _health(port) == 200, 120)
+        for _ in range(600):
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=0.2)
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+                socks.append(s)
+            except OSError:
+                pass  # a full accept queue: the kernel drops the SYN
+        for _ in range(5):
+            start = time.monotonic()
+            assert _health(port) == 200 and time.monotonic() - start < 1.0
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 256
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        assert proc.wait(30) == 0
+    assert len(socks) > 150, len(socks)  # the flood did reach the server
+    assert log.stat().st_size < 20_000, log.read_text()[:2000]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -92,6 +93,20 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.on_drain = on_drain
 
+    async def serve(self, sockets=None) -> None:
+        # asyncio logs every failed accept() (and, out of descriptors, retries in a tight loop):
+        # its error reports go through the same rate limit as the log records
+        loop = asyncio.get_running_loop()
+        flood = RateLimit()
+
+        def report(loop, context) -> None:
+            record = logging.LogRecord("asyncio", logging.ERROR, "", 0, context.get("message", ""), None, None)
+            if flood.filter(record):
+                loop.default_exception_handler({**context, "message": record.msg})
+
+        loop.set_exception_handler(report)
+        await super().serve(sockets)
+
     def handle_exit(self, sig: int, frame) -> None:
         if not self.should_exit:
             self.on_drain()
@@ -154,6 +169,14 @@ def limit_logs(loggers=("lmforge", "uvicorn", "uvicorn.error", "uvicorn.access",
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RateLimit) for f in handler.filters):
                 handler.addFilter(flood)
+
+
+def descriptor_budget(nofile: int, max_connections: int | None) -> tuple[int, int]:
+    """(max_connections, backlog) that fit `nofile` descriptors: asyncio accepts up to `backlog`
+    connections per loop tick before any of them can be closed, and a few ticks pass before an
+    evicted one gives its descriptor back, so both count; 64 stay for the model, threads, pipes."""
+    backlog = max(8, min(128, nofile // 32))
+    return max_connections or max(8, min(4096, nofile - 4 * backlog - 64)), backlog
 
 
 def open_files_limit() -> int:

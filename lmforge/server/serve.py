@@ -70,22 +70,26 @@ def _announce(name: str, host: str, sock: socket.socket, api_key: str | None) ->
         log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
 
 
-def _connection_limits(max_connections: int | None, shutdown_grace_s: float, header_timeout_s: float) -> int:
-    """--max-connections as given or from the open-file limit (raised to its hard limit first);
-    a user error for limits that make no sense."""
-    from lmforge.server.connections import open_files_limit
+def _connection_limits(
+    max_connections: int | None, shutdown_grace_s: float, header_timeout_s: float
+) -> tuple[int, int]:
+    """(--max-connections as given or from the open-file limit, raised to its hard limit first;
+    the accept backlog); a user error for limits that make no sense."""
+    from lmforge.server.connections import descriptor_budget, open_files_limit
 
     nofile = open_files_limit()
-    max_connections = max_connections or max(16, min(4096, nofile - 128))
-    if max_connections < 1 or max_connections > nofile - 32:
-        raise LmforgeError(f"--max-connections must be in 1..{nofile - 32} (the open-file limit is {nofile})")
+    max_connections, backlog = descriptor_budget(nofile, max_connections)
+    most = nofile - 4 * backlog - 32
+    if not 1 <= max_connections <= most:
+        raise LmforgeError(f"--max-connections must be in 1..{most} (the open-file limit is {nofile})")
     if shutdown_grace_s < 0 or header_timeout_s <= 0:
         raise LmforgeError("--shutdown-grace must be >= 0 and --header-timeout > 0")
-    return max_connections
+    return max_connections, backlog
 
 
-def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: float, max_connections: int):
-    """uvicorn for `app` with the connection limits, the drain at SIGTERM and rate-limited logs."""
+def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: float, connection_limits: tuple[int, int]):
+    """uvicorn for `app` with the connection limits ((max connections, accept backlog)), the drain
+    at SIGTERM and rate-limited logs."""
     import uvicorn
 
     from lmforge.server import connections
@@ -94,7 +98,8 @@ def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: floa
         app,
         log_level=log_level,
         access_log=False,
-        http=connections.guarded_h11(header_timeout_s, max_connections),
+        http=connections.guarded_h11(header_timeout_s, connection_limits[0]),
+        backlog=connection_limits[1],
         timeout_keep_alive=5,
         timeout_graceful_shutdown=shutdown_grace_s + 2,  # the replies cut off at the grace send their error event
     )
@@ -185,7 +190,7 @@ def serve(
         api_key,
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
     )
-    max_connections = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
+    max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
 
@@ -213,7 +218,7 @@ def serve(
         access=access,
     )
     _announce(name, host, sock, api_key)
-    server = _server(app, log_level, shutdown_grace_s, header_timeout_s, max_connections)
+    server = _server(app, log_level, shutdown_grace_s, header_timeout_s, (max_connections, backlog))
     server.run(sockets=[sock])
     state = app.state
     if state.status == "failed":

@@ -226,11 +226,20 @@ def test_cors_only_for_the_named_origins(reference):
         assert client.get("/health", headers={"host": "evil.example"}).status_code == 403
 
 
-def test_cli_rejects_a_malformed_cors_origin(int4_folder):
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (("--cors-origin", "app.example.com"), "--cors-origin"),
+        (("--max-connections", "0"), "--max-connections"),
+        (("--max-connections", "100000000"), "--max-connections"),
+        (("--shutdown-grace", "-1"), "--shutdown-grace"),
+        (("--header-timeout", "0"), "--header-timeout"),
+    ],
+)
+def test_cli_rejects_bad_limits_in_one_line(int4_folder, flags, needle):
     from tests.test_errors import assert_user_error, run_cli
 
-    r = run_cli("serve", int4_folder, "--cors-origin", "app.example.com", "--port", "0")
-    assert_user_error(r, "--cors-origin")
+    assert_user_error(run_cli("serve", int4_folder, *flags, "--port", "0"), needle)
 
 
 # ---- slow clients ------------------------------------------------------------------------------

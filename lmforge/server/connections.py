@@ -176,7 +176,8 @@ def descriptor_budget(nofile: int, max_connections: int | None) -> tuple[int, in
     connections per loop tick before any of them can be closed, and a few ticks pass before an
     evicted one gives its descriptor back, so both count; 64 stay for the model, threads, pipes."""
     backlog = max(8, min(128, nofile // 32))
-    return max_connections or max(8, min(4096, nofile - 4 * backlog - 64)), backlog
+    default = max(8, min(4096, nofile - 4 * backlog - 64))
+    return (default if max_connections is None else max_connections), backlog
 
 
 def open_files_limit() -> int:

@@ -1,21 +1,48 @@
-"""Chat templates: the model's own Jinja template, rendered in Jinja's immutable sandbox.
+"""Chat templates: the model's own Jinja template, rendered in Jinja's immutable sandbox, bounded.
 
 Templates come from checkpoints people download; the sandbox refuses attribute access that
 could reach Python internals (`__class__`, `__globals__`, ...), so a hostile template fails
-with a one-line error instead of running code.
+with a one-line error instead of running code. The sandbox here also bounds what a render may
+cost: every string, list and number the template makes is measured before (or as) it is made
+against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments),
+and a trace on the rendering thread stops it at its deadline. Over a limit is a ChatTemplateError.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import string
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import ChatTemplateError
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """What one render may cost. Real chat templates use a tiny fraction of each."""
+
+    timeout_s: float = 1.0  # wall clock for the whole render
+    max_size: int = 4_000_000  # characters of one string, items of one list (and the output)
+    max_total: int = 40_000_000  # characters and items of everything the render makes, summed
+    max_argument: int = 100_000  # any integer passed to a call or filter (widths, counts, ...)
+    max_int_bits: int = 1 << 16  # the size of an integer the template computes
+
+
+RENDER_LIMITS = RenderLimits()
+_WIDTH = re.compile(r"\d+")
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
 
 
 def _raise_exception(message):
@@ -27,19 +54,240 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators)
 
 
+_current = threading.local()  # .budget: the _Budget of the render running on this thread
+
+
+def _budget() -> _Budget:
+    budget = getattr(_current, "budget", None)
+    return budget if budget is not None else _Budget(RENDER_LIMITS)  # outside render(): the default limits
+
+
+def _size(value) -> int:
+    """What `value` counts against the limits: characters or items (a large int by its words)."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() // 64
+    return 0
+
+
+class _Budget:
+    """One render's account: its deadline and what it has made so far."""
+
+    def __init__(self, limits: RenderLimits):
+        self.limits, self.made = limits, 0
+        self.deadline = time.monotonic() + limits.timeout_s
+
+    def over(self, what: str, limit) -> ChatTemplateError:
+        return ChatTemplateError(
+            f"chat template went over its limit ({what}; the limit is {limit}); it is broken or hostile: "
+            "use a trusted template"
+        )
+
+    def clock(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError(
+                f"chat template took more than {self.limits.timeout_s:g} s to render; it is broken or hostile: "
+                "use a trusted template"
+            )
+
+    def charge(self, n: int, what: str = "a value") -> None:
+        """Count `n` characters or items about to be made (or just made)."""
+        if n > self.limits.max_size:
+            raise self.over(f"{what} of {n:,} characters or items", f"{self.limits.max_size:,}")
+        self.made += n
+        if self.made > self.limits.max_total:
+            raise self.over("everything it made adds up to more", f"{self.limits.max_total:,}")
+        self.clock()
+
+    def arguments(self, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.limits.max_argument:
+                raise self.over(f"an argument of {a:,}", f"{self.limits.max_argument:,}")
+
+    def ints(self, bits: int) -> None:
+        if bits > self.limits.max_int_bits:
+            raise self.over(f"an integer of about {bits:,} bits", f"{self.limits.max_int_bits:,} bits")
+
+    def trace(self, frame, event, arg):
+        """sys.settrace hook of the rendering thread: every template line and call checks the clock."""
+        self.clock()
+        return self.trace if frame.f_code.co_filename == "<template>" else None
+
+
+def _format_widths(fmt: str) -> int:
+    """The characters str.format's field widths and precisions in `fmt` can make (one field each)."""
+    total = 0
+    for _, field, spec, _ in string.Formatter().parse(fmt):
+        if field is not None and spec:
+            total += sum(int(w) for w in _WIDTH.findall(spec))
+    return total
+
+
+def _percent_widths(fmt: str) -> int:
+    """The same for printf-style `fmt % args`."""
+    return sum(int(w or 0) + int(p or 0) for w, p in _PERCENT_SPEC.findall(fmt))
+
+
+def _joined_size(separator, items) -> int:
+    if not isinstance(separator, str) or not isinstance(items, (list, tuple, str)):
+        return 0
+    return len(separator) * len(items) + sum(len(x) for x in items if isinstance(x, str))
+
+
+def _expected_size(name: str, target, args) -> int:
+    """A bound on what the str method or filter `name` makes from `target` and `args`, for the
+    ones that can make far more than they are given (0: nothing to check beforehand)."""
+    if name == "join" and args:  # str.join(items) or items|join(separator)
+        return _joined_size(target, args[0]) if isinstance(target, str) else _joined_size(args[0], target)
+    if name == "sum" and isinstance(target, (list, tuple)):  # sum of lists copies as it goes: quadratic
+        return len(target) * sum(len(x) for x in target if isinstance(x, (list, tuple, str))) // 2
+    if not isinstance(target, str):
+        return 0
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        return len(target) + (len(target) // max(len(args[0]), 1) + 1) * len(args[1])
+    if name == "expandtabs" and args and isinstance(args[0], int):
+        return len(target) + target.count("\t") * args[0]
+    if name == "indent" and args and isinstance(args[0], int):
+        return len(target) + (target.count("\n") + 1) * args[0]
+    if name in ("format", "format_map"):
+        return len(target) + _format_widths(target)
+    return 0
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, failing at the first unsafe attribute instead of yielding an
-    Undefined that renders as an empty string."""
+    Undefined that renders as an empty string, and holding each render to its `_Budget`."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.code_generator_class = _BoundedCodeGenerator
 
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to {attribute!r} of a {type(obj).__name__} is not allowed")
+
+    def call_binop(self, context, op, left, right):
+        budget = _budget()
+        ints = isinstance(left, int) and isinstance(right, int)
+        if op == "*" and ints:
+            budget.ints(left.bit_length() + right.bit_length())
+        elif op == "*":
+            seq, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(times, int) and hasattr(seq, "__len__"):
+                budget.charge(len(seq) * max(times, 0), "a repeated string or list")
+        elif op == "**" and ints and right > 1 and abs(left) > 1:
+            budget.ints(left.bit_length() * right)
+        elif op == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
+            budget.charge(len(left) + len(right), "a joined string or list")
+        elif op == "%" and isinstance(left, str):
+            budget.charge(len(left) + _percent_widths(left), "a formatted string")
+        result = super().call_binop(context, op, left, right)
+        if isinstance(result, int) and not isinstance(result, bool):
+            budget.ints(result.bit_length())
+        return result
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        budget = _budget()
+        budget.arguments(args, kwargs)
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        expected = _expected_size(getattr(method, "__name__", ""), getattr(method, "__self__", None), args)
+        if expected:
+            budget.charge(expected, f"the result of {__obj.__name__}()")
+        result = super().call(__context, __obj, *args, **kwargs)
+        budget.charge(_size(result), "a call's result")
+        return result
+
+    def getslice(self, obj, start, stop, step):  # obj[start:stop:step]
+        result = obj[start:stop:step]
+        _budget().charge(_size(result), "a slice")
+        return result
+
+    def concat(self, parts) -> str:  # block sets, macros and call blocks join their output here
+        return self.join_strings(list(parts))
+
+    def join_strings(self, parts) -> str:  # the `~` operator
+        parts = [p if isinstance(p, str) else str(p) for p in parts]
+        _budget().charge(sum(map(len, parts)), "a joined string")
+        return "".join(parts)
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator with `a ~ b` and slices routed through the environment
+    (`join_strings`, `getslice`), where they are counted."""
+
+    def visit_Getitem(self, node, frame) -> None:
+        if not isinstance(node.arg, nodes.Slice):
+            return super().visit_Getitem(node, frame)
+        self.write("environment.getslice(")
+        self.visit(node.node, frame)
+        for part in (node.arg.start, node.arg.stop, node.arg.step):
+            self.write(", ")
+            if part is None:
+                self.write("None")
+            else:
+                self.visit(part, frame)
+        self.write(")")
+        return None
+
+    def visit_Concat(self, node, frame) -> None:
+        if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
+            return super().visit_Concat(node, frame)
+        self.write("environment.join_strings((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+        return None
+
+
+def _bounded_filter(name: str, fn):
+    """The filter `fn` held to the render's budget: integer arguments capped, its result counted (and for
+    the filters that can multiply their input, a bound checked before it runs)."""
+
+    def bounded(*args, **kwargs):
+        budget = _budget()
+        plain = args[1:] if passes_context else args  # Jinja's context or environment comes first
+        budget.arguments(plain[1:], kwargs)
+        target, rest = (plain[0], plain[1:]) if plain else (None, [])
+        expected = _expected_size(name, target, rest)
+        if name == "format" and isinstance(target, str):
+            expected = len(target) + _percent_widths(target)
+        if expected:
+            budget.charge(expected, f"the result of |{name}")
+        result = fn(*args, **kwargs)
+        budget.charge(_size(result), f"the result of |{name}")
+        return result
+
+    passes_context = hasattr(fn, "jinja_pass_arg")
+    if passes_context:  # pass_context / pass_environment / pass_eval_context
+        bounded.jinja_pass_arg = fn.jinja_pass_arg
+    return bounded
+
+
+def _lipsum(lipsum):
+    def bounded(n=5, html=True, min=20, max=100):  # noqa: A002 - Jinja's argument names
+        _budget().arguments((n, min, max), {})
+        _budget().charge(n * max * 12 if n > 0 and max > 0 else 0, "lipsum text")
+        return lipsum(n, html, min, max)
+
+    return bounded
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    """`template` compiled in a bounded sandbox (the few templates a process uses stay compiled)."""
+    return _environment().from_string(template)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(name, fn) for name, fn in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["lipsum"] = _lipsum(env.globals["lipsum"])
     return env
 
 
@@ -50,33 +298,44 @@ def render(
     bos_token: str = "",
     eos_token: str = "",
     tools: list[dict] | None = None,
+    limits: RenderLimits = RENDER_LIMITS,
     **extra,
 ) -> str:
-    """Render `messages` with a Jinja chat `template` in the sandbox.
+    """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`.
 
     Args: the template text; OpenAI-style messages; whether to open the assistant's turn;
-    the model's BOS/EOS token strings; optional tool definitions; extra template variables.
-    Returns the prompt text (special tokens as text: encode it with parse_special=True).
-    """
-    env = _environment()
+    the model's BOS/EOS token strings; optional tool definitions; what the render may cost;
+    extra template variables. Returns the prompt text (special tokens as text: encode it with
+    parse_special=True). Raises ChatTemplateError for a broken or hostile template, or one over
+    its limits."""
+    budget = _Budget(limits)
+    tracer, outer = sys.gettrace(), getattr(_current, "budget", None)
     try:
-        compiled = env.from_string(template)
-        return compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            tools=tools,
-            **extra,
-        )
+        compiled = _compile(template)
+        _current.budget = budget
+        sys.settrace(budget.trace)  # this thread only: the template's loops check the clock
+        variables = dict(add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+        out, size = [], 0
+        for piece in compiled.generate(messages=messages, tools=tools, **variables, **extra):
+            budget.charge(len(piece), "an output piece")
+            size += len(piece)
+            if size > limits.max_size:
+                raise budget.over(f"an output of over {size:,} characters", f"{limits.max_size:,}")
+            out.append(piece)
+        return "".join(out)
     except SecurityError as e:
         raise ChatTemplateError(f"chat template tried to leave the sandbox ({e}); use a trusted template") from None
     except ChatTemplateError:
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template is broken ({e.__class__.__name__}: {e}); fix or replace it") from None
+    except MemoryError:
+        raise budget.over("memory ran out", "what this machine has") from None
     except Exception as e:  # a template's own runtime errors (None + str, huge ranges, ...)
         raise ChatTemplateError(f"chat template failed on these messages ({e.__class__.__name__}: {e})") from None
+    finally:
+        sys.settrace(tracer)
+        _current.budget = outer
 
 
 def template_from_folder(folder: Path) -> str | None:

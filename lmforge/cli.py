@@ -361,6 +361,11 @@ def cmd_serve(args) -> int:
         target=args.target,
         threads=args.threads,
         name=args.name,
+        allowed_hosts=tuple(args.allowed_host),
+        cors_origins=tuple(args.cors_origin),
+        shutdown_grace_s=args.shutdown_grace,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
     )
     return 0
 
@@ -583,6 +588,42 @@ def _serve_parser(sub) -> None:
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     p.add_argument("--name", help="the model id clients send (default: MODEL's name)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept requests whose Host is NAME (repeatable; '*' for any); the loopback names, the --host name "
+        "and IP addresses are always accepted: other names are refused against DNS rebinding",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (http://host[:port], repeatable, '*' for any) call the API (CORS); "
+        "default: no cross-site calls",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/Ctrl-C, seconds running replies get to finish before they end with an error event "
+        "(default: 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections open at once; more are closed (default: from the open-file limit)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers before it is disconnected (default: 10)",
+    )
     p.set_defaults(func=cmd_serve)
 
 

@@ -92,7 +92,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        # below 1e-6 the draw is the argmax anyway, and logits / 1e-320 would overflow to inf
+        return self.temperature < 1e-6
 
     @property
     def constraint(self) -> tuple[str, str] | None:
@@ -125,7 +126,8 @@ def _biases(bias) -> tuple[tuple[int, float], ...]:
         raise SamplingError("logit_bias", 'logit_bias must map token ids to biases, e.g. {"2": -100}') from None
     out = []
     for token, value in pairs:
-        token = int(token) if isinstance(token, str) and token.isdigit() else token
+        # ASCII digits only: "²".isdigit() is true but int() refuses it, and int("٣") is 3
+        token = int(token) if isinstance(token, str) and token.isascii() and token.isdigit() else token
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
             raise SamplingError("logit_bias", f"logit_bias key {token!r} is not a token id")
         value = _num(value, "logit_bias")

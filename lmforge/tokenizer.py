@@ -46,6 +46,19 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 
+def check_unicode(text: str) -> None:
+    """TokenizerError when `text` holds a lone UTF-16 surrogate (from JSON's "\\ud800" or an
+    undecodable command-line byte): such text has no UTF-8 form to tokenize."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(
+                f"the text holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
+                "valid Unicode; send UTF-8 text"
+            ) from None
+
+
 def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:
     """Control and user-defined tokens: llama.cpp splits user-defined ones out of any text and
     control ones only when special tokens are parsed; `special=True` mirrors that."""
@@ -186,7 +199,9 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
-        """Token ids of `text`; `add_special` prepends BOS when the model wants it."""
+        """Token ids of `text`; `add_special` prepends BOS when the model wants it. Raises
+        TokenizerError for text that is not valid Unicode (a lone UTF-16 surrogate)."""
+        check_unicode(text)
         self.hf.encode_special_tokens = not parse_special
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos:

@@ -66,3 +66,86 @@ def test_sandbox_escapes_fail_and_execute_nothing(template, tmp_path, monkeypatc
     with pytest.raises(ChatTemplateError, match="sandbox"):
         render(template, [{"role": "user", "content": "hi"}])
     assert not (tmp_path / "CANARY").exists()
+
+
+# ---- limits: a template's render is bounded in time and memory ---------------------------------
+
+NS = "{% set ns = namespace(s='ab', x=[]) %}"
+HOSTILE = {  # each would run for minutes or take gigabytes without the limits
+    "string times 2e9": "{{ 'a' * 2000000000 }}",
+    "list times 1e9": "{{ ([1] * 10**9)|length }}",
+    "lipsum n=1e7": "{{ lipsum(n=10**7) }}",
+    "lipsum long paragraphs": "{{ lipsum(n=10000, min=1000, max=1000) }}",
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops writing": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "range 1e9": "{{ range(10**9)|list|length }}",
+    "doubling with ~": NS + "{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling with +": NS + "{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "doubling in a block set": NS + "{% for i in range(60) %}{% set t %}{{ ns.s }}{{ ns.s }}{% endset %}"
+    "{% set ns.s = t %}{% endfor %}",
+    "doubling in a macro": "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}"
+    + NS
+    + "{% for i in range(60) %}{% set ns.s = d(ns.s) %}{% endfor %}",
+    "slices piling up": "{% set s = 'a' * 4000000 %}" + NS + "{% for i in range(99999) %}"
+    "{% set ns.x = ns.x + [s[i:]] %}{% endfor %}",
+    "str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "format fields": "{{ ('{:>90000}' * 2000).format(*range(2000)) }}",
+    "percent width": "{{ '%0999999999d' % 1 }}",
+    "format filter width": "{{ '%0999999999d'|format(1) }}",
+    "ljust": "{{ 'x'.ljust(10**9) }}",
+    "center filter": "{{ 'x'|center(10**9) }}",
+    "indent filter": "{{ ('\n' * 90000)|indent(90000)|length }}",
+    "expandtabs": "{{ ('\t' * 90000).expandtabs(90000)|length }}",
+    "big power": "{{ 10**(10**8) }}",
+    "squaring loop": "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+    "replace on empty": "{% set ns = namespace(s='a' * 1000) %}{% for i in range(9) %}"
+    "{% set ns.s = ns.s.replace('', ns.s) %}{% endfor %}",
+    "join a string with itself": "{% set s = 'a' * 100000 %}{{ (s|list)|join(s)|length }}",
+    "sum of lists": "{{ ([[1] * 1000] * 1000)|sum(start=[])|length }}",
+    "tojson indent": "{{ messages|tojson(indent=10**6) }}",
+    "recursive macro": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_template_stops_within_its_limits(template):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ChatTemplateError, match="limit|to render|failed on these messages") as e:
+            render(template, CONVERSATIONS[0])
+        took = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(e.value)
+    assert took < 2.0, took
+    assert peak < 256 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+ORDINARY = [  # templates within the limits render exactly as Jinja's own sandbox renders them
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{{ bos_token }}{% for m in messages %}{{ (m.role ~ ': ' ~ m.content)|trim|indent(2) }}{{ '%-8s|' % m.role }}"
+    "{{ '{:>6}'.format(loop.index) }}{{ m.content[:5] }}{{ m.content[::-1] }}{% endfor %}{{ eos_token * 3 }}",
+    "{% set ns = namespace(parts=[]) %}{% for m in messages %}{% set ns.parts = ns.parts + [m.content|upper] %}"
+    "{% endfor %}{{ ns.parts|join(' / ') }}{{ messages|length }}{{ messages[0]|dictsort }}"
+    "{{ range(5)|sum }}{{ 2 ** 10 }}"
+    "{{ ['a', 'b']|map('upper')|list }}",
+]
+
+
+@pytest.mark.parametrize("template", ORDINARY)
+def test_ordinary_templates_render_as_jinja_does(template):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for conversation in CONVERSATIONS:
+        got = render(template, conversation, bos_token="<s>", eos_token="</s>")
+        want = env.from_string(template).render(
+            messages=conversation, add_generation_prompt=True, bos_token="<s>", eos_token="</s>", tools=None
+        )
+        assert got == want

@@ -9,6 +9,7 @@ background: /health answers 503 until it is ready. No route reads a file the cli
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -21,12 +22,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.errors import ChatTemplateError, LmforgeError
+from lmforge.errors import ChatTemplateError, LmforgeError, TokenizerError
 from lmforge.generate import ContextLengthError, fit_to_context
 from lmforge.sampling import SamplingParams
 from lmforge.server import protocol as P
 from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialScheduler
-from lmforge.server.guard import Guard
+from lmforge.server.guard import Access, Guard
 from lmforge.server.metrics import Metrics
 from lmforge.server.streaming import SSE_HEADERS, deltas, event_stream
 from lmforge.tools import ToolError
@@ -42,6 +43,7 @@ class Limits:
     max_tokens_limit: int = 2048
     max_body_bytes: int = 1 << 20
     max_queue: int = 256
+    body_timeout_s: float = 30.0  # for each piece of a request body to arrive
 
 
 @dataclass
@@ -57,6 +59,10 @@ class ServerState:
     scheduler: Scheduler | None = None
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    draining: float | None = None  # set at shutdown: when (time.monotonic()) running replies are cut off
+
+    def drain_deadline(self) -> float | None:
+        return self.draining
 
     def ready(self):
         if self.status == "loading":
@@ -153,11 +159,11 @@ async def _reply(state: ServerState, request: Request, req, prepared):
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            event_stream(base, fmt, deltas(handle, events, request), usage),
+            event_stream(base, fmt, deltas(handle, events, request, state.drain_deadline), usage),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    got = [d async for d in deltas(handle, events, request)]
+    got = [d async for d in deltas(handle, events, request, state.drain_deadline)]
     if not got or got[-1].finish_reason is None:
         return Response(status_code=499)  # the client left; nobody reads this
     text, infos, last = P.merge(got)
@@ -188,7 +194,7 @@ def _chat_request(state: ServerState, req: P.ChatRequest):
             ids = model.prompt_ids(messages=plan.messages, tools=plan.template_tools)
         else:
             ids = model.prompt_ids(messages=messages)
-    except ChatTemplateError as e:
+    except (ChatTemplateError, TokenizerError) as e:
         raise P.ApiError(400, str(e), param="messages") from None
     except ToolError as e:
         raise P.ApiError(400, str(e), param=e.param) from None
@@ -241,10 +247,13 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     on_load_error: Callable[[str], None] | None = None,
+    access: Access | None = None,
 ) -> Guard:
     """The ASGI app serving the model `load_model()` returns (called in a background thread at
     startup) under the id `name`: the FastAPI routes behind the `Guard` middleware.
-    `on_load_error(message)` is told when loading fails; `app.state` is the ServerState."""
+    `on_load_error(message)` is told when loading fails; `app.state` is the ServerState;
+    `access`: the Host names and CORS origins browsers may use (default: any Host, no CORS;
+    `serve` passes the loopback names)."""
     state = ServerState(name=name, limits=limits or Limits(), api_key=api_key)
 
     def load() -> None:
@@ -272,7 +281,7 @@ def create_app(
     _error_handlers(app)
     _info_routes(app, state)
     _generation_routes(app, state)
-    return Guard(app, state)
+    return Guard(app, state, access)
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -286,6 +295,10 @@ def _error_handlers(app: FastAPI) -> None:
             P.ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).body(),
             status_code=e.status_code,
         )
+
+    @app.exception_handler(TokenizerError)
+    async def tokenizer_error(request, e: TokenizerError):
+        return JSONResponse(P.ApiError(400, str(e), code="invalid_value").body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
@@ -326,7 +339,8 @@ def _info_routes(app: FastAPI, state: ServerState) -> None:
     async def tokenize(request: Request):
         model = state.ready()
         req = P.parse(P.TokenizeRequest, await request.body())
-        ids = model.tokenizer.encode(req.content, add_special=req.add_special)
+        encode = functools.partial(model.tokenizer.encode, req.content, add_special=req.add_special)
+        ids = await asyncio.get_running_loop().run_in_executor(None, encode)  # a megabyte takes a while
         return {"tokens": ids, "count": len(ids)}
 
     @app.post("/detokenize")
@@ -348,11 +362,18 @@ def _generation_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _generation_route(state: ServerState, schema, prepare):
+    def parse_and_prepare(body: bytes):
+        req = P.parse(schema, body)
+        state.check_model(req.model)
+        return req, prepare(state, req)
+
     async def route(request: Request):
         state.ready()
-        req = P.parse(schema, await request.body())
-        state.check_model(req.model)
-        return await _reply(state, request, req, prepare(state, req))
+        # the chat template, the tokenizer and a large body's JSON run off the event loop: /health
+        # and the running streams keep going while they work (a template is bounded by chat.RenderLimits)
+        body = await request.body()
+        req, prepared = await asyncio.get_running_loop().run_in_executor(None, parse_and_prepare, body)
+        return await _reply(state, request, req, prepared)
 
     return route
 

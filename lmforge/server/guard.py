@@ -1,9 +1,15 @@
-"""Pure ASGI middleware in front of the routes: the API key, the body-size limit, request metrics."""
+"""Pure ASGI middleware in front of the routes: who may call (the Host allow-list against DNS
+rebinding, cross-site browser requests, CORS), the API key, draining at shutdown, the JSON body
+(its type, size and read timeout), request metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from lmforge.server import protocol as P
 
@@ -18,6 +24,41 @@ ENDPOINTS = (
     "/v1/chat/completions",
     "/v1/completions",
 )  # metric labels; anything else counts as "other"
+LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call from a browser. `allowed_hosts`: the names a request's Host header may carry
+    (None: any; an IP address is always fine, since DNS rebinding needs a name; "*": any);
+    `cors_origins`: the web origins (scheme://host[:port], or "*") that may call cross-site."""
+
+    allowed_hosts: tuple[str, ...] | None = None
+    cors_origins: tuple[str, ...] = ()
+
+    def host_allowed(self, host: str) -> bool:
+        if self.allowed_hosts is None or "*" in self.allowed_hosts or not host:
+            return True  # no Host at all: HTTP/1.0, which no browser sends
+        name = _host_name(host)
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.allowed_hosts
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """A browser's Origin: the server's own page, or one of `cors_origins`."""
+        if urlsplit(origin).netloc.lower() == host.lower():
+            return True
+        return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+
+
+def _host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
 
 
 async def _send_error(send, err: P.ApiError) -> None:
@@ -33,11 +74,25 @@ async def _send_error(send, err: P.ApiError) -> None:
 
 
 class Guard:
-    """Pure ASGI middleware: API key on protected routes (constant-time compare), the body-size
-    limit (read before any route sees it), and requests counted by endpoint and status."""
+    """Pure ASGI middleware: the Host allow-list and cross-site browser requests (403), CORS for
+    the origins `access` names (Starlette's CORSMiddleware), 503 while draining, the API key on
+    protected routes (constant-time compare), JSON bodies only on POST (415), the body-size limit
+    and read timeout (413, 408; read before any route sees it), and requests counted by endpoint
+    and status."""
 
-    def __init__(self, app, state):  # state: the app's ServerState (api_key, limits, metrics)
-        self.app, self.state = app, state
+    def __init__(self, app, state, access: Access | None = None):  # state: the app's ServerState
+        self.app, self.state, self.access = app, state, access or Access()
+        self.checked = self._checked
+        if self.access.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            self.checked = CORSMiddleware(
+                self._checked,
+                allow_origins=list(self.access.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+                max_age=600,
+            )
 
     def authorized(self, scope) -> bool:
         key = self.state.api_key
@@ -45,6 +100,27 @@ class Guard:
             return True
         given = dict(scope["headers"]).get(b"authorization", b"")
         return hmac.compare_digest(given, b"Bearer " + key.encode())
+
+    def refusal(self, scope) -> P.ApiError | None:
+        """Why a request may not go on before its body is read, or None."""
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.access.host_allowed(host):
+            return P.ApiError(
+                403,
+                f"the Host {host!r} is not allowed; start the server with --allowed-host {_host_name(host)} "
+                "to accept it",
+                code="host_not_allowed",
+            )
+        origin = headers.get(b"origin")
+        if origin is not None and not self.access.origin_allowed(origin.decode("latin-1"), host):
+            return P.ApiError(
+                403,
+                f"cross-site requests from {origin.decode('latin-1')!r} are not allowed; "
+                "start the server with --cors-origin ORIGIN to allow one",
+                code="origin_not_allowed",
+            )
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,44 +133,61 @@ class Guard:
             await send(message)
 
         try:
-            if not self.authorized(scope):
-                return await _send_error(
-                    send_status,
-                    P.ApiError(
-                        401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
-                    ),
-                )
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(scope, receive)
-                if body is None:
-                    return await _send_error(
-                        send_status,
-                        P.ApiError(
-                            413,
-                            f"the request body exceeds {self.state.limits.max_body_bytes} bytes",
-                            code="request_too_large",
-                        ),
-                    )
-                receive = _replay(body, receive)
-            await self.app(scope, receive, send_status)
+            refused = self.refusal(scope)
+            if refused is not None:
+                return await _send_error(send_status, refused)
+            await self.checked(scope, receive, send_status)
         finally:
             path = scope["path"]
             self.state.metrics.request(path if path in ENDPOINTS else "other", status[0])
 
-    async def _read_body(self, scope, receive) -> bytes | None:
-        limit = self.state.limits.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            return None
+    async def _checked(self, scope, receive, send):
+        if self.state.draining is not None:
+            return await _send_error(
+                send, P.ApiError(503, "the server is shutting down; retry elsewhere", "server_error", code="draining")
+            )
+        if not self.authorized(scope):
+            return await _send_error(
+                send,
+                P.ApiError(
+                    401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+                ),
+            )
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(scope, receive)
+            if isinstance(body, P.ApiError):
+                return await _send_error(send, body)
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, scope, receive) -> bytes | P.ApiError:
+        limits = self.state.limits
+        headers = dict(scope["headers"])
+        too_large = P.ApiError(413, f"the request body exceeds {limits.max_body_bytes} bytes", code="request_too_large")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limits.max_body_bytes:
+            return too_large
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if kind != b"application/json":
+            return P.ApiError(
+                415,
+                f"send the body as JSON with 'Content-Type: application/json' (got {kind.decode('latin-1')!r})",
+                code="unsupported_media_type",
+            )
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                return P.ApiError(
+                    408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="request_timeout"
+                )
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                return None
+            if size > limits.max_body_bytes:
+                return too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -245,14 +245,55 @@ def _param(loc: tuple, data) -> str | None:
     return ".".join(parts) or None
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _lone_surrogate(data) -> str | None:
+    """The dotted path of the first string (key or value) in `data` holding a lone UTF-16
+    surrogate, which JSON's \\uXXXX escapes can spell but UTF-8 cannot; None when there is none."""
+    todo = [((), data)]
+    while todo:
+        path, node = todo.pop()
+        if isinstance(node, dict):
+            items = list(node.items())
+            if any(not _utf8(k) for k, _ in items):
+                return ".".join(path) or "(a key)"
+            todo += [((*path, k), v) for k, v in reversed(items)]
+        elif isinstance(node, list):
+            todo += [((*path, str(i)), v) for i, v in reversed(list(enumerate(node)))]
+        elif isinstance(node, str) and not _utf8(node):
+            return ".".join(path)
+    return None
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse(model: type[BaseModel], raw: bytes):
     """Decode and validate a JSON body; ApiError 400 with the first problem otherwise."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        data = json.loads(raw, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    bad = _lone_surrogate(data)
+    if bad is not None:
+        raise ApiError(
+            400,
+            f"invalid '{bad}': it holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+            "send valid Unicode",
+            param=bad,
+            code="invalid_value",
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:

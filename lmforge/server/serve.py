@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import sys
+import time
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -57,6 +59,81 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _announce(name: str, host: str, sock: socket.socket, api_key: str | None) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not _is_loopback(host) and api_key is None:
+        log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
+
+
+def _connection_limits(
+    max_connections: int | None, shutdown_grace_s: float, header_timeout_s: float
+) -> tuple[int, int]:
+    """(--max-connections as given or from the open-file limit, raised to its hard limit first;
+    the accept backlog); a user error for limits that make no sense."""
+    from lmforge.server.connections import descriptor_budget, open_files_limit
+
+    nofile = open_files_limit()
+    max_connections, backlog = descriptor_budget(nofile, max_connections)
+    most = nofile - 4 * backlog - 32
+    if not 1 <= max_connections <= most:
+        raise LmforgeError(f"--max-connections must be in 1..{most} (the open-file limit is {nofile})")
+    if shutdown_grace_s < 0 or header_timeout_s <= 0:
+        raise LmforgeError("--shutdown-grace must be >= 0 and --header-timeout > 0")
+    return max_connections, backlog
+
+
+def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: float, connection_limits: tuple[int, int]):
+    """uvicorn for `app` with the connection limits ((max connections, accept backlog)), the drain
+    at SIGTERM and rate-limited logs."""
+    import uvicorn
+
+    from lmforge.server import connections
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        http=connections.guarded_h11(header_timeout_s, connection_limits[0]),
+        backlog=connection_limits[1],
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=shutdown_grace_s + 2,  # the replies cut off at the grace send their error event
+    )
+    connections.limit_logs()
+
+    def drain() -> None:
+        app.state.draining = time.monotonic() + shutdown_grace_s
+        print(f"lmforge: shutting down; running replies get up to {shutdown_grace_s:g} s", file=sys.stderr, flush=True)
+
+    return connections.DrainingServer(config, drain)
+
+
+def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...]):
+    """The Host names browsers may use (the loopback names, `host` when it is a name, and
+    `allowed_hosts`) and the CORS origins; a user error for a malformed origin."""
+    from lmforge.server.guard import LOOPBACK_NAMES, Access
+
+    for origin in cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
+            raise LmforgeError(f"--cors-origin {origin!r} is not an origin; write it as http://host[:port]")
+    names = {*LOOPBACK_NAMES, *(h.strip().lower().rstrip(".") for h in allowed_hosts)}
+    if not _is_address(host):
+        names.add(host.lower())
+    return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
     if engine not in ("auto", *ENGINES):
@@ -84,14 +161,21 @@ def serve(
     name: str | None = None,
     max_body_bytes: int = 1 << 20,
     log_level: str = "warning",
+    allowed_hosts: tuple[str, ...] = (),
+    cors_origins: tuple[str, ...] = (),
+    shutdown_grace_s: float = 10.0,
+    max_connections: int | None = None,
+    header_timeout_s: float = 10.0,
 ) -> None:
-    """Serve MODEL with the OpenAI API on host:port until interrupted.
+    """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
-    Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
-    unless told otherwise); the API key every /v1 route then needs; the decode batch size; the
-    cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target; threads; the model id
-    clients use (default: MODEL's name). Raises LmforgeError for bad arguments, a model that does
-    not exist or does not load."""
+    Args, as `lmforge serve`'s flags: the model (known name, HF folder, .gguf file, ONNX folder);
+    where to listen; the API key; the decode batch; the max_tokens cap; engine auto|ort|llamacpp;
+    device; conversion target; threads; the model id clients use (default: MODEL's name); the
+    body size limit; uvicorn's log level; Host names to accept besides the loopback names and
+    `host`; CORS origins; seconds running replies get at shutdown; connections open at once
+    (default: from the open-file limit); seconds a client has to send its headers. Raises
+    LmforgeError for bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -106,6 +190,8 @@ def serve(
         api_key,
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
     )
+    max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
+    access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
 
     path = resolve(model)  # a missing model (or one the engine cannot run) fails now, before the socket opens
@@ -131,17 +217,10 @@ def serve(
         api_key,
         Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
         on_load_error=stop,
+        access=access,
     )
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"lmforge: serving {name} on http://{shown}:{sock.getsockname()[1]} (chat page at /); loading the model",
-        file=sys.stderr,
-        flush=True,
-    )
-    if not _is_loopback(host) and api_key is None:
-        log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it")
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, access_log=False)
-    server = uvicorn.Server(config)
+    _announce(name, host, sock, api_key)
+    server = _server(app, log_level, shutdown_grace_s, header_timeout_s, (max_connections, backlog))
     server.run(sockets=[sock])
     state = app.state
     if state.status == "failed":

@@ -18,13 +18,24 @@ POLL_DISCONNECT_S = 1.0  # how often a request checks whether its client left (s
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def deltas(handle: Handle, events: asyncio.Queue, request: Request):
+def _no_deadline() -> float | None:
+    return None
+
+
+async def deltas(handle: Handle, events: asyncio.Queue, request: Request, deadline=_no_deadline):
     """The handle's deltas as they come; cancels the sequence when the client leaves (or when
-    the consumer stops early: a streaming response cancelled by a disconnect ends up here)."""
+    the consumer stops early: a streaming response cancelled by a disconnect ends up here).
+    `deadline()`: None, or the time.monotonic() at which the server, shutting down, cuts the
+    reply off with a 503 ApiError (a stream's error event)."""
     getter = None
     checked = time.monotonic()
     try:
         while True:
+            cutoff = deadline()
+            if cutoff is not None and time.monotonic() > cutoff:
+                raise P.ApiError(
+                    503, "the server shut down before this reply finished", "server_error", code="server_shutdown"
+                )
             if getter is None and not events.empty():  # the common case under load: no task, no wait
                 item = events.get_nowait()
                 if time.monotonic() - checked > POLL_DISCONNECT_S:

@@ -97,3 +97,19 @@ def test_cuda_without_onnxruntime_gpu(tiny_llama, tmp_path):
         pytest.skip("this machine has the CUDA provider")
     out = convert(tiny_llama, tmp_path / "m", progress=False)
     assert_user_error(run_cli("run", out, "-p", "hi", "--device", "cuda"), "pip install onnxruntime-gpu")
+
+
+def test_tokenizer_longer_than_the_embedding(tiny_llama, tmp_path):
+    """A tokenizer with ids past the embedding's rows (another model's tokenizer) is refused before
+    anything is written: llama.cpp would refuse the file when loading it."""
+    import json
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    rows = json.loads((src / "config.json").read_text())["vocab_size"]
+    tok = json.loads((src / "tokenizer.json").read_text())
+    extra = {"content": "<|extra|>", "single_word": False, "lstrip": False, "rstrip": False}
+    tok["added_tokens"].append({"id": rows + 3, **extra, "normalized": False, "special": True})
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    assert_user_error(run_cli("convert", src, "-o", tmp_path / "m.gguf", "--gguf", "f32"), "does not belong")
+    assert not (tmp_path / "m.gguf").exists()

@@ -110,8 +110,12 @@ def _vocab_list(tj: dict, n_vocab: int) -> tuple[list[str], dict[int, dict]]:
         by_id.update({i: p for i, (p, _) in enumerate(vocab)})
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     by_id.update({i: a["content"] for i, a in added.items()})
-    size = max(n_vocab, max(by_id) + 1)
-    return [by_id.get(i, f"[PAD{i}]") for i in range(size)], added
+    if by_id and max(by_id) >= n_vocab:  # llama.cpp refuses a vocabulary longer than the embedding
+        raise TokenizerError(
+            f"the tokenizer has ids up to {max(by_id)} but the model embeds {n_vocab} tokens (vocab_size): "
+            "the tokenizer does not belong to these weights; use the model's own tokenizer files"
+        )
+    return [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)], added
 
 
 def _types(tokens: list[str], added: dict[int, dict], present: set[int], byte_tokens: bool) -> list[int]:

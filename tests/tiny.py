@@ -146,7 +146,9 @@ def _gemma2(T, ids, variant):
     # caps far below Gemma 2's 50 / 30 so that a tiny random model's scores and logits reach them
     caps = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
     layers = ["sliding_attention", "full_attention"]
-    return T.Gemma2Config(**COMMON, **ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, layer_types=layers, **caps)
+    return T.Gemma2Config(
+        **COMMON, **ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, layer_types=layers, **caps
+    )
 
 
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)

@@ -137,8 +137,9 @@ def rope_scaling(cfg: dict, params: dict) -> RopeScaling | None:
             original_context_length=int(orig),
             attention_factor=params.get("attention_factor"),
         )
+    key = "rope_parameters" if isinstance(cfg.get("rope_parameters"), dict) else "rope_scaling"
     raise CheckpointError(
-        f"config.json field rope_scaling.rope_type is {kind!r}, which lmforge does not support; "
+        f"config.json field {key}.rope_type is {kind!r}, which lmforge does not support; "
         "it knows linear, llama3, longrope, yarn"
     )
 
@@ -161,7 +162,9 @@ def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
     """The fields every Llama-style config.json shares; `fields` adds or overrides arch extras."""
     for key, what in UNSUPPORTED_KEYS.items():
         if cfg.get(key):
-            raise CheckpointError(f"config.json field {key!r} ({cfg[key]}) asks for {what}, which lmforge does not build")
+            raise CheckpointError(
+                f"config.json field {key!r} ({cfg[key]}) asks for {what}, which lmforge does not build"
+            )
     hidden = int(_require(cfg, "hidden_size"))
     n_heads = int(_require(cfg, "num_attention_heads"))
     params = rope_parameters(cfg, fields.pop("rope_layer_type", None))

@@ -12,7 +12,11 @@ HF = {
     "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",  # (head_dim,)
     "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",  # (head_dim,)
 }
-GGUF = {**LLAMA_GGUF, "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight", "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight"}
+GGUF = {
+    **LLAMA_GGUF,
+    "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
+    "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
+}
 
 
 def _spec(cfg: dict):

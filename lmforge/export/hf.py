@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.arch import get_arch
+from lmforge.arch.llama import llama3_from_freq_factors
 from lmforge.checkpoint import open_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.atomic import atomic_folder, check_output
@@ -23,6 +24,8 @@ def _rope_scaling(spec: ModelSpec) -> dict | None:
     rs = spec.rope_scaling
     if rs is None:
         return None
+    if rs.kind == "freq_factors":  # llama.cpp's form of Llama 3's scaling: its parameters back
+        rs = llama3_from_freq_factors(spec.rope_theta, spec.rotary_dim, np.asarray(rs.long_factor)) or rs
     if rs.kind == "linear":
         return {"rope_type": "linear", "factor": rs.factor}
     if rs.kind == "llama3":

@@ -189,3 +189,41 @@ def test_unsupported_variant_is_one_line_naming_the_field(edit, field, tiny_fact
     assert_user_error(run_cli("inspect", folder), field)
     assert_user_error(run_cli("convert", folder, "-o", tmp_path / "out.gguf", "--gguf", "f32"), field)
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.slow
+def test_phi4_mini_shaped_checkpoint_through_every_target(tokenizer_folders, tmp_path):
+    """Phi-4-mini-instruct's own config (hidden 3072, 24 heads over 8 kv heads, head 128 rotated
+    over 96, longrope, tied, bf16) with random weights, 2 layers and a 2,000-token vocabulary
+    (the 200k one alone is 2.4 GB in fp32): every ONNX target and `--gguf q4_k_m` load and run;
+    cpu-fp32 matches transformers to TOL, the others stay near it."""
+    from lmforge.export.gguf import convert_to_gguf
+    from lmforge.export.targets import TARGETS
+    from tests import tiny
+
+    src = tiny.build(tmp_path / "phi4", "phi3", "bfloat16", variant="phi4mini-shaped", tokenizers=tokenizer_folders)
+    ids = prompt_ids(24, 2000, seed=7)
+    fp32 = None
+    for target in TARGETS:
+        engine = OrtEngine(convert(src, tmp_path / target, target=target, progress=False))
+        if target == "cpu-fp32":
+            errors = parity_errors(engine, src, ids)
+            print(f"phi-4-mini shape cpu-fp32: prefill {errors[0]:.1e}, decode max {max(errors[1:]):.1e}")
+            assert max(errors) <= TOL, errors
+            fp32 = engine.prefill(engine.new_cache(1, 24), [ids])[0]
+        else:
+            x = engine.prefill(engine.new_cache(1, 24), [ids])[0]
+            cos = float(x @ fp32 / np.linalg.norm(x) / np.linalg.norm(fp32))
+            print(f"phi-4-mini shape {target}: rel {rel_err(x, fp32):.1e}, cos {cos:.4f}")
+            assert cos >= 0.9, target
+        del engine
+        __import__("shutil").rmtree(tmp_path / target)  # a few hundred MB each
+    pytest.importorskip("llama_cpp")
+    from lmforge.runtime.llamacpp import LlamaCppEngine
+
+    q4 = convert_to_gguf(src, tmp_path / "q4_k_m.gguf", "q4_k_m", progress=False)
+    engine = LlamaCppEngine(q4, threads=2)
+    x = engine.prefill(engine.new_cache(1, 24), [ids])[0]
+    cos = float(x @ fp32 / np.linalg.norm(x) / np.linalg.norm(fp32))
+    print(f"phi-4-mini shape q4_k_m on llama.cpp: rel {rel_err(x, fp32):.1e}, cos {cos:.4f}")
+    assert cos >= 0.9

@@ -78,6 +78,8 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
             )
         if variant == "phi4mini":
             return phi4_mini_config(T, ids, hidden_size=192, num_attention_heads=3, num_key_value_heads=1)
+        if variant == "phi4mini-shaped":  # the real sizes, two layers
+            return phi4_mini_config(T, ids, num_hidden_layers=2)
         return T.Phi3Config(**{**COMMON, **extra}, **ids)
     if arch in FAMILIES:
         return FAMILIES[arch](T, ids, variant)
@@ -111,7 +113,7 @@ def phi4_mini_config(T, ids: dict, **shape):
         sliding_window=262144,
         hidden_act="silu",
     )
-    cfg.update(COMMON_PHI4, **shape)
+    cfg.update(shape if "num_hidden_layers" in shape else {**COMMON_PHI4, **shape})
     n = int(cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["partial_rotary_factor"]) // 2
     # made-up factors (the published lists are not on this machine), one per rotary frequency
     short = [1.0 + 0.05 * (i % 8) for i in range(n)]

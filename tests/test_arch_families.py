@@ -227,3 +227,27 @@ def test_phi4_mini_shaped_checkpoint_through_every_target(tokenizer_folders, tmp
     cos = float(x @ fp32 / np.linalg.norm(x) / np.linalg.norm(fp32))
     print(f"phi-4-mini shape q4_k_m on llama.cpp: rel {rel_err(x, fp32):.1e}, cos {cos:.4f}")
     assert cos >= 0.9
+
+
+@pytest.mark.parametrize(
+    "arch,variant,pre",
+    [("llama", "llama32", "smollm"), ("qwen3", None, "qwen2"), ("phi3", "phi4mini", "gpt-4o"), ("gemma2", None, None)],
+    ids=["bpe-smollm", "qwen3", "phi4mini-o200k", "gemma2-spm"],
+)
+@pytest.mark.slow
+def test_tokenizers_agree_on_all_of_wikitext(arch, variant, pre, gguf_f32, wikitext):
+    """The checkpoint's tokenizer.json through transformers' AutoTokenizer and llama.cpp on the
+    GGUF lmforge writes: the same ids for the whole WikiText-2 test file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from lmforge.checkpoint.gguf import read_metadata
+
+    src, path = gguf_f32(arch, variant)
+    assert read_metadata(path).get("tokenizer.ggml.pre") == pre
+    text = wikitext.lstrip(" ") if pre is None else wikitext  # SentencePiece: see test_gguf_writer
+    theirs = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ours = llm.tokenize(text.encode(), add_bos=False, special=False)
+    print(f"{arch}-{variant}: {len(ours)} tokens")
+    assert ours == theirs

@@ -156,7 +156,7 @@ def _gemma2(T, ids, variant):
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)
 FAMILIES = {"qwen3": _qwen3, "granite": _granite, "olmo2": _olmo2, "smollm3": _smollm3, "gemma2": _gemma2}
 # tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
-TOKENIZERS = {("phi3", "phi4mini"): "bpe", "qwen2": "qwen2", "qwen3": "qwen2", **dict.fromkeys(SPM_ARCHS, "spm")}
+TOKENIZERS = {("phi3", "phi4mini"): "gpt4o", "qwen2": "qwen2", "qwen3": "qwen2", **dict.fromkeys(SPM_ARCHS, "spm")}
 
 
 def train_spm(folder: Path) -> Path:

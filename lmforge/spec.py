@@ -67,6 +67,8 @@ class ModelSpec:
     attn_softcap: float | None = None  # attention scores capped as cap * tanh(s / cap) (Gemma 2)
     final_softcap: float | None = None  # the same cap on the output logits (Gemma 2)
     nope_layers: tuple[int, ...] = field(default=())  # layers that attend without rotary (SmolLM3)
+    n_experts: int = 0  # mixture-of-experts MLPs: experts per layer (0: a dense MLP), Mixtral's router
+    n_experts_used: int = 0  # experts each token goes through (top-k of the router's softmax, renormalized)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
     pad_token_id: int | None = None  # the source's padding id, when it names one

@@ -26,6 +26,7 @@ FAMILIES = [
     ("olmo2", None),  # q/k norms over the whole projection, post-norms only
     ("smollm3", None),  # no rotary on every fourth layer
     ("gemma2", None),  # attention and final logit soft-capping, alternating sliding layers
+    ("mixtral", None),  # mixture of experts: top-2 of 4, renormalized
 ]
 TOL = 1e-4  # relative to the largest logit
 IDS = [f"{a}-{v}" if v else a for a, v in FAMILIES]
@@ -251,3 +252,26 @@ def test_tokenizers_agree_on_all_of_wikitext(arch, variant, pre, gguf_f32, wikit
     ours = llm.tokenize(text.encode(), add_bos=False, special=False)
     print(f"{arch}-{variant}: {len(ours)} tokens")
     assert ours == theirs
+
+
+@pytest.mark.parametrize("arch,variant", FAMILIES, ids=IDS)
+def test_spec_from_gguf_equals_spec_from_config(arch, variant, gguf_f32):
+    """What the GGUF we write says about the model is what config.json says: every ModelSpec field
+    (the rotary as the cos/sin tables both give: llama.cpp keeps Llama 3's scaling as divisors;
+    Mistral-Nemo without a window reads back as the `llama` it is written as)."""
+    import dataclasses
+
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.export.rope import rope_tables
+    from tests.test_readers import _floats_close
+
+    src, path = gguf_f32(arch, variant)
+    a, b = open_checkpoint(src).spec, open_checkpoint(path).spec
+    for f in dataclasses.fields(a):
+        if f.name not in ("arch", "rope_scaling"):
+            assert _floats_close(getattr(a, f.name), getattr(b, f.name)), (f.name, getattr(a, f.name), getattr(b, f.name))
+    assert b.arch == ("llama" if arch == "mistral" else arch)
+    for (ka, (ca, sa)), (kb, (cb, sb)) in zip(rope_tables(a, 256).items(), rope_tables(b, 256).items()):
+        assert ka == kb
+        np.testing.assert_allclose(ca, cb, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-6)

@@ -153,8 +153,21 @@ def _gemma2(T, ids, variant):
     )
 
 
+def _mixtral(T, ids, variant):
+    # four experts, two per token; no window (llama.cpp runs Mixtral without one)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    return T.MixtralConfig(**COMMON, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
+
+
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)
-FAMILIES = {"qwen3": _qwen3, "granite": _granite, "olmo2": _olmo2, "smollm3": _smollm3, "gemma2": _gemma2}
+FAMILIES = {
+    "qwen3": _qwen3,
+    "granite": _granite,
+    "olmo2": _olmo2,
+    "smollm3": _smollm3,
+    "gemma2": _gemma2,
+    "mixtral": _mixtral,
+}
 # tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
 TOKENIZERS = {("phi3", "phi4mini"): "gpt4o", "qwen2": "qwen2", "qwen3": "qwen2", **dict.fromkeys(SPM_ARCHS, "spm")}
 

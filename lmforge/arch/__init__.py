@@ -25,6 +25,7 @@ from lmforge.spec import ModelSpec
 
 # GGUF metadata reader: key under `{arch}.` (and a default) -> value
 GGUFGetter = Callable[..., Any]
+EXPERT = "@"  # canonical name + EXPERT + index: one expert's slice of a stacked tensor
 FUSED_GROUPS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # a fused tensor's rows: its parts in order
 
 
@@ -102,11 +103,13 @@ class Arch:
         return arr
 
     def matcher(self, which: str) -> Callable[[str], str | None]:
-        """A function mapping a source tensor name ("hf" or "gguf") to its canonical name or None."""
+        """A function mapping a source tensor name ("hf" or "gguf") to its canonical name or None.
+        A template with `{j}` holds one expert's slice of a stacked tensor (HF's per-expert
+        matrices): its names map to "{canonical}@{j}", which the reader stacks."""
         table = self.hf_names if which == "hf" else self.gguf_names
         patterns = []
         for canonical, template in table.items():
-            rx = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$"
+            rx = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)") + "$"
             patterns.append((re.compile(rx), canonical))
         prefixes = self.hf_prefixes if which == "hf" else ()
 
@@ -117,7 +120,9 @@ class Arch:
             for rx, canonical in patterns:
                 m = rx.match(name)
                 if m:
-                    return canonical.replace("{i}", m.group("i")) if "i" in m.groupdict() else canonical
+                    groups = m.groupdict()
+                    canonical = canonical.replace("{i}", groups["i"]) if "i" in groups else canonical
+                    return f"{canonical}{EXPERT}{groups['j']}" if "j" in groups else canonical
             return None
 
         return match

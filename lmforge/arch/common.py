@@ -161,7 +161,7 @@ UNSUPPORTED_KEYS = {
 def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
     """The fields every Llama-style config.json shares; `fields` adds or overrides arch extras."""
     for key, what in UNSUPPORTED_KEYS.items():
-        if cfg.get(key):
+        if cfg.get(key) and not fields.get("n_experts"):
             raise CheckpointError(
                 f"config.json field {key!r} ({cfg[key]}) asks for {what}, which lmforge does not build"
             )

@@ -72,6 +72,8 @@ def tensor_type(
     """(ggml type, fallback note or None) for one tensor of numpy shape `shape` (rows, cols)."""
     if len(shape) < 2 or "_norm" in gguf_name or not gguf_name.endswith(".weight") or gguf_name.startswith("rope_"):
         return Q.F32, None
+    if ".ffn_gate_inp." in gguf_name:  # the MoE router: llama.cpp's quantizer leaves it as it is
+        return Q.F32, None
     new = ft.default
     if new in FLOAT_TYPES:
         return new, None

@@ -8,6 +8,7 @@ as GGUF, and feeds tools that only read HF folders.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,17 +94,23 @@ def hf_config(spec: ModelSpec) -> dict:
     return cfg
 
 
+def _hf_parts(ckpt, info) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of what `info` is in an HF folder: itself, or one matrix per expert when
+    HF stores a stacked tensor (n_experts, ...) expert by expert (`{j}` in its name)."""
+    name = ckpt.arch.source_name(info.name, "hf")
+    if "{j}" not in name:
+        return [(name, tuple(info.shape))]
+    return [(name.replace("{j}", str(j)), tuple(info.shape[1:])) for j in range(info.shape[0])]
+
+
 def write_safetensors(path: Path, ckpt) -> None:
     """Every tensor of `ckpt` as F32 under its HF name, written one at a time."""
     header, offset = {}, 0
     for info in ckpt.infos:
-        nbytes = 4 * info.n_elements
-        header[ckpt.arch.source_name(info.name, "hf")] = {
-            "dtype": "F32",
-            "shape": list(info.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
+        for name, shape in _hf_parts(ckpt, info):
+            nbytes = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

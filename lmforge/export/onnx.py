@@ -396,10 +396,33 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
     return _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
 
 
+def _moe(g: Graph, src: WeightSource, i: int, h: str) -> str:
+    """The mixture-of-experts MLP of layer i over h (B, S, H): router logits, then ONNX Runtime's
+    MoE op (softmax, top n_experts_used renormalized, SwiGLU experts); returns (B, S, H). The
+    experts stay float in int4 graphs (the CPU provider's QMoE is not used yet)."""
+    spec, p = src.spec, f"layers.{i}"
+    flat = g.node("Reshape", [h, g.const([-1, spec.hidden_size])])  # (B*S, H)
+    logits = _linear(g, flat, src.get(f"{p}.router"), f"{p}.router")  # (B*S, n_experts)
+    gate, up = src.get(f"{p}.gate_exps"), src.get(f"{p}.up_exps")  # (E, I, H) each
+    fc1 = np.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved: (E, 2I, H)
+    y = g.node(
+        "MoE",
+        [flat, logits, g.weight(f"{p}.fc1_exps", fc1), "", g.weight(f"{p}.down_exps", src.get(f"{p}.down_exps"))],
+        domain=MS,
+        k=spec.n_experts_used,
+        normalize_routing_weights=1,
+        activation_type="swiglu",
+        swiglu_fusion=1,  # the CPU provider's only layout
+    )
+    return g.node("Reshape", [y, g.node("Shape", [h])])
+
+
 def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
     """The gated MLP of layer i over its normed input h (B, S, H): down(act(gate) * up), with
     gate|up one fused projection; returns (B, S, H)."""
     spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
+    if spec.n_experts:
+        return _moe(g, src, i, h)
     g.taps[f"{p}.gate_up"] = h
     gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
     gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)

@@ -78,8 +78,8 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
             )
         if variant == "phi4mini":
             return phi4_mini_config(T, ids, hidden_size=192, num_attention_heads=3, num_key_value_heads=1)
-        if variant == "phi4mini-shaped":  # the real sizes, two layers
-            return phi4_mini_config(T, ids, num_hidden_layers=2)
+        if variant == "phi4mini-shaped":  # the real sizes, one layer
+            return phi4_mini_config(T, ids, num_hidden_layers=1)
         return T.Phi3Config(**{**COMMON, **extra}, **ids)
     if arch in FAMILIES:
         return FAMILIES[arch](T, ids, variant)

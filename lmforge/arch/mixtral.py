@@ -40,8 +40,8 @@ def _spec(cfg: dict) -> ModelSpec:
         cfg,
         "mixtral",
         sliding_window=int(window) if window else None,
-        n_experts=int(cfg["num_local_experts"]),
-        n_experts_used=int(cfg["num_experts_per_tok"]),
+        n_experts=int(cfg.get("num_local_experts") or 8),  # transformers' defaults
+        n_experts_used=int(cfg.get("num_experts_per_tok") or 2),
     )
 
 

@@ -141,11 +141,15 @@ class HFCheckpoint(Checkpoint):
             elif base not in stacks:
                 by_j = parts[base]
                 if sorted(by_j) != list(range(len(by_j))):
-                    raise CheckpointError(f"{self.path} lacks some experts of {base} (has {sorted(by_j)}); re-download it")
+                    raise CheckpointError(
+                        f"{self.path} lacks some experts of {base} (has {sorted(by_j)}); re-download it"
+                    )
                 ordered = [by_j[j] for j in range(len(by_j))]
                 stacks[base] = [i.name for i in ordered]
                 shape = (len(ordered), *ordered[0].shape)
-                infos.append(TensorInfo(base, ordered[0].source_name, shape, info.dtype, sum(i.nbytes for i in ordered)))
+                infos.append(
+                    TensorInfo(base, ordered[0].source_name, shape, info.dtype, sum(i.nbytes for i in ordered))
+                )
         self.infos = infos
         return stacks
 

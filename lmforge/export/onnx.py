@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 from lmforge.checkpoint.base import Checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.rope import rope_tables
-from lmforge.export.weights import QuantOptions, WeightSource
-from lmforge.quant.nbits import NBits
+from lmforge.export.weights import QuantOptions, WeightSource, head_block
+from lmforge.quant.nbits import NBits, rtn
 from lmforge.spec import ModelSpec
 
 MS = "com.microsoft"
@@ -396,24 +396,42 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
     return _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
 
 
-def _moe(g: Graph, src: WeightSource, i: int, h: str) -> str:
+def _expert_codes(g: Graph, name: str, w: np.ndarray, bits: int, block: int) -> list[str]:
+    """Stacked expert weights w (E, N, K) as QMoE reads them: packed symmetric codes (E, N, K *
+    bits / 8) and scales (E, N, K / block)."""
+    coded = [rtn(w[e], bits, block, symmetric=True) for e in range(w.shape[0])]
+    packed = np.stack([c.packed_b().reshape(c.N, -1) for c in coded])
+    return [g.weight(name + ".qweight", packed), g.weight(name + ".scales", np.stack([c.scales for c in coded]))]
+
+
+def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
     """The mixture-of-experts MLP of layer i over h (B, S, H): router logits, then ONNX Runtime's
-    MoE op (softmax, top n_experts_used renormalized, SwiGLU experts); returns (B, S, H). The
-    experts stay float in int4 graphs (the CPU provider's QMoE is not used yet)."""
-    spec, p = src.spec, f"layers.{i}"
+    MoE op (softmax, top n_experts_used renormalized, SwiGLU experts), or QMoE over symmetric
+    int4/int8 expert codes when quantizing; returns (B, S, H)."""
+    spec, p, quant = src.spec, f"layers.{i}", options.quant
     flat = g.node("Reshape", [h, g.const([-1, spec.hidden_size])])  # (B*S, H)
     logits = _linear(g, flat, src.get(f"{p}.router"), f"{p}.router")  # (B*S, n_experts)
-    gate, up = src.get(f"{p}.gate_exps"), src.get(f"{p}.up_exps")  # (E, I, H) each
+    gate, up, down = (src.get(f"{p}.{n}_exps") for n in ("gate", "up", "down"))  # (E, I, H) (E, I, H) (E, H, I)
     fc1 = np.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved: (E, 2I, H)
-    y = g.node(
-        "MoE",
-        [flat, logits, g.weight(f"{p}.fc1_exps", fc1), "", g.weight(f"{p}.down_exps", src.get(f"{p}.down_exps"))],
-        domain=MS,
-        k=spec.n_experts_used,
-        normalize_routing_weights=1,
-        activation_type="swiglu",
-        swiglu_fusion=1,  # the CPU provider's only layout
-    )
+    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=1, activation_type="swiglu")
+    attrs["swiglu_fusion"] = 1  # the CPU provider's only SwiGLU layout
+    # one block size for both: the preset's, or the largest power of two >= 16 dividing both widths
+    widths = math.gcd(fc1.shape[2], down.shape[2])
+    block = head_block(quant.block_size, widths) if quant else 0
+    if quant and quant.symmetric and widths % block == 0:
+        codes = [
+            _expert_codes(g, f"{p}.{n}", w, quant.bits, block) for n, w in (("fc1_exps", fc1), ("down_exps", down))
+        ]
+        y = g.node(
+            "QMoE",
+            [flat, logits, *codes[0], "", *codes[1], ""],
+            expert_weight_bits=quant.bits,
+            block_size=block,
+            **attrs,
+        )
+    else:
+        fc1_name, fc2_name = g.weight(f"{p}.fc1_exps", fc1), g.weight(f"{p}.down_exps", down)
+        y = g.node("MoE", [flat, logits, fc1_name, "", fc2_name], **attrs)
     return g.node("Reshape", [y, g.node("Shape", [h])])
 
 
@@ -422,7 +440,7 @@ def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
     gate|up one fused projection; returns (B, S, H)."""
     spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
     if spec.n_experts:
-        return _moe(g, src, i, h)
+        return _moe(g, src, options, i, h)
     g.taps[f"{p}.gate_up"] = h
     gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
     gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)

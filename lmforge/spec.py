@@ -68,7 +68,8 @@ class ModelSpec:
     final_softcap: float | None = None  # the same cap on the output logits (Gemma 2)
     nope_layers: tuple[int, ...] = field(default=())  # layers that attend without rotary (SmolLM3)
     n_experts: int = 0  # mixture-of-experts MLPs: experts per layer (0: a dense MLP), Mixtral's router
-    n_experts_used: int = 0  # experts each token goes through (top-k of the router's softmax, renormalized)
+    n_experts_used: int = 0  # experts each token goes through (top-k of the router's softmax)
+    moe_renormalize: bool = True  # the top-k weights rescaled to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
     pad_token_id: int | None = None  # the source's padding id, when it names one

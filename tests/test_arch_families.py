@@ -29,6 +29,7 @@ FAMILIES = [
     ("smollm3", None),  # no rotary on every fourth layer
     ("gemma2", None),  # attention and final logit soft-capping, alternating sliding layers
     ("mixtral", None),  # mixture of experts: top-2 of 4, renormalized
+    ("qwen3_moe", None),  # Qwen3's attention, experts in every layer
 ]
 TOL = 1e-4  # relative to the largest logit
 IDS = [f"{a}-{v}" if v else a for a, v in FAMILIES]
@@ -154,7 +155,7 @@ def test_int4_and_fp16_forms_run(arch, variant, gguf_f32, tmp_path):
     logits = {}
     for form, (source, target) in forms.items():
         folder = convert(source, tmp_path / form.replace(" ", "-"), target=target, progress=False)
-        if arch == "mixtral" and "int4" in target:  # int4 experts: ONNX Runtime's QMoE
+        if arch in ("mixtral", "qwen3_moe") and "int4" in target:  # int4 experts: ONNX Runtime's QMoE
             assert "QMoE" in {
                 n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
             }
@@ -288,7 +289,7 @@ def test_spec_from_gguf_equals_spec_from_config(arch, variant, gguf_f32):
                 getattr(a, f.name),
                 getattr(b, f.name),
             )
-    assert b.arch == ("llama" if arch == "mistral" else arch)
+    assert b.arch == ("llama" if arch == "mistral" else a.arch)
     for (ka, (ca, sa)), (kb, (cb, sb)) in zip(rope_tables(a, 256).items(), rope_tables(b, 256).items()):
         assert ka == kb
         np.testing.assert_allclose(ca, cb, rtol=0, atol=1e-6)

@@ -159,6 +159,11 @@ def _mixtral(T, ids, variant):
     return T.MixtralConfig(**COMMON, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
 
 
+def _qwen3_moe(T, ids, variant):
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    return T.Qwen3MoeConfig(**COMMON, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
+
+
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)
 FAMILIES = {
     "qwen3": _qwen3,
@@ -167,9 +172,16 @@ FAMILIES = {
     "smollm3": _smollm3,
     "gemma2": _gemma2,
     "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
 }
 # tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
-TOKENIZERS = {("phi3", "phi4mini"): "gpt4o", "qwen2": "qwen2", "qwen3": "qwen2", **dict.fromkeys(SPM_ARCHS, "spm")}
+TOKENIZERS = {
+    ("phi3", "phi4mini"): "gpt4o",
+    "qwen2": "qwen2",
+    "qwen3": "qwen2",
+    "qwen3_moe": "qwen2",
+    **dict.fromkeys(SPM_ARCHS, "spm"),
+}
 
 
 def train_spm(folder: Path) -> Path:

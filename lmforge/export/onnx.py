@@ -413,7 +413,8 @@ def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
     logits = _linear(g, flat, src.get(f"{p}.router"), f"{p}.router")  # (B*S, n_experts)
     gate, up, down = (src.get(f"{p}.{n}_exps") for n in ("gate", "up", "down"))  # (E, I, H) (E, I, H) (E, H, I)
     fc1 = np.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved: (E, 2I, H)
-    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=1, activation_type="swiglu")
+    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=int(spec.moe_renormalize))
+    attrs["activation_type"] = "swiglu"
     attrs["swiglu_fusion"] = 1  # the CPU provider's only SwiGLU layout
     # one block size for both: the preset's, or the largest power of two >= 16 dividing both widths
     widths = math.gcd(fc1.shape[2], down.shape[2])

@@ -92,6 +92,8 @@ def _entries() -> list[CatalogueEntry]:
         c("granite-3.3-2b", "ibm-granite/granite-3.3-2b-instruct", "Apache-2.0", 2.53, "granite"),
         c("olmo-2-1b", "allenai/OLMo-2-0425-1B-Instruct", "Apache-2.0", 1.48, "olmo2"),
         c("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", "Apache-2.0", 3.08, "smollm3"),
+        c("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "Apache-2.0", 46.7, "mixtral"),
+        c("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "Apache-2.0", 30.5, "qwen3moe"),
     ]
 
 

@@ -153,15 +153,22 @@ def _gemma2(T, ids, variant):
     )
 
 
+K256 = dict(hidden_size=256, intermediate_size=512)  # rows of 256: llama.cpp's K-quants apply
+
+
 def _mixtral(T, ids, variant):
     # four experts, two per token; no window (llama.cpp runs Mixtral without one)
     moe = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
-    return T.MixtralConfig(**COMMON, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    return T.MixtralConfig(**shape, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
 
 
 def _qwen3_moe(T, ids, variant):
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
-    return T.Qwen3MoeConfig(**COMMON, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    if variant == "k256":
+        moe["moe_intermediate_size"] = 256
+    return T.Qwen3MoeConfig(**shape, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
 
 
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)

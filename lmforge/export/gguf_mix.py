@@ -78,7 +78,7 @@ def tensor_type(
     if new in FLOAT_TYPES:
         return new, None
     cols = shape[-1]
-    kind = gguf_name.split(".")[-2]
+    kind = gguf_name.split(".")[-2].removesuffix("_exps")  # llama.cpp matches "ffn_down" in ffn_down_exps too
     if gguf_name == "output.weight" or (not has_output and gguf_name == "token_embd.weight"):
         # the head: Q6_K unless the default's blocks do not fit the row (then Q8_0)
         if cols % GGML_QUANT_SIZES[new][0] != 0:

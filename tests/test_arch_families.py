@@ -308,3 +308,15 @@ def test_expert_gguf_types_and_blocks_equal_llamacpps_quantizer(arch, kind, gguf
     _, f32 = gguf_f32(arch, "k256")
     ours = _same_as_llamacpp(f32, kind, tmp_path)
     assert {t for n, (t, _) in ours.items() if ".ffn_gate_inp." in n} == {"F32"}
+
+
+@pytest.mark.parametrize("arch,variant", FAMILIES, ids=IDS)
+def test_onnxruntime_genai_runs_the_folder(arch, variant, tiny_factory, tmp_path):
+    """onnxruntime-genai's own generator on the cpu-fp32 folder: transformers' greedy tokens."""
+    pytest.importorskip("onnxruntime_genai")
+    from tests.test_generate import genai_greedy, hf_greedy
+
+    src = _src(tiny_factory, arch, variant)
+    folder = convert(src, tmp_path / "fp32", progress=False)
+    ids = prompt_ids(12, 256, seed=5)
+    assert genai_greedy(folder, ids, 8) == hf_greedy(hf_model(src), ids, 8)

@@ -48,6 +48,8 @@ class Arch:
     gguf_claims: for families that share a `gguf_arch`: whether a file's metadata is this family.
     gguf_name_rule: (general.name, vocabulary) -> the name llama.cpp accepts (see `gguf_general_name`).
     hf_prefixes: name prefixes stripped before matching (multimodal wrappers).
+    genai_type: the decoder type genai_config.json names when onnxruntime-genai lacks `model_type`
+        ("decoder", its generic one, runs lmforge's graph as it is).
     """
 
     model_type: str
@@ -65,6 +67,7 @@ class Arch:
     gguf_claims: Callable[[GGUFGetter], bool] | None = None
     gguf_name_rule: Callable[[str, list], str] | None = None
     hf_prefixes: tuple[str, ...] = ()
+    genai_type: str | None = None
     hf_ignore: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
     aliases: tuple[str, ...] = field(default=())
 

@@ -68,5 +68,6 @@ ARCH = Arch(
     gguf_spec=lambda g, fields: {field: int(g(key)) for key, field in EXPERT_KEYS.items()},
     gguf_metadata=_gguf_metadata,
     hf_config=_hf_config,
+    genai_type="decoder",  # onnxruntime-genai 0.18 has no type of its own for it
     gguf_claims=lambda g: bool(g("expert_count")),
 )

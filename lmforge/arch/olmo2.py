@@ -43,4 +43,5 @@ ARCH = Arch(
     spec_from_hf=lambda cfg: spec_from_hf(cfg, "olmo2", **NORMS),
     gguf_spec=lambda g, fields: NORMS,
     hf_config=_hf_config,
+    genai_type="decoder",  # onnxruntime-genai 0.18 has no type of its own for it
 )

@@ -95,4 +95,5 @@ ARCH = Arch(
     gguf_spec=_gguf_spec,
     gguf_metadata=_gguf_metadata,
     hf_config=_hf_config,
+    genai_type="decoder",  # onnxruntime-genai 0.18 has no type of its own for it
 )

@@ -300,14 +300,16 @@ def test_spec_from_gguf_equals_spec_from_config(arch, variant, gguf_f32):
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m"])
 def test_expert_gguf_types_and_blocks_equal_llamacpps_quantizer(arch, kind, gguf_f32, tmp_path):
     """Merged expert tensors quantized as llama.cpp's own quantizer does them, on rows of 256:
-    the same type per tensor (the router kept F32, ffn_down_exps given more bits in the _m mix)
-    and byte-identical blocks."""
+    the same type per tensor (the router kept F32, ffn_down_exps given more bits in the _m mix,
+    Mixtral's eight experts: attention v/k Q8_0) and byte-identical blocks."""
     pytest.importorskip("llama_cpp")
     from tests.test_gguf_writer import _same_as_llamacpp
 
     _, f32 = gguf_f32(arch, "k256")
     ours = _same_as_llamacpp(f32, kind, tmp_path)
     assert {t for n, (t, _) in ours.items() if ".ffn_gate_inp." in n} == {"F32"}
+    if arch == "mixtral":  # eight experts
+        assert {t for n, (t, _) in ours.items() if ".attn_v." in n} == {"Q8_0"}
 
 
 @pytest.mark.parametrize("arch,variant", FAMILIES, ids=IDS)

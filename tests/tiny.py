@@ -159,6 +159,8 @@ K256 = dict(hidden_size=256, intermediate_size=512)  # rows of 256: llama.cpp's 
 def _mixtral(T, ids, variant):
     # four experts, two per token; no window (llama.cpp runs Mixtral without one)
     moe = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if variant == "k256":  # eight experts, as llama.cpp's quantizer special-cases
+        moe["num_local_experts"] = 8
     shape = {**COMMON, **(K256 if variant == "k256" else {})}
     return T.MixtralConfig(**shape, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
 

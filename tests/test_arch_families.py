@@ -322,3 +322,22 @@ def test_onnxruntime_genai_runs_the_folder(arch, variant, tiny_factory, tmp_path
     folder = convert(src, tmp_path / "fp32", progress=False)
     ids = prompt_ids(12, 256, seed=5)
     assert genai_greedy(folder, ids, 8) == hf_greedy(hf_model(src), ids, 8)
+
+
+def test_smollm3_rotary_free_layers_follow_the_config(tiny_factory, tmp_path):
+    """SmolLM3 layers without rotary where config.json's `no_rope_layers` says (not every fourth):
+    the ONNX graph follows it (transformers' logits), and GGUF, whose llama.cpp fixes the period
+    at four, is refused in one line, nothing written."""
+    import shutil
+
+    from tests.test_errors import assert_user_error, run_cli
+
+    folder = tmp_path / "smollm3"
+    shutil.copytree(_src(tiny_factory, "smollm3", None), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "no_rope_layers": [0, 1, 0, 1]}))
+    engine = OrtEngine(convert(folder, tmp_path / "fp32", progress=False))
+    errors = parity_errors(engine, folder, prompt_ids(24, engine.vocab_size))
+    assert max(errors) <= TOL, errors
+    assert_user_error(run_cli("convert", folder, "-o", tmp_path / "x.gguf", "--gguf", "f32"), "every 4th layer")
+    assert not (tmp_path / "x.gguf").exists()

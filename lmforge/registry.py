@@ -120,6 +120,16 @@ def _entries() -> list[CatalogueEntry]:
         c("smollm2-360m", "HuggingFaceTB/SmolLM2-360M-Instruct", "Apache-2.0", 0.36, "llama"),
         c("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Apache-2.0", 1.71, "llama"),
         c("mistral-7b-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "Apache-2.0", 7.25, "mistral"),
+        c("mistral-nemo-12b", "mistralai/Mistral-Nemo-Instruct-2407", "Apache-2.0", 12.2, "mistral"),
+        c("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Apache-2.0", 0.6, "qwen3"),
+        c("qwen3-1.7b", "Qwen/Qwen3-1.7B", "Apache-2.0", 1.7, "qwen3"),
+        c("qwen3-4b", "Qwen/Qwen3-4B", "Apache-2.0", 4.0, "qwen3"),
+        c("gemma-2-2b", "google/gemma-2-2b-it", "Gemma (gated)", 2.61, "gemma2"),
+        c("granite-3.3-2b", "ibm-granite/granite-3.3-2b-instruct", "Apache-2.0", 2.53, "granite"),
+        c("olmo-2-1b", "allenai/OLMo-2-0425-1B-Instruct", "Apache-2.0", 1.48, "olmo2"),
+        c("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", "Apache-2.0", 3.08, "smollm3"),
+        c("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "Apache-2.0", 46.7, "mixtral"),
+        c("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "Apache-2.0", 30.5, "qwen3moe"),
     ]
 
 

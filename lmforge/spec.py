@@ -60,6 +60,16 @@ class ModelSpec:
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
     embedding_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(hidden))
     norm_offset: float = 0.0  # RMSNorm weight is (offset + w) (Gemma: 1)
+    pre_norms: bool = True  # RMSNorm before attention and before the MLP (OLMo 2 normalizes after only)
+    attention_scale: float | None = None  # softmax scale itself, when the model sets it (Granite)
+    residual_scale: float | None = None  # attention and MLP outputs times this before the residual add (Granite)
+    logit_scale: float | None = None  # logits divided by this (Granite's logits_scaling)
+    attn_softcap: float | None = None  # attention scores capped as cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same cap on the output logits (Gemma 2)
+    nope_layers: tuple[int, ...] = field(default=())  # layers that attend without rotary (SmolLM3)
+    n_experts: int = 0  # mixture-of-experts MLPs: experts per layer (0: a dense MLP), Mixtral's router
+    n_experts_used: int = 0  # experts each token goes through (top-k of the router's softmax)
+    moe_renormalize: bool = True  # the top-k weights rescaled to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
     pad_token_id: int | None = None  # the source's padding id, when it names one

@@ -27,6 +27,12 @@ _LLAMA3 = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_CASED = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]%s[\p{Ll}\p{Lm}\p{Lo}\p{M}]%s(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+# tiktoken's o200k (GPT-4o, Phi-4-mini): case-aware words with their contraction as a suffix
+_O200K = (
+    "|".join((_CASED % ("*", "+"), _CASED % ("+", "*")))
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # tokenizer.ggml.pre -> regexes applied in order (llama.cpp's llama-vocab.cpp table).
 PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
@@ -41,6 +47,7 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "llama3": (_LLAMA3,),
     "smaug-bpe": (_LLAMA3,),
     "qwen2": (_QWEN2,),
+    "gpt-4o": (_O200K,),
 }
 # llama.cpp's `ignore_merges`: a word that is already a token is emitted whole.
 IGNORE_MERGES = {"llama-bpe", "llama3"}

@@ -72,8 +72,8 @@ def spm_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_folders(tmp_path_factory, default_model_path, spm_model) -> dict[str, Path]:
-    """{"bpe": SmolLM2's tokenizer (from the default GGUF), "qwen2": the same vocabulary with
-    Qwen2's pre-tokenizer, "spm": the trained SentencePiece one},
+    """{"bpe": SmolLM2's tokenizer (from the default GGUF), "qwen2" / "gpt4o": the same vocabulary
+    with Qwen2's / GPT-4o's pre-tokenizer, "spm": the trained SentencePiece one},
     each a folder with tokenizer.json + tokenizer_config.json (with a chat template)."""
     from lmforge.checkpoint import open_checkpoint
 
@@ -97,11 +97,17 @@ def tokenizer_folders(tmp_path_factory, default_model_path, spm_model) -> dict[s
     qwen2.mkdir()
     Tokenizer.from_gguf_metadata(read_metadata(relabelled)).save(qwen2)
     (qwen2 / "tokenizer_config.json").write_text(json.dumps(cfg))
+    # GPT-4o's o200k split (Phi-4-mini's) over the same vocabulary
+    o200k = write_vocab_only(root / "gpt4o.gguf", bpe_vocab_meta(meta, "gpt-4o"), 49152)
+    gpt4o = root / "gpt4o"
+    gpt4o.mkdir()
+    Tokenizer.from_gguf_metadata(read_metadata(o200k)).save(gpt4o)
+    (gpt4o / "tokenizer_config.json").write_text(json.dumps(cfg))
     spm = root / "spm"
     hf = tiny.spm_hf_tokenizer(spm_model, root / "spm-src")
     hf.chat_template = ckpt.chat_template()
     hf.save_pretrained(spm)
-    return {"bpe": bpe, "spm": spm, "qwen2": qwen2}
+    return {"bpe": bpe, "spm": spm, "qwen2": qwen2, "gpt4o": gpt4o}
 
 
 @pytest.fixture(scope="session")

@@ -49,12 +49,12 @@ def prompt_ids(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
-def parity_errors(engine, src, ids: list[int], steps: int = 8) -> list[float]:
-    """Relative logit errors of `engine` against transformers on checkpoint `src`: the prefill of
-    `ids`, then `steps` cached decode steps of transformers' greedy tokens."""
+def parity_errors(engine, src, ids: list[int], steps: int = 8, model=None) -> list[float]:
+    """Relative logit errors of `engine` against transformers on checkpoint `src` (or the loaded
+    `model`): the prefill of `ids`, then `steps` cached decode steps of transformers' greedy tokens."""
     import torch
 
-    model = hf_model(src)
+    model = model or hf_model(src)
     cache = engine.new_cache(1, len(ids) + steps)
     ours = engine.prefill(cache, [ids])[0]
     errors = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SPM_ARCHS = {"phi3", "mistral", "gemma3"}
+SPM_ARCHS = {"phi3", "mistral", "gemma3", "gemma2"}
 
 COMMON = dict(
     hidden_size=64,
@@ -34,6 +34,10 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
     ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, vocab_size=vocab_size)
     if arch == "llama":
         extra = {}
+        if variant == "llama32":  # Llama 3.2's rope (its real values) and tied embeddings
+            rope = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0)
+            rope["original_max_position_embeddings"] = 8192
+            return T.LlamaConfig(**COMMON, **ids, rope_theta=500000.0, rope_scaling=rope, tie_word_embeddings=True)
         if variant == "k256":  # rows of 256: llama.cpp's K-quants apply without fallback
             return T.LlamaConfig(
                 **{**COMMON, "hidden_size": 256, "intermediate_size": 512},
@@ -51,6 +55,8 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
                 "original_max_position_embeddings": 64,
             }
         return T.LlamaConfig(**COMMON, **ids, rope_theta=100000.0, rms_norm_eps=1e-5, **extra)
+    if arch == "mistral" and variant == "nemo":  # Mistral-Nemo: head_dim set apart from hidden / heads
+        return T.MistralConfig(**COMMON, **ids, head_dim=32, sliding_window=None, rope_theta=1000000.0)
     if arch == "mistral":
         return T.MistralConfig(**COMMON, **ids, sliding_window=16, rms_norm_eps=1e-5)
     if arch == "qwen2":
@@ -70,7 +76,13 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
                     "long_factor": [2.0 + 0.5 * i for i in range(n)],
                 },
             )
+        if variant == "phi4mini":
+            return phi4_mini_config(T, ids, hidden_size=192, num_attention_heads=3, num_key_value_heads=1)
+        if variant == "phi4mini-shaped":  # the real sizes, one layer
+            return phi4_mini_config(T, ids, num_hidden_layers=1)
         return T.Phi3Config(**{**COMMON, **extra}, **ids)
+    if arch in FAMILIES:
+        return FAMILIES[arch](T, ids, variant)
     if arch == "gemma3":
         cfg = dict(
             COMMON,
@@ -81,6 +93,104 @@ def config_for(arch: str, vocab_size: int, bos: int, eos: int, pad: int, variant
         )
         return T.Gemma3TextConfig(**cfg, **ids, rope_theta=1000000.0)
     raise ValueError(arch)
+
+
+def phi4_mini_config(T, ids: dict, **shape):
+    """Phi-4-mini-instruct's config.json (partial rotary 3/4, longrope with its 48 factor pairs
+    scaled to the head size, tied embeddings), with `shape` (fewer layers, smaller sizes) over it."""
+    cfg = dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        sliding_window=262144,
+        hidden_act="silu",
+    )
+    cfg.update(shape if "num_hidden_layers" in shape else {**COMMON_PHI4, **shape})
+    n = int(cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["partial_rotary_factor"]) // 2
+    # made-up factors (the published lists are not on this machine), one per rotary frequency
+    short = [1.0 + 0.05 * (i % 8) for i in range(n)]
+    long = [1.0 + 40.0 * i / n for i in range(n)]
+    cfg["rope_scaling"] = {"type": "longrope", "short_factor": short, "long_factor": long}
+    return T.Phi3Config(**cfg, **ids)
+
+
+COMMON_PHI4 = dict(num_hidden_layers=2, intermediate_size=256)
+
+
+def _qwen3(T, ids, variant):
+    return T.Qwen3Config(**COMMON, **ids, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def _granite(T, ids, variant):
+    # Granite 3.x 2B's multipliers
+    mult = dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0)
+    return T.GraniteConfig(**COMMON, **ids, **mult, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def _olmo2(T, ids, variant):
+    return T.Olmo2Config(**COMMON, **ids, rope_theta=500000.0, rms_norm_eps=1e-6)
+
+
+def _smollm3(T, ids, variant):
+    # four layers: the fourth attends without rotary, as every fourth of SmolLM3-3B's does
+    return T.SmolLM3Config(**{**COMMON, "num_hidden_layers": 4}, **ids, rope_theta=2000000.0, no_rope_layer_interval=4)
+
+
+def _gemma2(T, ids, variant):
+    # caps far below Gemma 2's 50 / 30 so that a tiny random model's scores and logits reach them
+    caps = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    layers = ["sliding_attention", "full_attention"]
+    return T.Gemma2Config(
+        **COMMON, **ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, layer_types=layers, **caps
+    )
+
+
+K256 = dict(hidden_size=256, intermediate_size=512)  # rows of 256: llama.cpp's K-quants apply
+
+
+def _mixtral(T, ids, variant):
+    # four experts, two per token; no window (llama.cpp runs Mixtral without one)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if variant == "k256":  # eight experts, as llama.cpp's quantizer special-cases
+        moe["num_local_experts"] = 8
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    return T.MixtralConfig(**shape, **ids, **moe, rope_theta=1000000.0, rms_norm_eps=1e-5)
+
+
+def _qwen3_moe(T, ids, variant):
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    if variant == "k256":
+        moe["moe_intermediate_size"] = 256
+    return T.Qwen3MoeConfig(**shape, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+# the families added with issue 16: arch -> config builder (transformers, ids, variant)
+FAMILIES = {
+    "qwen3": _qwen3,
+    "granite": _granite,
+    "olmo2": _olmo2,
+    "smollm3": _smollm3,
+    "gemma2": _gemma2,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+}
+# tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
+TOKENIZERS = {
+    ("phi3", "phi4mini"): "gpt4o",
+    "qwen2": "qwen2",
+    "qwen3": "qwen2",
+    "qwen3_moe": "qwen2",
+    **dict.fromkeys(SPM_ARCHS, "spm"),
+}
 
 
 def train_spm(folder: Path) -> Path:
@@ -153,7 +263,7 @@ def build(
     import torch
     import transformers as T
 
-    tok_folder = tokenizers["spm" if arch in SPM_ARCHS else "qwen2" if arch == "qwen2" else "bpe"]
+    tok_folder = tokenizers[TOKENIZERS.get((arch, variant)) or TOKENIZERS.get(arch, "bpe")]
     tok_cfg = json.loads((tok_folder / "tokenizer_config.json").read_text())
     vocab = json.loads((tok_folder / "tokenizer.json").read_text())
     n_vocab = len(vocab["model"]["vocab"])
@@ -166,7 +276,7 @@ def build(
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # random norms (transformers initializes them to a constant)
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch == "gemma3" else 1.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch.startswith("gemma") else 1.0))
     model = model.to(getattr(torch, dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if sharded else "10GB")

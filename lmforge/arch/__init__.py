@@ -4,11 +4,14 @@ Each module defines an `Arch`: how its tensors are named in HF checkpoints and i
 (canonical name -> template with `{i}` for the layer), how its config.json and its GGUF metadata
 become a `ModelSpec` and back, and the checkpoint quirks readers undo and writers redo. Readers
 and writers ask the Arch and never branch on a family name, so a new family is one new module
-here (listed in `_registry`) plus test fixtures.
+here plus test fixtures (`_registry` finds every module that defines an ARCH).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from lmforge.spec import ModelSpec
 
 # GGUF metadata reader: key under `{arch}.` (and a default) -> value
 GGUFGetter = Callable[..., Any]
+EXPERT = "@"  # canonical name + EXPERT + index: one expert's slice of a stacked tensor
 FUSED_GROUPS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # a fused tensor's rows: its parts in order
 
 
@@ -44,6 +48,8 @@ class Arch:
     gguf_claims: for families that share a `gguf_arch`: whether a file's metadata is this family.
     gguf_name_rule: (general.name, vocabulary) -> the name llama.cpp accepts (see `gguf_general_name`).
     hf_prefixes: name prefixes stripped before matching (multimodal wrappers).
+    genai_type: the decoder type genai_config.json names when onnxruntime-genai lacks `model_type`
+        ("decoder", its generic one, runs lmforge's graph as it is).
     """
 
     model_type: str
@@ -61,6 +67,7 @@ class Arch:
     gguf_claims: Callable[[GGUFGetter], bool] | None = None
     gguf_name_rule: Callable[[str, list], str] | None = None
     hf_prefixes: tuple[str, ...] = ()
+    genai_type: str | None = None
     hf_ignore: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
     aliases: tuple[str, ...] = field(default=())
 
@@ -99,11 +106,13 @@ class Arch:
         return arr
 
     def matcher(self, which: str) -> Callable[[str], str | None]:
-        """A function mapping a source tensor name ("hf" or "gguf") to its canonical name or None."""
+        """A function mapping a source tensor name ("hf" or "gguf") to its canonical name or None.
+        A template with `{j}` holds one expert's slice of a stacked tensor (HF's per-expert
+        matrices): its names map to "{canonical}@{j}", which the reader stacks."""
         table = self.hf_names if which == "hf" else self.gguf_names
         patterns = []
         for canonical, template in table.items():
-            rx = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$"
+            rx = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)") + "$"
             patterns.append((re.compile(rx), canonical))
         prefixes = self.hf_prefixes if which == "hf" else ()
 
@@ -114,7 +123,9 @@ class Arch:
             for rx, canonical in patterns:
                 m = rx.match(name)
                 if m:
-                    return canonical.replace("{i}", m.group("i")) if "i" in m.groupdict() else canonical
+                    groups = m.groupdict()
+                    canonical = canonical.replace("{i}", groups["i"]) if "i" in groups else canonical
+                    return f"{canonical}{EXPERT}{groups['j']}" if "j" in groups else canonical
             return None
 
         return match
@@ -128,11 +139,21 @@ class Arch:
         return None if template is None else template.replace("{i}", i or "")
 
 
-def _registry() -> dict[str, Arch]:
-    from lmforge.arch import gemma3, llama, mistral, phi3, qwen2
+FIRST = ("llama", "mistral", "phi3", "qwen2", "gemma3")  # registry order of the first families; new ones follow by name
 
+
+@functools.cache
+def _modules() -> tuple:
+    """Every module of this package that defines an ARCH: a new family is one new file here."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common")
+    names.sort(key=lambda n: FIRST.index(n) if n in FIRST else len(FIRST))
+    mods = (importlib.import_module(f"{__name__}.{n}") for n in names)
+    return tuple(m for m in mods if isinstance(getattr(m, "ARCH", None), Arch))
+
+
+def _registry() -> dict[str, Arch]:
     archs = {}
-    for mod in (llama, mistral, phi3, qwen2, gemma3):
+    for mod in _modules():
         a = mod.ARCH
         for name in (a.model_type, a.name, *a.aliases):
             archs[name] = a

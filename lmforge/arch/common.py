@@ -137,7 +137,11 @@ def rope_scaling(cfg: dict, params: dict) -> RopeScaling | None:
             original_context_length=int(orig),
             attention_factor=params.get("attention_factor"),
         )
-    raise CheckpointError(f"unsupported rope scaling {kind!r}; lmforge knows linear, llama3, longrope, yarn")
+    key = "rope_parameters" if isinstance(cfg.get("rope_parameters"), dict) else "rope_scaling"
+    raise CheckpointError(
+        f"config.json field {key}.rope_type is {kind!r}, which lmforge does not support; "
+        "it knows linear, llama3, longrope, yarn"
+    )
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -146,8 +150,21 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+# config.json keys that ask for layers lmforge does not build yet -> what they are
+UNSUPPORTED_KEYS = {
+    "num_local_experts": "mixture-of-experts layers",
+    "num_experts": "mixture-of-experts layers",
+    "n_routed_experts": "mixture-of-experts layers",
+}
+
+
 def spec_from_hf(cfg: dict, arch: str, **fields) -> ModelSpec:
     """The fields every Llama-style config.json shares; `fields` adds or overrides arch extras."""
+    for key, what in UNSUPPORTED_KEYS.items():
+        if cfg.get(key) and not fields.get("n_experts"):
+            raise CheckpointError(
+                f"config.json field {key!r} ({cfg[key]}) asks for {what}, which lmforge does not build"
+            )
     hidden = int(_require(cfg, "hidden_size"))
     n_heads = int(_require(cfg, "num_attention_heads"))
     params = rope_parameters(cfg, fields.pop("rope_layer_type", None))

@@ -23,6 +23,33 @@ def llama3_inv_freq(inv: np.ndarray, s: RopeScaling) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(inv.dtype)
 
 
+LLAMA3_BANDS = (1.0, 4.0)  # (low_freq_factor, high_freq_factor) of every published Llama 3.x
+
+
+def llama3_from_freq_factors(theta: float, rotary_dim: int, factors: np.ndarray) -> RopeScaling | None:
+    """Llama 3 rope scaling back from the per-frequency divisors llama.cpp stores (`rope_freqs`),
+    for writing config.json: Llama 3.x's bands, the factor that divides the longest wavelengths,
+    and the original context that places the blend between; None when no such scaling gives
+    exactly these divisors."""
+    low, high = LLAMA3_BANDS
+    inv = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    wavelen, f = 2 * math.pi / inv, np.asarray(factors, dtype=np.float64)
+    factor = float(f.max())
+    if factor <= 1.0:
+        return None
+    blend = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if blend.any():  # 1/f = (1 - s) / factor + s, s = (orig / wavelen - low) / (high - low)
+        s = (1 / f[blend] - 1 / factor) / (1 - 1 / factor)
+        orig = float(np.mean(wavelen[blend] * (s * (high - low) + low)))
+    else:  # no wavelength in the blend: any context between the kept and the divided ones will do
+        orig = float(wavelen[f <= 1 + 1e-6].max()) * high if (f <= 1 + 1e-6).any() else float(wavelen.min()) * low
+    candidate = RopeScaling(
+        "llama3", factor=factor, original_context_length=round(orig), low_freq_factor=low, high_freq_factor=high
+    )
+    redone = inv / llama3_inv_freq(inv, candidate)
+    return candidate if np.allclose(redone, f, rtol=1e-5, atol=0) else None
+
+
 def _hf_config(spec: ModelSpec, cfg: dict) -> None:
     cfg.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
     hf_window_config(spec, cfg)

@@ -22,5 +22,5 @@ ARCH = Arch(
     spec_from_hf=_spec,
     permute_qk=True,
     gguf_metadata=lambda spec: gguf_window_dropped(spec, "llama"),
-    gguf_claims=lambda g: bool(g(GGUF_WINDOW)),
+    gguf_claims=lambda g: bool(g(GGUF_WINDOW)) and not g("expert_count"),  # with experts: Mixtral
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.arch import get_arch
+from lmforge.arch import EXPERT, get_arch
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
 from lmforge.errors import CheckpointError
 
@@ -123,9 +123,40 @@ class HFCheckpoint(Checkpoint):
                 begin, end = entry["data_offsets"]
                 self._locations[name] = (f, data_start + begin, entry)
                 self.infos.append(TensorInfo(name, src, tuple(entry["shape"]), entry["dtype"], end - begin))
+        self._stacks = self._stack_experts()
+
+    def _stack_experts(self) -> dict[str, list[str]]:
+        """Per-expert matrices ("{name}@{j}", see `Arch.matcher`) become one (n_experts, ...) tensor
+        each, as GGUF stores them; returns {stacked name: its parts in expert order}."""
+        parts: dict[str, dict[int, TensorInfo]] = {}
+        for info in self.infos:
+            if EXPERT in info.name:
+                base, j = info.name.split(EXPERT)
+                parts.setdefault(base, {})[int(j)] = info
+        stacks, infos = {}, []
+        for info in self.infos:
+            base = info.name.split(EXPERT)[0]
+            if base not in parts:
+                infos.append(info)
+            elif base not in stacks:
+                by_j = parts[base]
+                if sorted(by_j) != list(range(len(by_j))):
+                    raise CheckpointError(
+                        f"{self.path} lacks some experts of {base} (has {sorted(by_j)}); re-download it"
+                    )
+                ordered = [by_j[j] for j in range(len(by_j))]
+                stacks[base] = [i.name for i in ordered]
+                shape = (len(ordered), *ordered[0].shape)
+                infos.append(
+                    TensorInfo(base, ordered[0].source_name, shape, info.dtype, sum(i.nbytes for i in ordered))
+                )
+        self.infos = infos
+        return stacks
 
     def read(self, name: str) -> np.ndarray:
         """One tensor by canonical name, as float32 (bf16 widened) or float16."""
+        if name in self._stacks:
+            return np.stack([self.read(part) for part in self._stacks[name]])
         f, offset, entry = self._locations[name]
         dtype, width = DTYPES[entry["dtype"]]
         count = int(np.prod(entry["shape"], dtype=np.int64))

@@ -96,7 +96,7 @@ def genai_config(spec, target, eos_ids, bos_id, context: int | None = None, pad:
             "pad_token_id": pad if pad is not None else eos_ids[0],
             # onnxruntime-genai names decoder types after HF's model_type (its "gemma3" is the
             # vision-language package, "gemma3_text" the text model)
-            "type": get_arch(spec.arch).model_type,
+            "type": get_arch(spec.arch).genai_type or get_arch(spec.arch).model_type,
             "vocab_size": spec.vocab_size,
         },
         "search": {

@@ -129,7 +129,7 @@ class _Plan:
             if keep_types:  # the source's own choice for this tensor, whatever our rules would pick
                 self.items.append((gname, tuple(info.shape), gguf.GGMLQuantizationType[info.dtype], info))
                 continue
-            qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output)
+            qtype, note = tensor_type(gname, info.shape, ft, spec.n_layers, has_output, spec.n_experts)
             if note:
                 self.notes.append(note)
             self.items.append((gname, tuple(info.shape), qtype, info))

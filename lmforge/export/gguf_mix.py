@@ -66,17 +66,28 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+# llama.cpp's quantizer for models of exactly 8 experts (Mixtral): kind -> (file types, type)
+EIGHT_EXPERTS = {
+    "attn_v": (None, Q.Q8_0),  # "bumping this to Q8_0 trades just ~128MB", whatever the file type
+    "attn_k": (None, Q.Q8_0),
+    "attn_output": (("q4_k_m",), Q.Q5_K),
+}
+
+
 def tensor_type(
-    gguf_name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, has_output: bool
+    gguf_name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, has_output: bool, n_experts: int = 0
 ) -> tuple[Q, str | None]:
-    """(ggml type, fallback note or None) for one tensor of numpy shape `shape` (rows, cols)."""
+    """(ggml type, fallback note or None) for one tensor of numpy shape `shape` (rows, cols) of a
+    model of `n_layers` layers and `n_experts` experts per layer."""
     if len(shape) < 2 or "_norm" in gguf_name or not gguf_name.endswith(".weight") or gguf_name.startswith("rope_"):
+        return Q.F32, None
+    if ".ffn_gate_inp." in gguf_name:  # the MoE router: llama.cpp's quantizer leaves it as it is
         return Q.F32, None
     new = ft.default
     if new in FLOAT_TYPES:
         return new, None
     cols = shape[-1]
-    kind = gguf_name.split(".")[-2]
+    kind = gguf_name.split(".")[-2].removesuffix("_exps")  # llama.cpp matches "ffn_down" in ffn_down_exps too
     if gguf_name == "output.weight" or (not has_output and gguf_name == "token_embd.weight"):
         # the head: Q6_K unless the default's blocks do not fit the row (then Q8_0)
         if cols % GGML_QUANT_SIZES[new][0] != 0:
@@ -87,6 +98,8 @@ def tensor_type(
         layer = int(gguf_name.split(".")[1])
         if use_more_bits(layer, n_layers):
             new = MORE_BITS[ft.name][kind]
+    if n_experts == 8 and kind in EIGHT_EXPERTS and ft.name in (EIGHT_EXPERTS[kind][0] or (ft.name,)):
+        new = EIGHT_EXPERTS[kind][1]
     note = None
     if new in K_QUANTS and cols % 256 != 0:
         fallback = FALLBACK[new]

@@ -32,7 +32,7 @@ PROBE = (
 )
 # Order matters: the first candidate that reproduces the source wins. Qwen2's single digits come
 # before Llama 3's groups of three: on a vocabulary without multi-digit tokens both split alike.
-PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2", "default")
+PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2", "gpt-4o", "default")
 T_STRING, T_ARRAY, T_UINT32, T_BOOL = "string", "array", "uint32", "bool"
 
 
@@ -132,13 +132,20 @@ def _types(tokens: list[str], added: dict[int, dict], present: set[int], byte_to
     return types
 
 
-def _pick_pre(source: Tokenizer, meta: dict) -> str:
+def _split_regexes(tj: dict) -> tuple[str, ...]:
+    """The regexes of a tokenizer.json's Split pre-tokenizer steps, in order."""
+    return tuple(s["pattern"].get("Regex", "") for s in _steps(tj.get("pre_tokenizer")) if s.get("type") == "Split")
+
+
+def _pick_pre(source: Tokenizer, meta: dict, regexes: tuple[str, ...] = ()) -> str:
     """The llama.cpp pre-tokenizer name under which `meta`'s vocabulary tokenizes PROBE exactly as
-    the source tokenizer does."""
-    from lmforge.tokenizer import gpt2_from_gguf
+    the source tokenizer does; among those, one whose regexes are the source's own `regexes`
+    comes first (a vocabulary can hide a split's difference on the probe)."""
+    from lmforge.tokenizer import PRE_TOKENIZERS, gpt2_from_gguf
 
     want = source.encode(PROBE)
-    for pre in PRE_CANDIDATES:
+    own = [pre for pre, rxs in PRE_TOKENIZERS.items() if rxs == regexes and regexes]
+    for pre in own + list(PRE_CANDIDATES):
         candidate = gpt2_from_gguf({**meta, "tokenizer.ggml.pre": pre})
         candidate.encode_special_tokens = True
         if candidate.encode(PROBE, add_special_tokens=False).ids == want:
@@ -172,7 +179,7 @@ def hf_vocab(folder: Path, n_vocab: int, pad_id: int | None = None) -> dict:
         meta["tokenizer.ggml.token_type"] = (_types(tokens, added, present, False), T_ARRAY)
         meta["tokenizer.ggml.merges"] = (merges, T_ARRAY)
         plain = {k: v[0] for k, v in meta.items()}
-        meta["tokenizer.ggml.pre"] = (_pick_pre(source, plain), T_STRING)
+        meta["tokenizer.ggml.pre"] = (_pick_pre(source, plain, _split_regexes(tj)), T_STRING)
     elif not byte_level:
         meta.update(_spm_meta(folder, tj, tokens, added))
     else:

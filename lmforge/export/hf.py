@@ -8,11 +8,13 @@ as GGUF, and feeds tools that only read HF folders.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from lmforge.arch import get_arch
+from lmforge.arch.llama import llama3_from_freq_factors
 from lmforge.checkpoint import open_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.atomic import atomic_folder, check_output
@@ -23,6 +25,8 @@ def _rope_scaling(spec: ModelSpec) -> dict | None:
     rs = spec.rope_scaling
     if rs is None:
         return None
+    if rs.kind == "freq_factors":  # llama.cpp's form of Llama 3's scaling: its parameters back
+        rs = llama3_from_freq_factors(spec.rope_theta, spec.rotary_dim, np.asarray(rs.long_factor)) or rs
     if rs.kind == "linear":
         return {"rope_type": "linear", "factor": rs.factor}
     if rs.kind == "llama3":
@@ -90,17 +94,23 @@ def hf_config(spec: ModelSpec) -> dict:
     return cfg
 
 
+def _hf_parts(ckpt, info) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of what `info` is in an HF folder: itself, or one matrix per expert when
+    HF stores a stacked tensor (n_experts, ...) expert by expert (`{j}` in its name)."""
+    name = ckpt.arch.source_name(info.name, "hf")
+    if "{j}" not in name:
+        return [(name, tuple(info.shape))]
+    return [(name.replace("{j}", str(j)), tuple(info.shape[1:])) for j in range(info.shape[0])]
+
+
 def write_safetensors(path: Path, ckpt) -> None:
     """Every tensor of `ckpt` as F32 under its HF name, written one at a time."""
     header, offset = {}, 0
     for info in ckpt.infos:
-        nbytes = 4 * info.n_elements
-        header[ckpt.arch.source_name(info.name, "hf")] = {
-            "dtype": "F32",
-            "shape": list(info.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
+        for name, shape in _hf_parts(ckpt, info):
+            nbytes = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

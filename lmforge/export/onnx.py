@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 from lmforge.checkpoint.base import Checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.rope import rope_tables
-from lmforge.export.weights import QuantOptions, WeightSource
-from lmforge.quant.nbits import NBits
+from lmforge.export.weights import QuantOptions, WeightSource, head_block
+from lmforge.quant.nbits import NBits, rtn
 from lmforge.spec import ModelSpec
 
 MS = "com.microsoft"
@@ -336,8 +336,11 @@ def _qkv(g: Graph, h: str, src: WeightSource, i: int, options: GraphOptions) -> 
     return qkv, "", ""
 
 
-def _per_head_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
-    """RMSNorm over each head of x (B, S, n_heads * head_dim) with the norm weight `name` (head_dim,)."""
+def _qk_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
+    """RMSNorm of q or k (B, S, heads * head_dim) with the norm weight `name`: over each head when
+    the weight is (head_dim,) (Qwen3, Gemma 3), over the whole projection when it spans it (OLMo 2)."""
+    if src.shape(name)[0] != src.spec.head_dim:
+        return _rms_norm(g, src, x, name)
     heads = g.node("Reshape", [x, g.const([0, 0, -1, src.spec.head_dim])])  # (B, S, n_heads, head_dim)
     return g.node("Reshape", [_rms_norm(g, src, heads, name), g.const([0, 0, -1])])
 
@@ -350,6 +353,11 @@ def window_size(spec: ModelSpec, i: int) -> int:
     return -1
 
 
+def attention_scale(spec: ModelSpec) -> float:
+    """The softmax scale: the model's own (Granite), else 1/sqrt of query_pre_attn_scalar or head_dim."""
+    return spec.attention_scale or 1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim)
+
+
 def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, shared: _Shared) -> str:
     """Self-attention of layer i over its normed input h (B, S, H), reading and extending the KV
     cache; returns the o projection's output (B, S, H)."""
@@ -357,9 +365,11 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
     g.taps[f"{p}.qkv"] = h
     cos, sin = shared.rotary[_local_rope(spec, i)]
     q, k, v = _qkv(g, h, src, i, options)
-    if spec.qk_norm:  # per-head RMSNorm on q and k before rotary
-        q, k = (_per_head_norm(g, src, t, f"{p}.{n}_norm") for t, n in ((q, "q"), (k, "k")))
-    if options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
+    if spec.qk_norm:  # RMSNorm on q and k before rotary
+        q, k = (_qk_norm(g, src, t, f"{p}.{n}_norm") for t, n in ((q, "q"), (k, "k")))
+    if i in spec.nope_layers:  # SmolLM3: this layer attends without rotary
+        fused_rotary, caches = {"do_rotary": 0}, []
+    elif options.separate_rotary:  # DirectML's form: RotaryEmbedding nodes fed by position_ids
         rot = {"rotary_embedding_dim": spec.rotary_dim} if spec.rotary_dim != spec.head_dim else {}
         q, k = (
             g.node("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=0, num_heads=n, **rot)
@@ -375,9 +385,10 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
         domain=MS,
         num_heads=spec.n_heads,
         kv_num_heads=spec.n_kv_heads,
-        scale=1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim),
+        scale=attention_scale(spec),
         local_window_size=window_size(spec, i),
         **fused_rotary,
+        **({"softcap": float(spec.attn_softcap)} if spec.attn_softcap else {}),
     )
     for out, name in zip((present_k, present_v), _present(i)):
         g.nodes.append(helper.make_node("Identity", [out], [name]))
@@ -385,10 +396,52 @@ def _attention(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: st
     return _linear(g, attn, src.matrix([f"{p}.o"], f"{p}.o"), f"{p}.o", src.get(f"{p}.o.bias"), level)
 
 
+def _expert_codes(g: Graph, name: str, w: np.ndarray, bits: int, block: int) -> list[str]:
+    """Stacked expert weights w (E, N, K) as QMoE reads them: packed symmetric codes (E, N, K *
+    bits / 8) and scales (E, N, K / block)."""
+    coded = [rtn(w[e], bits, block, symmetric=True) for e in range(w.shape[0])]
+    packed = np.stack([c.packed_b().reshape(c.N, -1) for c in coded])
+    return [g.weight(name + ".qweight", packed), g.weight(name + ".scales", np.stack([c.scales for c in coded]))]
+
+
+def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
+    """The mixture-of-experts MLP of layer i over h (B, S, H): router logits, then ONNX Runtime's
+    MoE op (softmax, top n_experts_used renormalized, SwiGLU experts), or QMoE over symmetric
+    int4/int8 expert codes when quantizing; returns (B, S, H)."""
+    spec, p, quant = src.spec, f"layers.{i}", options.quant
+    flat = g.node("Reshape", [h, g.const([-1, spec.hidden_size])])  # (B*S, H)
+    logits = _linear(g, flat, src.get(f"{p}.router"), f"{p}.router")  # (B*S, n_experts)
+    gate, up, down = (src.get(f"{p}.{n}_exps") for n in ("gate", "up", "down"))  # (E, I, H) (E, I, H) (E, H, I)
+    fc1 = np.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved: (E, 2I, H)
+    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=int(spec.moe_renormalize))
+    attrs["activation_type"] = "swiglu"
+    attrs["swiglu_fusion"] = 1  # the CPU provider's only SwiGLU layout
+    # one block size for both: the preset's, or the largest power of two >= 16 dividing both widths
+    widths = math.gcd(fc1.shape[2], down.shape[2])
+    block = head_block(quant.block_size, widths) if quant else 0
+    if quant and quant.symmetric and widths % block == 0:
+        codes = [
+            _expert_codes(g, f"{p}.{n}", w, quant.bits, block) for n, w in (("fc1_exps", fc1), ("down_exps", down))
+        ]
+        y = g.node(
+            "QMoE",
+            [flat, logits, *codes[0], "", *codes[1], ""],
+            expert_weight_bits=quant.bits,
+            block_size=block,
+            **attrs,
+        )
+    else:
+        fc1_name, fc2_name = g.weight(f"{p}.fc1_exps", fc1), g.weight(f"{p}.down_exps", down)
+        y = g.node("MoE", [flat, logits, fc1_name, "", fc2_name], **attrs)
+    return g.node("Reshape", [y, g.node("Shape", [h])])
+
+
 def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
     """The gated MLP of layer i over its normed input h (B, S, H): down(act(gate) * up), with
     gate|up one fused projection; returns (B, S, H)."""
     spec, p, level = src.spec, f"layers.{i}", options.accuracy_level
+    if spec.n_experts:
+        return _moe(g, src, options, i, h)
     g.taps[f"{p}.gate_up"] = h
     gate_up = _linear(g, h, src.matrix(src.gate_up_parts(i), f"{p}.gate_up"), f"{p}.gate_up", None, level)
     gate, up = g.node("Split", [gate_up, g.const([spec.intermediate_size] * 2)], n_out=2, axis=-1)
@@ -396,21 +449,34 @@ def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
     return _linear(g, g.taps[f"{p}.down"], src.matrix([f"{p}.down"], f"{p}.down"), f"{p}.down", None, level)
 
 
+def _residual_add(g: Graph, src: WeightSource, residual: str, x: str, norm: str) -> tuple[str, str]:
+    """residual + x (x scaled first when the model scales it, Granite) and the next sublayer's
+    input: RMSNorm of the sum with the weight `norm`, one fused op, or the sum itself for a
+    model without pre-norms (OLMo 2), whose final norm still applies. Returns (input, residual)."""
+    spec = src.spec
+    if spec.residual_scale:
+        x = g.node("Mul", [x, g.const(spec.residual_scale, g.dtype.type)])
+    if spec.pre_norms or norm == "norm":
+        return _skip_norm(g, residual, x, _norm_weight(g, src, norm), float(spec.norm_eps))
+    total = g.node("Add", [residual, x])
+    return total, total
+
+
 def _layer(
     g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str, residual: str, shared: _Shared
 ) -> tuple[str, str]:
     """Decoder layer i from its normed input h and the residual stream (both (B, S, H)); returns
     the next layer's normed input (after the last layer: the final norm's output) and residual."""
-    spec, p, eps = src.spec, f"layers.{i}", float(src.spec.norm_eps)
+    spec, p = src.spec, f"layers.{i}"
     o = _attention(g, src, options, i, h, shared)
-    if spec.post_norms:  # Gemma 3's sandwich norms
+    if spec.post_norms:  # Gemma's sandwich norms, OLMo 2's post-norms
         o = _rms_norm(g, src, o, f"{p}.post_attn_norm")
-    h, residual = _skip_norm(g, residual, o, _norm_weight(g, src, f"{p}.mlp_norm"), eps)
+    h, residual = _residual_add(g, src, residual, o, f"{p}.mlp_norm")
     m = _mlp(g, src, options, i, h)
     if spec.post_norms:
         m = _rms_norm(g, src, m, f"{p}.post_mlp_norm")
     following = f"layers.{i + 1}.attn_norm" if i + 1 < spec.n_layers else "norm"
-    return _skip_norm(g, residual, m, _norm_weight(g, src, following), eps)
+    return _residual_add(g, src, residual, m, following)
 
 
 # ---- embedding and head ---------------------------------------------------------------------
@@ -473,10 +539,17 @@ def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str,
 def _head(g: Graph, h: str, w: HeadWeight, spec: ModelSpec, accuracy_level: int) -> str:
     """Logits (B, S, V) from hidden states (B, S, H)."""
     if isinstance(w, NBitsWeight):
-        return _matmul_nbits(g, h, w, accuracy_level)
-    flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), w.name], transB=1)
-    shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
-    return g.node("Reshape", [flat, shape])
+        logits = _matmul_nbits(g, h, w, accuracy_level)
+    else:
+        flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), w.name], transB=1)
+        shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
+        logits = g.node("Reshape", [flat, shape])
+    if spec.logit_scale:  # Granite divides its logits
+        logits = g.node("Div", [logits, g.const(spec.logit_scale, g.dtype.type)])
+    if spec.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
+        cap = g.const(spec.final_softcap, g.dtype.type)
+        logits = g.node("Mul", [g.node("Tanh", [g.node("Div", [logits, cap])]), cap])
+    return logits
 
 
 def _last_positions(g: Graph, h: str, mask_sum: str, hidden: int) -> str:
@@ -559,7 +632,7 @@ def _build(
     x, write_head = _embedding(g, src, options)  # (B, S, H)
     if spec.embedding_scale:
         x = g.node("Mul", [x, g.const(spec.embedding_scale, g.dtype.type)])
-    h, residual = _rms_norm(g, src, x, "layers.0.attn_norm"), x
+    h, residual = (_rms_norm(g, src, x, "layers.0.attn_norm") if spec.pre_norms else x), x
     for i in range(spec.n_layers):
         h, residual = _layer(g, src, options, i, h, residual, shared)
         if progress:

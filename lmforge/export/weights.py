@@ -74,6 +74,7 @@ class WeightSource:
         self.awq = awq or AwqScales()
         self.names = {t.name for t in ckpt.infos}
         self.types = {t.name: t.dtype for t in ckpt.infos}
+        self._shapes = {t.name: tuple(t.shape) for t in ckpt.infos}
         self.offset = np.float32(ckpt.spec.norm_offset)
         self.requantized: set[str] = set()
         self.transcoded: set[str] = set()
@@ -84,6 +85,10 @@ class WeightSource:
         w = self.ckpt.read(name).astype(np.float32, copy=False)
         div = self.awq.row_div.get(name)
         return w if div is None else w / (div[:, None] if w.ndim == 2 else div)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as stored, without reading it."""
+        return self._shapes[name]
 
     def norm(self, name: str) -> np.ndarray:
         w = self.ckpt.read(name).astype(np.float32, copy=False) + self.offset  # Gemma: (1 + w)

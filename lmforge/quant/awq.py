@@ -22,8 +22,12 @@ def scale_groups(spec, i: int) -> list[tuple[str, str | None]]:
     """(group, tensor whose rows/values take 1/s) for layer i of a ModelSpec. The `o` group needs
     one v row per input channel, so it is scaled only without grouped-query attention; groups
     whose feeding projection has a bias (v, up) are left alone, since the bias would need the 1/s too."""
-    groups = [(f"layers.{i}.qkv", f"layers.{i}.attn_norm"), (f"layers.{i}.gate_up", f"layers.{i}.mlp_norm")]
-    if not spec.mlp_bias:
+    groups = []
+    if spec.pre_norms:  # without them (OLMo 2) the group's input is the residual stream: nothing to fold 1/s into
+        groups.append((f"layers.{i}.qkv", f"layers.{i}.attn_norm"))
+    if spec.pre_norms and not spec.n_experts:  # experts stay float
+        groups.append((f"layers.{i}.gate_up", f"layers.{i}.mlp_norm"))
+    if not spec.mlp_bias and not spec.n_experts:
         groups.append((f"layers.{i}.down", f"layers.{i}.up"))
     if spec.n_heads == spec.n_kv_heads and not spec.qk_norm and not spec.attention_bias:
         groups.append((f"layers.{i}.o", f"layers.{i}.v"))

@@ -88,8 +88,10 @@ def _region(path: Path, name, e, data_size: int) -> tuple[int, int]:
     if not isinstance(offsets, ints) or len(offsets) != 2 or not all(_count(x) for x in offsets):
         raise bad(f"has invalid data_offsets {str(offsets)[:60]}")
     begin, end = offsets
-    if begin > end or end > data_size:
-        raise bad(f"has data_offsets {offsets} outside its data section of {data_size} bytes")
+    if begin > end:
+        raise bad(f"has reversed data_offsets {offsets}")
+    if end > data_size:
+        raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
     if end - begin != math.prod(shape) * ITEM_SIZES[dtype]:
         raise bad(f"has {end - begin} bytes for shape {list(shape)} of {dtype}")
     return begin, end

@@ -22,10 +22,11 @@ LIMITS = {
     "head_dim": (1, 4096),
     "intermediate_size": (1, 1 << 20),
     "vocab_size": (1, 1 << 22),
-    "context_length": (1, 1 << 24),
-    "sliding_window": (1, 1 << 24),
+    "context_length": (1, 1 << 21),  # 2M positions (Qwen2.5-1M has 1,010,000)
+    "sliding_window": (1, 1 << 21),
     "rotary_dim": (1, 4096),
 }
+ROPE_TABLE_LIMIT = 1 << 28  # context_length x rotary_dim: cos + sin tables of at most 1 GiB in float32
 FLOAT_LIMITS = {  # (low, high, low allowed)
     "rope_theta": (0.0, 1e12, False),
     "norm_eps": (0.0, 1.0, False),
@@ -159,6 +160,11 @@ class ModelSpec:
             raise CheckpointError(
                 f"{where}: {self.n_heads} attention heads are not a multiple of {self.n_kv_heads} KV heads; "
                 "the file is corrupt"
+            )
+        if self.context_length * self.rotary_dim > ROPE_TABLE_LIMIT:
+            raise CheckpointError(
+                f"{where}: context_length {self.context_length} x rotary dimension {self.rotary_dim} is implausible "
+                f"(rotary tables of {self.context_length * self.rotary_dim * 4 >> 20} MiB); the file is corrupt"
             )
         if self.rotary_dim % 2 or self.head_dim % 2:
             raise CheckpointError(

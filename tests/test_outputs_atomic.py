@@ -164,3 +164,22 @@ def test_cache_unwritable_or_full(sources, tmp_path):
     assert_user_error(r, "File too large", "LMFORGE_HOME")
     leftovers = [p for p in (home / "onnx").iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_replace_without_an_atomic_exchange(tmp_path, monkeypatch):
+    """Where renameat2 is missing, the old output is parked under a hidden name first; a kill
+    between the two renames leaves it there, and the next writer puts it back whole."""
+    from lmforge.export import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    for version in ("old", "new"):
+        with atomic.atomic_folder(out) as tmp:
+            (tmp / "weights").write_text(version)
+            (tmp / "tokenizer.json").write_text(version)
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"weights": "new", "tokenizer.json": "new"}
+    assert hidden(tmp_path) == []
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    out.rename(tmp_path / f".out.old-{dead}")  # as a kill between the renames leaves it
+    atomic.clean_stale(out)
+    assert (out / "weights").read_text() == "new" and hidden(tmp_path) == []

@@ -510,7 +510,8 @@ class Tally:
 
 def build_seeds(root: Path) -> tuple[Path, Path]:
     """(tiny HF llama folder, its Q8_0 GGUF): 2 layers, hidden 64, a 2,000-token SentencePiece
-    vocabulary trained here, weights from transformers; small, so each variant costs milliseconds."""
+    vocabulary trained here, weights from transformers; small, so each variant costs milliseconds.
+    Also writes seed-gemma3.gguf (F16): Gemma 3's per-layer pattern, q/k norms and four norms."""
     from lmforge.export.gguf import convert_to_gguf
     from tests import tiny
 
@@ -519,6 +520,8 @@ def build_seeds(root: Path) -> tuple[Path, Path]:
         sp = tiny.train_spm(root / "spm")
         tiny.spm_hf_tokenizer(sp, root / "spm-src").save_pretrained(root / "tok")
         tiny.build(hf, "llama", tokenizers={"bpe": root / "tok"})
+        tiny.build(root / "seed-gemma3", "gemma3", tokenizers={"spm": root / "tok"})
+        convert_to_gguf(root / "seed-gemma3", root / "seed-gemma3.gguf", "f16", progress=False)
         convert_to_gguf(hf, gguf, "q8_0", progress=False)
     return hf, gguf
 
@@ -530,14 +533,15 @@ def _engine_steps(tally: Tally, worker: Worker, prefix: str, gguf: Path, work: P
 
 
 def run_gguf(seed: Path, n: int, base: int, work: Path, tally: Tally, worker: Worker, ort_every: int = 0) -> None:
-    """`n` variants of the GGUF `seed` through inspect, convert, and llama.cpp (every variant:
+    """`n` variants of the GGUF `seed` (and the other seed-*.gguf beside it, in turn) through inspect, convert, and llama.cpp (every variant:
     its engine checks the file itself) and ONNX Runtime (every `ort_every`-th that opens)."""
-    raw = seed.read_bytes()
-    lay = parse_gguf(raw)
+    files = [seed, *sorted(seed.parent.glob("seed-*.gguf"))]
+    seeds = [(f.stem, f.read_bytes(), parse_gguf(f.read_bytes())) for f in files]
     path, opened = work / "variant.gguf", 0
     for i in range(n):
+        name, raw, lay = seeds[i % len(seeds)]
         data, label = mutate_gguf(raw, lay, random.Random(f"gguf-{base + i}"))
-        label = f"#{base + i} {label}"
+        label = f"#{base + i} {name}: {label}"
         path.write_bytes(data)
         tally.variants["gguf"] += 1
         outcome, detail = guarded(inspect_step, path)

@@ -533,8 +533,9 @@ def _engine_steps(tally: Tally, worker: Worker, prefix: str, gguf: Path, work: P
 
 
 def run_gguf(seed: Path, n: int, base: int, work: Path, tally: Tally, worker: Worker, ort_every: int = 0) -> None:
-    """`n` variants of the GGUF `seed` (and the other seed-*.gguf beside it, in turn) through inspect, convert, and llama.cpp (every variant:
-    its engine checks the file itself) and ONNX Runtime (every `ort_every`-th that opens)."""
+    """`n` variants of the GGUF `seed` (and of the other seed-*.gguf beside it, in turn) through
+    inspect, convert, and llama.cpp (every variant: its engine checks the file itself) and ONNX
+    Runtime (every `ort_every`-th that opens)."""
     files = [seed, *sorted(seed.parent.glob("seed-*.gguf"))]
     seeds = [(f.stem, f.read_bytes(), parse_gguf(f.read_bytes())) for f in files]
     path, opened = work / "variant.gguf", 0

@@ -78,7 +78,7 @@ def check_gguf_keys(meta: dict, arch: str, where) -> None:
         elif isinstance(value, list) and len(value) > 1 << 20:
             raise CheckpointError(f"{where}: {key} has {len(value)} entries; the file is corrupt")
     experts, used = meta.get(prefix + "expert_count", 0), meta.get(prefix + "expert_used_count", 0)
-    if (experts or used) and not 0 < used <= experts:
+    if not all(isinstance(x, int) for x in (experts, used)) or (experts or used) and not 0 < used <= experts:
         raise CheckpointError(f"{where}: {used} of {experts} experts used per token; the file is corrupt")
     heads = meta.get(prefix + "attention.head_count")
     kv = meta.get(prefix + "attention.head_count_kv")
@@ -95,6 +95,8 @@ def _gguf_int(value, attr: str, key: str, where) -> None:
         raise CheckpointError(f"{where}: {key} has {len(values)} entries; the file is corrupt")
     for v in values:
         if isinstance(v, bool) and attr == "n_layers":  # Gemma 3's per-layer sliding flags
+            continue
+        if v == 0 and isinstance(value, list) and attr in ("n_heads", "n_kv_heads"):  # a layer without attention
             continue
         check_int(v, attr, f"{where}: {key}")
 

@@ -560,7 +560,7 @@ def _hf_variant(seed: Path, folder: Path, rng: random.Random) -> str:
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    kind = rng.choices(("safetensors", "config", "tokenizer"), (6, 3, 1))[0]
+    kind = rng.choices(("safetensors", "config", "tokenizer"), (6, 2, 1))[0]
     for f in seed.iterdir():
         if kind == "safetensors" and f.suffix == ".safetensors":
             data, label = mutate_safetensors(f.read_bytes(), rng)
@@ -582,7 +582,7 @@ def run_hf(seed: Path, n: int, base: int, work: Path, tally: Tally, worker: Work
     folder, opened = work / "variant-hf", 0
     for i in range(n):
         label = f"#{base + i} " + _hf_variant(seed, folder, random.Random(f"hf-{base + i}"))
-        tally.variants["safetensors/config"] += 1
+        tally.variants[label.split(" ", 2)[1].rstrip(":")] += 1
         outcome, detail = guarded(inspect_step, folder)
         tally.add("hf inspect", outcome, detail, label)
         if outcome != "worked":

@@ -76,23 +76,23 @@ def test_force_killed_at_20_moments_never_leaves_a_mixed_folder(sources, tmp_pat
         refs[name] = digest(tmp_path / f"ref-{name}")
     assert refs["A"] != refs["B"] and set(refs["A"]) == set(refs["B"])
     convert(sources[0], out, progress=False)
-    env = {**os.environ, "LMFORGE_TEST_SLOW_REPLACE": "0.4"}  # widen the replacement window
-    started = time.perf_counter()
-    cmd = [sys.executable, "-m", "lmforge", "convert", str(sources[1]), "-o", str(out), "--force"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    full = time.perf_counter() - started
+    env = {**os.environ, "LMFORGE_TEST_SLOW_REPLACE": "0.4"}  # 0.4 s before and after the swap
     rng, seen = random.Random(17), []
     for i in range(20):
-        src = sources[i % 2]
-        cmd = [sys.executable, "-m", "lmforge", "convert", str(src), "-o", str(out), "--force"]
+        cmd = [sys.executable, "-m", "lmforge", "convert", str(sources[i % 2]), "-o", str(out), "--force"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3 * full, full * 1.05))
+        ready = tmp_path / f".out.tmp-{proc.pid}" / "lmforge.json"  # written last: the replacement begins
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 1.0))  # a moment before, during or after the replacement
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         state = digest(out) if out.exists() else None
         assert state in (refs["A"], refs["B"]), f"kill {i}: a mixed or missing output {state}"
         seen.append("A" if state == refs["A"] else "B")
     print("states after the kills:", "".join(seen))
+    assert set(seen) == {"A", "B"}  # kills fell before and after the swap
     r = cli("convert", sources[0], "-o", out, "--force")
     assert r.returncode == 0, r.stderr
     assert digest(out) == refs["A"]

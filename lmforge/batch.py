@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, writing
 from lmforge.progress import Progress
 from lmforge.sampling import OPTION_NAMES, SamplingParams, response_format_options
 
@@ -103,16 +103,27 @@ class Writer:
     """Appends one record per line, flushed to disk before the next, under an exclusive lock."""
 
     def __init__(self, out: Path):
-        self.f = open(out, "a", encoding="utf-8")
-        self.job_lock = open(out.with_name(out.name + ".lock"), "w")  # held for a whole job
+        self.out = out
+        with writing(out, "choose a writable -o with room for the records", every=True):
+            self.f = open(out, "ab", buffering=0)  # unbuffered: a failed write is undone exactly
+            self.job_lock = open(out.with_name(out.name + ".lock"), "w")  # held for a whole job
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        """Append one record; a destination that cannot take it (full, over the file-size limit)
+        is one LmforgeError and leaves no part of the line behind."""
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fcntl.flock(self.f, fcntl.LOCK_EX)
         try:
-            self.f.write(line)
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            end = self.f.seek(0, os.SEEK_END)
+            with writing(self.out, "free space or choose another -o; rerunning resumes after the last record"):
+                try:
+                    view = memoryview(line)
+                    while view:  # a write that meets the limit writes part of the line, then fails
+                        view = view[os.write(self.f.fileno(), view) :]
+                    os.fsync(self.f.fileno())
+                except OSError:
+                    os.ftruncate(self.f.fileno(), end)  # no torn line left behind
+                    raise
         finally:
             fcntl.flock(self.f, fcntl.LOCK_UN)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmforge.chat import render_with, template_from_folder
 from lmforge.checkpoint import resolve, source_label
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, writing
 from lmforge.export.targets import DEFAULT_TARGET, get_target
 from lmforge.generate import GenerationResponse, stream_generate
 from lmforge.registry import cache_dir
@@ -48,10 +48,15 @@ class ChatReply:
     tool_calls: list[ToolCall]
 
 
+CACHE_HINT = "set LMFORGE_HOME to a writable folder with room for the converted model"
+
+
 @contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with writing(path.parent, CACHE_HINT, every=True):  # a read-only or missing cache: one line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -71,7 +76,7 @@ def cached_onnx(model: str | os.PathLike, target: str = DEFAULT_TARGET, progress
     stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
     key = hashlib.sha256(f"{path.resolve()}|{stamp}|{target}|{FORMAT_VERSION}".encode())
     out = cache_dir() / "onnx" / f"{source_label(path)}-{target}-{key.hexdigest()[:12]}"
-    with _locked(out.with_name(out.name + ".lock")):
+    with _locked(out.with_name(out.name + ".lock")), writing(out, CACHE_HINT):
         if not is_onnx_folder(out):
             convert(path, out, target=target, force=True, progress=progress)
         os.utime(out)  # its mtime says when it was last used (`lmforge models`)

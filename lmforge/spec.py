@@ -7,7 +7,62 @@ it, so it sits below all of them. Raw config dicts stop at the reader that parse
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from lmforge.errors import CheckpointError
+
+# Plausible ranges of the hyper-parameters, checked before anything is sized by them: the
+# largest published decoder-only models stay far inside (405B: 126 layers, hidden 16384).
+LIMITS = {
+    "hidden_size": (1, 1 << 17),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 4096),
+    "n_kv_heads": (1, 4096),
+    "head_dim": (1, 4096),
+    "intermediate_size": (1, 1 << 20),
+    "vocab_size": (1, 1 << 22),
+    "context_length": (1, 1 << 21),  # 2M positions (Qwen2.5-1M has 1,010,000)
+    "sliding_window": (1, 1 << 21),
+    "rotary_dim": (1, 4096),
+}
+ROPE_TABLE_LIMIT = 1 << 28  # context_length x rotary_dim: cos + sin tables of at most 1 GiB in float32
+FLOAT_LIMITS = {  # (low, high, low allowed)
+    "rope_theta": (0.0, 1e12, False),
+    "norm_eps": (0.0, 1.0, False),
+    "partial_rotary_factor": (0.0, 1.0, False),
+    "rope_local_theta": (0.0, 1e12, False),
+    "query_pre_attn_scalar": (0.0, 1e9, False),
+    "embedding_scale": (0.0, 1e9, False),
+}
+
+
+def check_int(value, name: str, where: str) -> int:
+    """`value` as an int inside LIMITS[name] (when listed), or a CheckpointError naming `where`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: {name} is {_show(value)}, not a whole number; the file is corrupt")
+    low, high = LIMITS.get(name, (0, 1 << 62))
+    if not low <= value <= high:
+        raise CheckpointError(f"{where}: {name} = {value} is outside {low}..{high}; the file is corrupt")
+    return value
+
+
+def check_float(value, name: str, where: str) -> float:
+    """`value` as a finite float inside FLOAT_LIMITS[name] (when listed), or a CheckpointError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}: {name} is {_show(value)}, not a number; the file is corrupt")
+    value = float(value)
+    low, high, closed = FLOAT_LIMITS.get(name, (-math.inf, math.inf, True))
+    if not math.isfinite(value) or not (low <= value if closed else low < value) or value > high:
+        raise CheckpointError(f"{where}: {name} = {value} is outside ({low}, {high}]; the file is corrupt")
+    return value
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -25,6 +80,24 @@ class RopeScaling:
     short_factor: tuple[float, ...] | None = None  # longrope, one per rotary frequency
     long_factor: tuple[float, ...] | None = None
     attention_factor: float | None = None  # longrope/yarn magnitude correction, when given
+
+
+def _check_rope(r: RopeScaling, where: str) -> None:
+    check_float(r.factor, "rope_scaling.factor", where)
+    if r.factor <= 0:
+        raise CheckpointError(f"{where}: rope_scaling.factor = {r.factor} is not positive; the file is corrupt")
+    if r.original_context_length is not None:
+        check_int(r.original_context_length, "context_length", where)
+    for name in ("low_freq_factor", "high_freq_factor", "attention_factor"):
+        if getattr(r, name) is not None:
+            check_float(getattr(r, name), f"rope_scaling.{name}", where)
+    for name in ("short_factor", "long_factor"):
+        values = getattr(r, name)
+        if values is not None:
+            if len(values) > 4096:
+                raise CheckpointError(f"{where}: rope_scaling.{name} has {len(values)} entries; the file is corrupt")
+            for x in values:
+                check_float(x, f"rope_scaling.{name}", where)
 
 
 @dataclass(frozen=True)
@@ -75,12 +148,47 @@ class ModelSpec:
     pad_token_id: int | None = None  # the source's padding id, when it names one
 
     def __post_init__(self):
-        assert self.hidden_size > 0 and self.n_layers > 0
-        assert self.n_heads % self.n_kv_heads == 0, "GQA needs n_heads divisible by n_kv_heads"
+        self.check("model")  # readers name their file instead (`checked_spec`)
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.n_layers)
-        assert len(self.layer_types) == self.n_layers
+        if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {"full", "sliding"}:
+            raise CheckpointError(
+                f"model: {len(self.layer_types)} layer types for {self.n_layers} layers; the file is corrupt"
+            )
+
+    def check(self, where: str) -> None:
+        """CheckpointError (naming `where`) unless every hyper-parameter is in range and consistent."""
+        for name in LIMITS:
+            value = self.rotary_dim if name == "rotary_dim" else getattr(self, name)
+            if value is not None or name != "sliding_window":
+                check_int(value, name, where)
+        for name in FLOAT_LIMITS:
+            if getattr(self, name) is not None or name in ("rope_theta", "norm_eps", "partial_rotary_factor"):
+                check_float(getattr(self, name), name, where)
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"{where}: {self.n_heads} attention heads are not a multiple of {self.n_kv_heads} KV heads; "
+                "the file is corrupt"
+            )
+        if self.context_length * self.rotary_dim > ROPE_TABLE_LIMIT:
+            raise CheckpointError(
+                f"{where}: context_length {self.context_length} x rotary dimension {self.rotary_dim} is implausible "
+                f"(rotary tables of {self.context_length * self.rotary_dim * 4 >> 20} MiB); the file is corrupt"
+            )
+        if self.rotary_dim % 2 or self.head_dim % 2:
+            raise CheckpointError(
+                f"{where}: head dimension {self.head_dim} or its rotary part {self.rotary_dim} is odd; "
+                "the file is corrupt"
+            )
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise CheckpointError(f"{where}: {name} is {_show(value)}; the file is corrupt")
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.eos_token_ids):
+            raise CheckpointError(f"{where}: eos_token_id is {_show(self.eos_token_ids)}; the file is corrupt")
+        if self.rope_scaling is not None:
+            _check_rope(self.rope_scaling, where)
 
     @property
     def rotary_dim(self) -> int:

@@ -161,11 +161,20 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
-        if kind not in GGUF_TOKENIZERS:
+        if not isinstance(kind, str) or kind not in GGUF_TOKENIZERS:
             raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; lmforge reads gpt2 and llama")
         eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        try:
+            hf = GGUF_TOKENIZERS[kind](meta)
+        except TokenizerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged vocabularies fail inside the tokenizers library in many ways
+            raise TokenizerError(
+                f"the GGUF's {kind} tokenizer is damaged ({e.__class__.__name__}: {str(e).splitlines()[0][:100]}); "
+                "re-download or re-convert the file"
+            ) from None
         return cls(
-            GGUF_TOKENIZERS[kind](meta),
+            hf,
             meta.get("tokenizer.ggml.bos_token_id"),
             tuple(dict.fromkeys(e for e in eos if e is not None)),
             bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
@@ -186,8 +195,10 @@ class Tokenizer:
         cfg_path = Path(folder) / "tokenizer_config.json"
         try:
             cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise TokenizerError(f"{cfg_path} is not valid JSON; fix or re-download it") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object; fix or re-download it")
 
         def token_id(value):
             if isinstance(value, dict):

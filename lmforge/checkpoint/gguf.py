@@ -16,6 +16,7 @@ from lmforge.arch import Arch, get_gguf_arch
 from lmforge.arch.common import GGUF_KEYS, GGUF_WINDOW, f32
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
 from lmforge.checkpoint.gguf_format import parse
+from lmforge.checkpoint.validate import check_gguf_keys, check_gguf_vocab, check_tensors, checked_spec
 from lmforge.errors import CheckpointError
 from lmforge.spec import ModelSpec, RopeScaling
 
@@ -145,11 +146,22 @@ class GGUFCheckpoint(Checkpoint):
         self.file_bytes = path.stat().st_size
         self.meta, entries, self._mm = parse(path)
         gguf_arch = self.meta.get("general.architecture")
-        if not gguf_arch:
+        if not gguf_arch or not isinstance(gguf_arch, str):
             raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
-        self.arch = get_gguf_arch(gguf_arch, lambda key, default=None: self.meta.get(f"{gguf_arch}.{key}", default))
+        check_gguf_keys(self.meta, gguf_arch, path)
+        check_gguf_vocab(self.meta, path)
+        if self.meta.get(f"{gguf_arch}.expert_count"):
+            raise CheckpointError(f"{path} is a mixture-of-experts model; lmforge reads dense models only")
+        self.arch = checked_spec(
+            path,
+            lambda: get_gguf_arch(gguf_arch, lambda key, default=None: self.meta.get(f"{gguf_arch}.{key}", default)),
+        )
         by_name = {e.name: e for e in entries}
-        self.spec = spec_from_gguf(self.meta, self.arch, by_name, lambda n: self._dequantize(by_name[n]))
+        if "token_embd.weight" not in by_name:
+            raise CheckpointError(f"{path} has no token_embd.weight; the file is incomplete or corrupt")
+        self.spec = checked_spec(
+            path, lambda: spec_from_gguf(self.meta, self.arch, by_name, lambda n: self._dequantize(by_name[n]))
+        )
         match = self.arch.matcher("gguf")
         self._entries = {}
         self.infos = []
@@ -164,6 +176,8 @@ class GGUFCheckpoint(Checkpoint):
             self._entries[name] = e
             qtype = gguf.GGMLQuantizationType(e.qtype).name
             self.infos.append(TensorInfo(name, e.name, e.shape, qtype, e.nbytes))
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        check_tensors(self.spec, {t.name: t.shape for t in self.infos}, path, len(tokens) if tokens else None)
 
     def _rows(self, e) -> np.ndarray:
         """The stored bytes of a tensor as (rows, bytes_per_row) uint8, memory-mapped."""

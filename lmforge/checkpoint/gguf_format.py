@@ -33,6 +33,7 @@ SCALARS = {
     12: ("<d", np.float64),
 }
 STRING, ARRAY = 8, 9
+MAX_NESTING = 2  # llama.cpp writes flat arrays; an array of arrays is as deep as a valid file goes
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,15 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in SCALARS:
             return self.unpack(SCALARS[vtype][0])
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
             etype, n = self.unpack("<I"), self.unpack("<Q")
+            if depth >= MAX_NESTING:
+                raise ValueError(f"arrays nested deeper than {MAX_NESTING}")
             if etype in SCALARS:
                 dtype = np.dtype(SCALARS[etype][1]).newbyteorder("<")
                 end = self.pos + n * dtype.itemsize
@@ -78,7 +81,10 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
                 self.pos = end
                 return arr.tolist()
-            return [self.value(etype) for _ in range(n)]
+            # each element takes at least 8 bytes (a string's length, an array's type and count)
+            if self.pos + n * 8 > len(self.buf):
+                raise IndexError("array past end of file")
+            return [self.value(etype, depth + 1) for _ in range(n)]
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
@@ -108,8 +114,6 @@ def parse(path: Path) -> tuple[dict, list[TensorEntry], mmap.mmap]:
 
 
 def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry], mmap.mmap]:
-    import gguf
-
     c = _Cursor(memoryview(mm))
     c.pos = 4
     try:
@@ -117,8 +121,9 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry
         if version not in (2, 3):
             raise CheckpointError(f"{path} is GGUF version {version}; lmforge reads versions 2 and 3")
         n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise ValueError("implausible counts")
+        # a tensor info takes at least 24 bytes and a key-value pair 13: counts the file cannot hold are damage
+        if n_tensors * 24 + n_kv * 13 > size:
+            raise ValueError(f"{n_tensors} tensors and {n_kv} keys cannot fit in {size} bytes")
         meta = Metadata()
         for _ in range(n_kv):
             key = c.string()
@@ -132,31 +137,53 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> tuple[dict, list[TensorEntry
             n_dims = c.unpack("<I")
             if n_dims > 8:
                 raise ValueError("implausible tensor rank")
+            if n_dims == 0:
+                raise ValueError("tensor of rank 0")
             dims = [c.unpack("<Q") for _ in range(n_dims)]
             qtype, offset = c.unpack("<I"), c.unpack("<Q")
             infos.append((name, dims, qtype, offset))
-    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({e.__class__.__name__} in its header); re-download or re-convert it"
+            f"{path} is truncated or corrupt ({e.__class__.__name__} in its header: {str(e)[:80]}); "
+            "re-download or re-convert it"
         ) from None
     finally:
         c.buf.release()
     align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
         raise CheckpointError(f"{path} has an invalid general.alignment ({align!r}); re-download or re-convert it")
     data_start = (c.pos + align - 1) // align * align
-    entries = []
-    for name, dims, qtype, offset in infos:
-        try:
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-        except (ValueError, KeyError):
-            raise CheckpointError(f"tensor {name!r} in {path} has unknown ggml type {qtype}") from None
-        n = math.prod(dims)  # Python ints: corrupt dims cannot wrap around to a small size
-        if n == 0 or n % block or (dims and dims[0] % block):
-            raise CheckpointError(f"tensor {name!r} in {path} has impossible dimensions {dims}; the file is corrupt")
-        nbytes = n // block * type_size
-        start = data_start + offset
-        if start + nbytes > size:
-            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
-        entries.append(TensorEntry(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
+    entries = [_entry(path, size, data_start, align, *info) for info in infos]
+    _check_layout(path, entries, data_start)
     return meta, entries, mm
+
+
+def _entry(path: Path, size: int, data_start: int, align: int, name: str, dims, qtype: int, offset: int):
+    """One tensor info checked: a known type, whole blocks, aligned and inside the file."""
+    import gguf
+
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"tensor {name!r} in {path} has unknown ggml type {qtype}") from None
+    n = math.prod(dims)  # Python ints: corrupt dims cannot wrap around to a small size
+    if n == 0 or n % block or (dims and dims[0] % block) or any(d >= 1 << 40 for d in dims):
+        raise CheckpointError(f"tensor {name!r} in {path} has impossible dimensions {dims}; the file is corrupt")
+    nbytes = n // block * type_size
+    start = data_start + offset
+    if offset % align:
+        raise CheckpointError(f"tensor {name!r} in {path} is not aligned to {align} bytes; the file is corrupt")
+    if start + nbytes > size:
+        raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
+    return TensorEntry(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes)
+
+
+def _check_layout(path: Path, entries: list[TensorEntry], data_start: int) -> None:
+    """Tensor names unique and their data regions disjoint."""
+    if len({e.name for e in entries}) != len(entries):
+        raise CheckpointError(f"{path} names a tensor twice; the file is corrupt")
+    end = data_start
+    for e in sorted(entries, key=lambda e: e.offset):
+        if e.offset < end:
+            raise CheckpointError(f"tensors in {path} overlap (tensor {e.name}); the file is corrupt")
+        end = e.offset + e.nbytes

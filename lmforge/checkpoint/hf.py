@@ -7,6 +7,7 @@ bf16 reads without torch and each tensor is read from disk only when the stream 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 
 from lmforge.arch import EXPERT, get_arch
 from lmforge.checkpoint.base import Checkpoint, TensorInfo
+from lmforge.checkpoint.validate import check_hf_config, check_tensors, checked_spec
 from lmforge.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -33,8 +35,15 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+# bytes per element of every safetensors dtype, to check each tensor's data region
+ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2}
+ITEM_SIZES.update({"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8})
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header; returns ({name: entry}, offset of the data section)."""
+    """Parse and check a safetensors header; returns ({name: entry}, offset of the data section).
+    Each entry has a known dtype, a shape of whole numbers and data_offsets [begin, end] inside
+    the data section, of exactly dtype size x shape bytes, not overlapping any other tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -45,17 +54,51 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path} is not a valid safetensors file (header length {n}); re-download it")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(
                 f"{path} has a corrupt safetensors header ({e.__class__.__name__}); re-download it"
             ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a safetensors header that is not a JSON object; re-download it")
     header.pop("__metadata__", None)
     data_start = 8 + n
-    for name, e in header.items():
-        begin, end = e["data_offsets"]
-        if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
+    regions = sorted((_region(path, name, e, size - data_start), name) for name, e in header.items())
+    end = 0
+    for (begin, stop), name in regions:
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {name} overlaps another tensor's data; the file is corrupt")
+        end = stop
     return header, data_start
+
+
+def _region(path: Path, name, e, data_size: int) -> tuple[int, int]:
+    """(begin, end) of one header entry, checked against its dtype and shape and the data size."""
+
+    def bad(why: str):
+        return CheckpointError(f"{path}: tensor {str(name)[:80]!r} {why}; the file is corrupt")
+
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise bad("lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
+        raise bad(f"has unknown dtype {str(dtype)[:20]!r}")
+    ints = (list, tuple)
+    if not isinstance(shape, ints) or len(shape) > 8 or not all(_count(d) for d in shape):
+        raise bad(f"has an invalid shape {str(shape)[:60]}")
+    if not isinstance(offsets, ints) or len(offsets) != 2 or not all(_count(x) for x in offsets):
+        raise bad(f"has invalid data_offsets {str(offsets)[:60]}")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"has reversed data_offsets {offsets}")
+    if end > data_size:
+        raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); re-download it")
+    if end - begin != math.prod(shape) * ITEM_SIZES[dtype]:
+        raise bad(f"has {end - begin} bytes for shape {list(shape)} of {dtype}")
+    return begin, end
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 50
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -63,9 +106,11 @@ def _shard_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            files = sorted({folder / f for f in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
             raise CheckpointError(f"{index} is not a valid shard index; fix or re-download it") from None
-        files = sorted({folder / f for f in weight_map.values()})
+        if any(f.parent != folder for f in files):
+            raise CheckpointError(f"{index} names files outside {folder}; fix or re-download it")
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{folder} lacks shard(s) {', '.join(missing)} named in its index; download them")
@@ -96,11 +141,14 @@ class HFCheckpoint(Checkpoint):
             self.config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON (line {e.lineno}); fix or re-download it") from None
+        except (UnicodeDecodeError, RecursionError, OSError) as e:
+            raise CheckpointError(f"{cfg_path} is not readable JSON ({e.__class__.__name__}); fix it") from None
+        check_hf_config(self.config, cfg_path)
         model_type = self.config.get("model_type")
-        if not model_type:
+        if not model_type or not isinstance(model_type, str):
             raise CheckpointError(f"{cfg_path} has no model_type; is this a transformers checkpoint?")
         self.arch = get_arch(model_type)
-        self.spec = self.arch.spec_from_hf(self.config)
+        self.spec = checked_spec(cfg_path, lambda: self.arch.spec_from_hf(self.config))
         self._locations: dict[str, tuple[Path, int, dict]] = {}
         self.infos = []
         match = self.arch.matcher("hf")
@@ -124,6 +172,7 @@ class HFCheckpoint(Checkpoint):
                 self._locations[name] = (f, data_start + begin, entry)
                 self.infos.append(TensorInfo(name, src, tuple(entry["shape"]), entry["dtype"], end - begin))
         self._stacks = self._stack_experts()
+        check_tensors(self.spec, {t.name: t.shape for t in self.infos}, folder)
 
     def _stack_experts(self) -> dict[str, list[str]]:
         """Per-expert matrices ("{name}@{j}", see `Arch.matcher`) become one (n_experts, ...) tensor

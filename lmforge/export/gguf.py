@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ from lmforge.arch.common import GGUF_KEYS
 from lmforge.arch.llama import llama3_inv_freq
 from lmforge.checkpoint import open_checkpoint
 from lmforge.checkpoint.base import TensorInfo
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, writing
+from lmforge.export.atomic import clean_stale, replace, temp_path
 from lmforge.export.gguf_mix import FileType, get_file_type, tensor_type
 from lmforge.export.gguf_vocab import hf_vocab
 from lmforge.progress import Progress
@@ -190,49 +190,56 @@ def convert_to_gguf(
             f"{', ...' if len(plan.notes) > 1 else ''})"
         )
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-    writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
+    with writing(out.parent, every=True):
+        clean_stale(out)  # temporary files of killed conversions
+        tmp = temp_path(out)
+        open(tmp, "wb").close()  # the destination takes a file, or this is the one-line error
+        writer = gguf.GGUFWriter(tmp, ckpt.arch.gguf_arch)
     try:
-        if "general.name" not in copied:
-            writer.add_name(gguf_general_name(ckpt.path.stem, tokens))
-        for key in copied:
-            _copy(writer, ckpt.meta, key)
-        writer.add_file_type(int(ft.ftype))
-        writer.add_quantization_version(QUANTIZATION_VERSION)
-        for key, (value, kind) in {**meta, **vocab}.items():
-            _add(writer, key, value, kind)
-        template = ckpt.chat_template()
-        if template and "tokenizer.chat_template" not in vocab and "tokenizer.chat_template" not in copied:
-            writer.add_chat_template(template)
-        for gname, shape, qtype, _ in plan.items:
-            nbytes = math.prod(shape) // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]
-            writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = Progress(len(plan.items), progress, "gguf", unit="tensor")
-        for gname, _shape, qtype, info in plan.items:
-            if info is None:
-                data = _encode(extra[gname], qtype)
-            elif ckpt.format == "gguf" and info.dtype == qtype.name:
-                data = ckpt.stored_blocks(info.name)  # same type: the stored bytes, untouched
-            else:
-                data = _encode(ckpt.arch.to_gguf(info.name, ckpt.read(info.name), spec), qtype)
-            writer.write_tensor_data(data)
-            bar.update()
-        bar.close()
-        for f in writer.fout or []:  # on disk before the name says complete
-            f.flush()
-            os.fsync(f.fileno())
-        writer.close()
-        os.replace(tmp, out)
+        with writing(out):
+            _write(writer, ckpt, plan, copied, vocab, meta, extra, tokens, ft, progress)
+            replace(tmp, out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _write(writer, ckpt, plan, copied, vocab, meta, extra, tokens, ft, progress) -> None:
+    """Header, metadata, tensor infos and data into `writer`'s file, flushed to disk."""
+    import gguf
+
+    spec = ckpt.spec
+    if "general.name" not in copied:
+        writer.add_name(gguf_general_name(ckpt.path.stem, tokens))
+    for key in copied:
+        _copy(writer, ckpt.meta, key)
+    writer.add_file_type(int(ft.ftype))
+    writer.add_quantization_version(QUANTIZATION_VERSION)
+    for key, (value, kind) in {**meta, **vocab}.items():
+        _add(writer, key, value, kind)
+    template = ckpt.chat_template()
+    if template and "tokenizer.chat_template" not in vocab and "tokenizer.chat_template" not in copied:
+        writer.add_chat_template(template)
+    for gname, shape, qtype, _ in plan.items:
+        nbytes = math.prod(shape) // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]
+        writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    bar = Progress(len(plan.items), progress, "gguf", unit="tensor")
+    for gname, _shape, qtype, info in plan.items:
+        if info is None:
+            data = _encode(extra[gname], qtype)
+        elif ckpt.format == "gguf" and info.dtype == qtype.name:
+            data = ckpt.stored_blocks(info.name)  # same type: the stored bytes, untouched
+        else:
+            data = _encode(ckpt.arch.to_gguf(info.name, ckpt.read(info.name), spec), qtype)
+        writer.write_tensor_data(data)
+        bar.update()
+    bar.close()
+    for f in writer.fout or []:  # on disk before the name says complete
+        f.flush()
+        os.fsync(f.fileno())
+    writer.close()

@@ -165,8 +165,8 @@ def hf_vocab(folder: Path, n_vocab: int, pad_id: int | None = None) -> dict:
     path = folder / "tokenizer.json"
     if not path.exists():
         raise TokenizerError(f"{folder} has no tokenizer.json; add the model's tokenizer files to the folder")
+    source = Tokenizer.from_folder(folder)  # first: a damaged tokenizer.json is its one-line error
     tj = json.loads(path.read_text(encoding="utf-8"))
-    source = Tokenizer.from_folder(folder)
     model = tj["model"]
     tokens, added = _vocab_list(tj, n_vocab)
     byte_level = any(s.get("type") == "ByteLevel" for s in _steps(tj.get("pre_tokenizer")) + _steps(tj.get("decoder")))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import CheckpointError, LmforgeError, UnsupportedArchitectureError
 from lmforge.runtime.engine import Cache, Engine
 
 DEVICES = ("cpu", "cuda")
@@ -63,6 +63,30 @@ def _why() -> str:
     return f" (llama.cpp: {reason[:160]})" if reason else ""
 
 
+def check_before_load(path: Path) -> None:
+    """A CheckpointError unless the GGUF's structure and the metadata llama.cpp sizes the model
+    by are sound: llama.cpp asserts (aborting the process) on values such as a negative epsilon.
+    Families lmforge reads get its full reader's checks (shapes against hyper-parameters too)."""
+    from lmforge.arch import get_gguf_arch
+    from lmforge.checkpoint.gguf import GGUFCheckpoint
+    from lmforge.checkpoint.gguf_format import parse
+    from lmforge.checkpoint.validate import check_gguf_keys, check_gguf_vocab, check_llamacpp_types
+
+    meta, entries, mm = parse(path)
+    mm.close()
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
+    check_gguf_keys(meta, arch, path)
+    check_gguf_vocab(meta, path)
+    check_llamacpp_types(entries, path)
+    try:
+        get_gguf_arch(arch, lambda key, default=None: meta.get(f"{arch}.{key}", default))
+    except UnsupportedArchitectureError:
+        return  # llama.cpp may know it; its generic keys were checked above
+    GGUFCheckpoint(path)  # its checks are the point; the memory map closes with it
+
+
 class LlamaCppCache(Cache):
     """Rows of one llama.cpp context (sequence ids 0..batch_size-1) and each row's length."""
 
@@ -108,6 +132,7 @@ class LlamaCppEngine(Engine):
         path = Path(path)
         if not path.is_file():
             raise LmforgeError(f"{path} does not exist; give a .gguf file")
+        check_before_load(path)
         _silence(llama_cpp)
         _last_error[0] = ""
         llama_cpp.llama_backend_init()

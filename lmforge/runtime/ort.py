@@ -61,12 +61,14 @@ def folder_meta(folder: Path) -> dict:
     """The metadata of an ONNX folder (lmforge's, or derived from onnxruntime-genai's config), its
     files checked against the sizes it records; a user error for a folder that is not complete."""
     meta_path = folder / META_FILE
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-    elif (folder / GENAI_FILE).exists():
-        meta = meta_from_genai(folder)
-    else:
+    if not meta_path.exists() and not (folder / GENAI_FILE).exists():
         raise LmforgeError(f"{folder} is not an ONNX folder lmforge wrote (no {META_FILE}); convert the model first")
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else meta_from_genai(folder)
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise LmforgeError(f"{folder} has a damaged configuration ({e.__class__.__name__}); convert it again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+        raise LmforgeError(f"{meta_path} is not an lmforge folder description; convert the model again")
     for name, size in meta.get("files", {}).items():
         path = folder / name
         if not path.exists():

@@ -150,8 +150,6 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
         check_gguf_keys(self.meta, gguf_arch, path)
         check_gguf_vocab(self.meta, path)
-        if self.meta.get(f"{gguf_arch}.expert_count"):
-            raise CheckpointError(f"{path} is a mixture-of-experts model; lmforge reads dense models only")
         self.arch = checked_spec(
             path,
             lambda: get_gguf_arch(gguf_arch, lambda key, default=None: self.meta.get(f"{gguf_arch}.{key}", default)),

@@ -122,11 +122,12 @@ def check_hf_config(cfg, where) -> None:
             raise CheckpointError(f"{where}: layer_types is not a list of at most 1024 entries; the file is corrupt")
 
 
-def expected_shapes(spec: ModelSpec, rows: int) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor kind (layer index removed) -> its shape for `spec` (HF numpy order);
-    `rows` is the embedding's row count."""
+def expected_shapes(spec: ModelSpec, rows: int) -> dict[str, list[tuple[int, ...]]]:
+    """Canonical tensor kind (layer index removed) -> the shapes it may have for `spec` (HF numpy
+    order); `rows` is the embedding's row count."""
     h, hd, q, kv, ff = spec.hidden_size, spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.intermediate_size
-    return {
+    ne = spec.n_experts
+    one = {
         "embed": (rows, h),
         "lm_head": (rows, h),
         "norm": (h,),
@@ -147,9 +148,22 @@ def expected_shapes(spec: ModelSpec, rows: int) -> dict[str, tuple[int, ...]]:
         "up": (ff, h),
         "gate_up": (2 * ff, h),
         "down": (h, ff),
-        "q_norm": (hd,),
-        "k_norm": (hd,),
+        "router": (ne, h),
+        "gate_exps": (ne, ff, h),
+        "up_exps": (ne, ff, h),
+        "down_exps": (ne, h, ff),
     }
+    want = {kind: [shape] for kind, shape in one.items()}
+    # q/k norms per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+    want.update(q_norm=[(hd,), (q * hd,)], k_norm=[(hd,), (kv * hd,)])
+    return want
+
+
+def _mlp_kinds(spec: ModelSpec, layers: dict[str, set[int]]) -> list[str]:
+    """The MLP tensors every layer must have: the experts and their router, or a gated MLP."""
+    if spec.n_experts:
+        return ["router", "gate_exps", "up_exps", "down_exps"]
+    return ["down", *(["gate_up"] if "gate_up" in layers else ["gate", "up"])]  # every dense family's MLP is gated
 
 
 def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where, n_tokens: int | None = None) -> None:
@@ -175,14 +189,14 @@ def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where, n_
         kind = m.group(2) if m else name
         if m:
             layers.setdefault(kind, set()).add(int(m.group(1)))
-        if kind in want and tuple(shape) != want[kind]:
+        if kind in want and tuple(shape) not in want[kind]:
             raise CheckpointError(
-                f"{where}: tensor {name} has shape {list(shape)}, the hyper-parameters say {list(want[kind])}; "
+                f"{where}: tensor {name} has shape {list(shape)}, the hyper-parameters say {list(want[kind][0])}; "
                 "the file is corrupt"
             )
     every = set(range(spec.n_layers))
-    required = ["attn_norm", "o", "down", *(["qkv"] if "qkv" in layers else ["q", "k", "v"])]
-    required += ["gate_up"] if "gate_up" in layers else ["gate", "up"]  # every family's MLP is gated
+    required = ["o", *(["qkv"] if "qkv" in layers else ["q", "k", "v"]), *_mlp_kinds(spec, layers)]
+    required += ["attn_norm"] if spec.pre_norms else ["post_attn_norm"]  # OLMo 2 normalizes after only
     for kind in dict.fromkeys([*required, *layers]):  # a kind that one layer has, all have
         seen = layers.get(kind, set())
         if seen != every:

@@ -61,15 +61,22 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(
-        self, repo: str, files: dict[str, bytes | Path], refs=("main",), token: str | None = None, repo_type="model"
+        self,
+        repo: str,
+        files: dict[str, bytes | Path],
+        refs=("main",),
+        token: str | None = None,
+        repo_type="model",
+        commit: str | None = None,
     ) -> str:
-        """Publish FILES (contents, or paths to read) as a new commit of REPO, pointed at by REFS;
-        a dataset repo is held (and counted in `served`) as "datasets/ORG/NAME"."""
+        """Publish FILES (contents, or paths to read) as a new commit of REPO (named COMMIT, or a
+        made-up sha1), pointed at by REFS; a dataset repo is held (and counted in `served`) as
+        "datasets/ORG/NAME"."""
         repo = f"datasets/{repo}" if repo_type == "dataset" else repo
         contents = {name: v.read_bytes() if isinstance(v, Path) else v for name, v in files.items()}
         r = self.repos.setdefault(repo, Repo())
         r.token = token
-        commit = hashlib.sha1(repr((repo, len(r.commits), sorted(contents))).encode()).hexdigest()
+        commit = commit or hashlib.sha1(repr((repo, len(r.commits), sorted(contents))).encode()).hexdigest()
         r.commits[commit] = contents
         for ref in refs:
             r.refs[ref] = commit

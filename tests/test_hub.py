@@ -33,7 +33,7 @@ def home(tmp_path):
     return tmp_path
 
 
-def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=False):
+def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=False, env_extra=None):
     """`python -m lmforge ARGS` as a user runs it, with the Hub at the fake server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(
@@ -46,6 +46,7 @@ def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=Fa
     )
     if token:
         env["HF_TOKEN"] = token
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "lmforge", *map(str, args)]
     if background:  # the running process, for a test to stop
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd or home)
@@ -283,6 +284,21 @@ def test_young_partial_is_left_alone_and_a_cached_file_sends_no_head(hub, home, 
     assert Path(ok(lmforge(hub, home, "pull", f"{repo}@{commit}:Q4_1")).stdout.split()[-1]) == path
     assert [u for m, u, _ in hub.requests[n_requests:] if m == "HEAD" or "/resolve/" in u] == []
     assert live.read_bytes() == prefix  # not adopted: the file it would finish is cached
+
+
+def test_partial_of_a_xet_file_is_not_adopted(hub, home):
+    """What hf_xet leaves behind is not known to be a prefix of the blob: never adopted, never deleted."""
+    repo, name = "xet-org/tiny-xet", "tiny-xet-Q8_0.gguf"
+    data = b"GGUF" + bytes(range(256)) * 4096  # a blob of its own (the fake Hub keys blobs by sha256)
+    hub.add(repo, {name: data})
+    hub.xet.add(f"{repo}/{name}")
+    blobs = home / "hf" / "hub" / "models--xet-org--tiny-xet" / "blobs"
+    blobs.mkdir(parents=True)
+    stale = age(blobs / f"{hashlib.sha256(data).hexdigest()}.0ld0xe70.incomplete", data[: len(data) // 2])
+    n_requests = len(hub.requests)
+    r = ok(lmforge(hub, home, "pull", f"{repo}/{name}", env_extra={"HF_HUB_DISABLE_XET": "1"}))
+    assert Path(r.stdout.split()[-1]).read_bytes() == data
+    assert cdn_ranges(hub, n_requests) == [] and stale.read_bytes() == data[: len(data) // 2]
 
 
 def test_download_failure_is_one_line_and_leaves_nothing_half_done(hub, home, gguf_repo):

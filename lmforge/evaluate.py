@@ -23,6 +23,11 @@ from lmforge.sampling import log_softmax
 # The text llama.cpp's own scripts (scripts/get-wikitext-2.sh) fetch for llama-perplexity:
 # (dataset repo on the Hub, file in it, member of that zip)
 WIKITEXT2 = ("ggml-org/ci", "wikitext-2-raw-v1.zip", "wikitext-2-raw/wiki.test.raw")
+# The dataset's commit, so that perplexity figures do not drift with `main`: several public projects
+# pin the archive at huggingface.co/datasets/ggml-org/ci/resolve/927b364.../wikitext-2-raw-v1.zip
+# (4,721,645 bytes, sha256 ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11);
+# read from their documents, not from the Hub (these machines cannot reach it).
+WIKITEXT2_REVISION = "927b3642933080f1b0e811e2f916e14c292992f9"
 
 
 @dataclass
@@ -64,7 +69,8 @@ def default_text(progress: bool | None = None) -> str:
 
     repo, name, member = WIKITEXT2
     hint = "pass a text file with --data FILE"
-    archive = fetch_dataset_file(repo, name, progress, "the default evaluation text, WikiText-2", hint)
+    what = "the default evaluation text, WikiText-2"
+    archive = fetch_dataset_file(repo, name, progress, what, hint, revision=WIKITEXT2_REVISION)
     try:
         with zipfile.ZipFile(archive) as z:
             return z.read(member).decode("utf-8")

@@ -144,6 +144,14 @@ DEFAULT_REPO = CatalogueEntry(
 )
 
 
+def pinned_entry(repo: str, revision: str | None) -> CatalogueEntry | None:
+    """The catalogue entry whose pinned commit REPO@REVISION is, else None."""
+    for e in (*CATALOGUE.values(), DEFAULT_REPO):
+        if e.repo == repo and e.revision == revision and e.revision in PINNED.values():
+            return e
+    return None
+
+
 def cache_dir() -> Path:
     """Where lmforge keeps the forms it converts for `run`/`chat` ($LMFORGE_HOME or ~/.cache/lmforge)."""
     root = os.environ.get("LMFORGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")

@@ -8,6 +8,8 @@ downloads through, so tests run the real client (HF_ENDPOINT pointed here) with 
   `X-Repo-Commit` and `Content-Length`; weights (LFS) redirected (302) to `/cdn/SHA256` under
   another host name (localhost), with `X-Linked-Etag` and `X-Linked-Size`, as the Hub does to its CDN;
 - `GET /cdn/SHA256`: the blob, with byte ranges (`Range: bytes=N-` -> 206);
+- `X-Xet-Hash` / `X-Xet-Refresh-Route` on the paths in `xet` (there is no Xet service here: the
+  client must be told HF_HUB_DISABLE_XET=1, and then downloads over HTTP);
 - errors as the Hub sends them: `X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound /
   GatedRepo (401 without the repo's token).
 
@@ -51,6 +53,7 @@ class FakeHub:
         self.cut: dict[str, int] = {}  # path -> absolute offset at which the next transfer breaks off
         self.failing: set[str] = set()  # paths answered 503 (until cleared)
         self.fail_after_cut = False  # whether a cut path then fails (503)
+        self.xet: set[str] = set()  # repo paths whose `resolve` answer names a Xet hash, as the Hub's do now
         self.rate: float | None = None  # bytes per second a blob is sent at (None: as fast as it goes)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -61,15 +64,22 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(
-        self, repo: str, files: dict[str, bytes | Path], refs=("main",), token: str | None = None, repo_type="model"
+        self,
+        repo: str,
+        files: dict[str, bytes | Path],
+        refs=("main",),
+        token: str | None = None,
+        repo_type="model",
+        commit: str | None = None,
     ) -> str:
-        """Publish FILES (contents, or paths to read) as a new commit of REPO, pointed at by REFS;
-        a dataset repo is held (and counted in `served`) as "datasets/ORG/NAME"."""
+        """Publish FILES (contents, or paths to read) as a new commit of REPO (named COMMIT, or a
+        made-up sha1), pointed at by REFS; a dataset repo is held (and counted in `served`) as
+        "datasets/ORG/NAME"."""
         repo = f"datasets/{repo}" if repo_type == "dataset" else repo
         contents = {name: v.read_bytes() if isinstance(v, Path) else v for name, v in files.items()}
         r = self.repos.setdefault(repo, Repo())
         r.token = token
-        commit = hashlib.sha1(repr((repo, len(r.commits), sorted(contents))).encode()).hexdigest()
+        commit = commit or hashlib.sha1(repr((repo, len(r.commits), sorted(contents))).encode()).hexdigest()
         r.commits[commit] = contents
         for ref in refs:
             r.refs[ref] = commit
@@ -169,6 +179,9 @@ def _handler(hub: FakeHub):
                 self.send_header("X-Linked-Etag", f'"{sha}"')
                 self.send_header("X-Linked-Size", str(len(data)))
                 self.send_header("ETag", f'"{sha}"')
+                if f"{repo}/{name}" in hub.xet:  # the client then downloads through hf_xet when it can
+                    self.send_header("X-Xet-Hash", hashlib.sha256(b"xet" + data).hexdigest())
+                    self.send_header("X-Xet-Refresh-Route", f"/api/{repo}/xet-read-token/{commit}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return

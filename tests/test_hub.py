@@ -33,7 +33,7 @@ def home(tmp_path):
     return tmp_path
 
 
-def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=False):
+def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=False, env_extra=None):
     """`python -m lmforge ARGS` as a user runs it, with the Hub at the fake server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(
@@ -46,6 +46,7 @@ def lmforge(hub, home, *args, offline=False, token=None, cwd=None, background=Fa
     )
     if token:
         env["HF_TOKEN"] = token
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "lmforge", *map(str, args)]
     if background:  # the running process, for a test to stop
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd or home)
@@ -232,6 +233,7 @@ def test_download_killed_then_resumed_by_the_next_process(hub, home, gguf_repo):
     (partial,) = (home / "hf" / "hub").rglob("*.incomplete")
     kept = partial.stat().st_size
     assert 0 < kept < size
+    age(partial)  # left long enough ago that no process can still be writing it
     path = Path(ok(lmforge(hub, home, "pull", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1")).stdout.split()[-1])
     assert sha256(path) == sha256(gguf_repo)
     ranges = [rng for _, url, rng in hub.requests[n_requests:] if url.startswith("/cdn/") and rng]
@@ -242,9 +244,61 @@ def test_download_killed_then_resumed_by_the_next_process(hub, home, gguf_repo):
     fresh = home / "fresh"
     blobs = fresh / "hf" / "hub" / "models--gguf-org--SmolLM2-135M-Instruct-GGUF" / "blobs"
     blobs.mkdir(parents=True)
-    (blobs / f"{sha256(gguf_repo)}.0badf11e.incomplete").write_bytes(b"\1" * (size // 2))
+    age(blobs / f"{sha256(gguf_repo)}.0badf11e.incomplete", b"\1" * (size // 2))
     path = Path(ok(lmforge(hub, fresh, "pull", "gguf-org/SmolLM2-135M-Instruct-GGUF:Q4_1")).stdout.split()[-1])
     assert sha256(path) == sha256(gguf_repo) and not list(blobs.glob("*.incomplete"))
+
+
+def age(path: Path, data: bytes | None = None, seconds: float = 600) -> Path:
+    """PATH (written with DATA if given), last modified SECONDS ago."""
+    import time
+
+    if data is not None:
+        path.write_bytes(data)
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+    return path
+
+
+def cdn_ranges(hub, since: int) -> list[str]:
+    return [rng for _, url, rng in hub.requests[since:] if url.startswith("/cdn/") and rng]
+
+
+def test_young_partial_is_left_alone_and_a_cached_file_sends_no_head(hub, home, gguf_repo):
+    """A partial file written to recently may be another process's live download (flock does not
+    hold on Lustre, GPFS, some NFS): lmforge neither adopts nor deletes it. A stale one left in
+    blobs/ costs no request for a file the cache holds under a pinned commit."""
+    size, repo = gguf_repo.stat().st_size, "gguf-org/SmolLM2-135M-Instruct-GGUF"
+    blobs = home / "hf" / "hub" / "models--gguf-org--SmolLM2-135M-Instruct-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    prefix = gguf_repo.read_bytes()[: size // 2]
+    live = blobs / f"{sha256(gguf_repo)}.1ive0000.incomplete"
+    live.write_bytes(prefix)
+    n_requests = len(hub.requests)
+    path = Path(ok(lmforge(hub, home, "pull", f"{repo}:Q4_1")).stdout.split()[-1])
+    assert sha256(path) == sha256(gguf_repo)
+    assert cdn_ranges(hub, n_requests) == []  # downloaded whole, beside the other process's file
+    assert live.read_bytes() == prefix
+    age(live)
+    commit = hub.repos[repo].refs["main"]
+    n_requests = len(hub.requests)
+    assert Path(ok(lmforge(hub, home, "pull", f"{repo}@{commit}:Q4_1")).stdout.split()[-1]) == path
+    assert [u for m, u, _ in hub.requests[n_requests:] if m == "HEAD" or "/resolve/" in u] == []
+    assert live.read_bytes() == prefix  # not adopted: the file it would finish is cached
+
+
+def test_partial_of_a_xet_file_is_not_adopted(hub, home):
+    """What hf_xet leaves behind is not known to be a prefix of the blob: never adopted, never deleted."""
+    repo, name = "xet-org/tiny-xet", "tiny-xet-Q8_0.gguf"
+    data = b"GGUF" + bytes(range(256)) * 4096  # a blob of its own (the fake Hub keys blobs by sha256)
+    hub.add(repo, {name: data})
+    hub.xet.add(f"{repo}/{name}")
+    blobs = home / "hf" / "hub" / "models--xet-org--tiny-xet" / "blobs"
+    blobs.mkdir(parents=True)
+    stale = age(blobs / f"{hashlib.sha256(data).hexdigest()}.0ld0xe70.incomplete", data[: len(data) // 2])
+    n_requests = len(hub.requests)
+    r = ok(lmforge(hub, home, "pull", f"{repo}/{name}", env_extra={"HF_HUB_DISABLE_XET": "1"}))
+    assert Path(r.stdout.split()[-1]).read_bytes() == data
+    assert cdn_ranges(hub, n_requests) == [] and stale.read_bytes() == data[: len(data) // 2]
 
 
 def test_download_failure_is_one_line_and_leaves_nothing_half_done(hub, home, gguf_repo):
@@ -268,6 +322,27 @@ def test_offline(hub, home, tiny_repo):
     n_requests = len(hub.requests)
     text = run_text(hub, home, "tiny-org/tiny-llama", offline=True)
     assert text == run_text(hub, home, tiny_repo) and len(hub.requests) == n_requests  # the cache alone
+
+
+def test_offline_catalogue_name_falls_back_to_the_cached_main(hub, home, tiny_llama):
+    """A cache filled from `main` before the catalogue pinned its commits still serves offline;
+    stderr says which revision is used."""
+    from lmforge.registry import CATALOGUE
+
+    entry = CATALOGUE["smollm2-360m"]
+    main = hub.add(entry.repo, folder_files(tiny_llama))  # the Hub's `main` (the pin is not on this Hub)
+    r = lmforge(hub, home, "run", "smollm2-360m", "-p", "Hello", offline=True)
+    assert_user_error(r, "not in the Hub cache", "HF_HUB_OFFLINE=1", "lmforge pull")  # nothing cached: as before
+    ok(lmforge(hub, home, "pull", entry.repo))
+    n_requests = len(hub.requests)
+    args = ("run", "smollm2-360m", "-p", "Hello", "--raw", "--max-tokens", "6")
+    r = ok(lmforge(hub, home, *args, offline=True))
+    assert r.stdout == run_text(hub, home, tiny_llama) and len(hub.requests) == n_requests
+    assert f"pinned commit {entry.revision[:7]} is not in the Hub cache" in r.stderr
+    assert f"using the cached main (commit {main[:7]}) of {entry.repo}" in r.stderr
+    # a Hub id the user pinned to a commit is not swapped for another
+    r = lmforge(hub, home, "run", f"{entry.repo}@{'0' * 40}", "-p", "Hello", offline=True)
+    assert_user_error(r, "not in the Hub cache", "HF_HUB_OFFLINE=1")
 
 
 def test_gated_repo_needs_login(hub, home, tiny_llama):
@@ -327,22 +402,53 @@ def test_models_and_rm(hub, home, tiny_repo):
     assert_user_error(lmforge(hub, home, "rm", "no-such-form"), "nothing named")
 
 
-@pytest.fixture(scope="module")
-def wikitext_repo(hub, wikitext):
-    """The dataset repo llama.cpp's scripts/get-wikitext-2.sh fetches, holding a shortened text."""
+def wikitext_zip(text: str) -> bytes:
     import io
     import zipfile
 
     from lmforge.evaluate import WIKITEXT2
 
-    repo, name, member = WIKITEXT2
-    text = wikitext[:12000]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr(member, text.encode())
+        z.writestr(WIKITEXT2[2], text.encode())
         z.writestr("wikitext-2-raw/wiki.train.raw", b"not this one")
-    hub.add(repo, {name: buf.getvalue(), "README.md": b"ci data"}, repo_type="dataset")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def wikitext_repo(hub, wikitext):
+    """The dataset repo llama.cpp's scripts/get-wikitext-2.sh fetches, holding a shortened text at
+    the commit lmforge pins, and another text on `main` since."""
+    from lmforge.evaluate import WIKITEXT2, WIKITEXT2_REVISION
+
+    repo, name, _ = WIKITEXT2
+    text = wikitext[:12000]
+    hub.add(repo, {name: wikitext_zip(text), "README.md": b"ci data"}, refs=(), repo_type="dataset",
+            commit=WIKITEXT2_REVISION)  # fmt: skip
+    hub.add(repo, {name: wikitext_zip(wikitext[12000:24000]), "README.md": b"ci data"}, repo_type="dataset")
     return f"datasets/{repo}/{name}", text
+
+
+def test_eval_default_text_moved_on_the_hub(home):
+    """The Hub answers, and has no such repo, commit or file: said so, not "cannot be reached"."""
+    from lmforge.evaluate import WIKITEXT2, WIKITEXT2_REVISION
+
+    repo, name, _ = WIKITEXT2
+    args = ("eval", "ppl", "smollm2-135m", "--ctx", "128", "--chunks", "3")
+    alone = FakeHub()
+    try:
+        for publish in (
+            None,  # no such repo
+            lambda: alone.add(repo, {name: wikitext_zip("x")}, repo_type="dataset"),  # not at the pinned commit
+            lambda: alone.add(repo, {"README.md": b"x"}, refs=(), repo_type="dataset", commit=WIKITEXT2_REVISION),
+        ):
+            if publish:
+                publish()
+            r = lmforge(alone, home, *args)
+            assert_user_error(r, "WikiText-2", f"the Hub has no file {name} of Hub dataset {repo}", "--data FILE")
+            assert "cannot be reached" not in r.stderr
+    finally:
+        alone.close()
 
 
 def test_eval_default_text_from_the_hub(hub, home, wikitext_repo):

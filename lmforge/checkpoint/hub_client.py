@@ -11,6 +11,9 @@ import hashlib
 import logging
 import os
 import re
+import sys
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +76,40 @@ def _cached_listing(ref, why: str) -> Listing:
     revision = ref.revision or "main"
     snapshot = cached_snapshot(ref.repo, revision)
     if snapshot is None:
+        revision, snapshot = _cached_instead_of_pin(ref, why)
+    if snapshot is None:
         raise ModelNotFoundError(f"{ref} is not in the Hub cache and {why}; {pull_hint(ref)}")
     names = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
     return Listing(names, revision, True, snapshot, why)
+
+
+def _cached_instead_of_pin(ref, why: str) -> tuple[str, Path | None]:
+    """For a catalogue name whose pinned commit is not cached: the snapshot of that repo the cache
+    holds (one a branch points at, `main` first, else the newest), said on stderr. Caches filled
+    before the catalogue pinned its commits hold `main`; offline they still serve."""
+    from lmforge.registry import pinned_entry
+
+    entry = pinned_entry(ref.repo, ref.revision)
+    folder = repo_cache_folder(ref.repo)
+    if entry is None or not (folder / "snapshots").is_dir():
+        return ref.revision, None
+    refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
+    for branch in sorted(refs, key=lambda r: r != "main"):
+        snapshot = cached_snapshot(ref.repo, branch)
+        if snapshot is not None:
+            label = f"{branch} (commit {snapshot.name[:7]})"
+            break
+    else:
+        snapshots = sorted((folder / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        if not snapshots:
+            return ref.revision, None
+        snapshot, label = snapshots[-1], f"commit {snapshots[-1].name[:7]}"
+    print(
+        f"lmforge: {entry.name}'s pinned commit {entry.revision[:7]} is not in the Hub cache and {why}; "
+        f"using the cached {label} of {ref.repo}",
+        file=sys.stderr,
+    )
+    return snapshot.name, snapshot
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -107,46 +141,83 @@ def fetch(ref, revision: str, name: str, progress: bool | None, local_only: bool
     """Download (or find in the cache) one file of REF's repo; returns its local path."""
     hf = _hf()
     with hub_errors(ref, name):
-        if not local_only:
-            _finish_partial(ref.repo, revision, name, progress)
+        if not local_only and not isinstance(hf.try_to_load_from_cache(ref.repo, name, revision=revision), str):
+            _finish_partial(ref.repo, revision, name, progress)  # only for a file the cache lacks
         return hf.hf_hub_download(
             ref.repo, name, revision=revision, tqdm_class=tqdm_class(progress), local_files_only=local_only
         )
 
 
+# A partial file nobody has written to for this long belongs to no running download. The age, not
+# huggingface_hub's lock, is what keeps us off a live download's file: flock "silently succeeds"
+# on Lustre, GPFS and some NFS mounts (huggingface_hub's file_download.py says so), which is why
+# it gives each process its own `ETAG.UUID.incomplete`.
+STALE_AFTER_S = 180.0
+
+
+def _stale_partials(blobs: Path, pattern: str) -> list[Path]:
+    """The partial files in BLOBS matching PATTERN untouched for STALE_AFTER_S, smallest first."""
+    found = []
+    for p in blobs.glob(pattern):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+        if time.time() - st.st_mtime > STALE_AFTER_S:
+            found.append((st.st_size, p))
+    return [p for _, p in sorted(found)]
+
+
+def _claim(partial: Path, etag: str) -> Path | None:
+    """Rename PARTIAL to a name of our own (atomic: of two processes adopting it, one wins) and
+    mark it as being written; None when another process took it first."""
+    mine = partial.with_name(f"{etag}.lmforge{uuid.uuid4().hex[:8]}.incomplete")
+    try:
+        os.rename(partial, mine)
+    except FileNotFoundError:
+        return None
+    os.utime(mine)
+    return mine
+
+
 def _finish_partial(repo: str, revision: str, name: str, progress: bool | None) -> None:
     """Resume a download that a killed process left behind. huggingface_hub 2.x writes each
     download to `blobs/ETAG.UUID.incomplete`, a name unique to the process, and deletes it on an
-    error; a process killed outright leaves it there, and the next run starts from byte 0. Under
-    the lock huggingface_hub takes for that blob, finish the longest such file with a Range
-    request, check its sha256 against the etag and move it into place: hf_hub_download then finds
-    the blob and only links it. With nothing partial in the cache, no request is made here."""
+    error; a process killed outright leaves it there, and the next run starts from byte 0. Adopt
+    the longest such file that nobody has written to for STALE_AFTER_S (younger ones may be live
+    downloads of other processes: they are left alone), finish it with a Range request, check
+    its sha256 against the etag and move it into place: hf_hub_download then finds the blob and
+    only links it. Files the Hub serves through Xet are skipped: hf_xet (Rust) writes those files
+    itself, and nothing documents that what it leaves behind is a prefix of the blob. With no
+    stale partial file in the cache, no request is made here."""
     blobs = repo_cache_folder(repo) / "blobs"
-    if offline_mode() or not any(blobs.glob("*.incomplete")):
+    if offline_mode() or not _stale_partials(blobs, "*.incomplete"):
         return
     hf = _hf()
     from huggingface_hub.file_download import http_get
 
     meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, name, revision=revision))
     etag = meta.etag or ""
-    if not re.fullmatch(r"[0-9a-f]{64}", etag):  # only LFS blobs are named by their sha256
+    # only LFS blobs are named by their sha256, and only plain HTTP downloads write a prefix
+    if not re.fullmatch(r"[0-9a-f]{64}", etag) or meta.xet_file_data is not None or meta.size is None:
         return
     lock = cache_root() / ".locks" / blobs.parent.name / f"{etag}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with hf.utils.WeakFileLock(lock):  # a download still running holds it: its file is not ours
-        partials = sorted(blobs.glob(f"{etag}.*.incomplete"), key=lambda p: p.stat().st_size)
-        if not partials or (blobs / etag).exists():
+    with hf.utils.WeakFileLock(lock):
+        stale = _stale_partials(blobs, f"{etag}.*.incomplete")
+        if not stale or (blobs / etag).exists():
             return
-        *older, partial = partials
-        for p in older:
-            p.unlink(missing_ok=True)
-        if meta.size is not None and partial.stat().st_size > meta.size:  # not this blob's prefix
+        partial = _claim(stale[-1], etag)
+        if partial is None:
+            return
+        if partial.stat().st_size > meta.size:  # not this blob's prefix
             partial.unlink()
             return
         with partial.open("ab") as f:
-            headers = hf.utils.build_hf_headers()
-            http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size,
-                     displayed_filename=name, tqdm_class=tqdm_class(progress))  # fmt: skip
+            if f.tell() < meta.size:
+                headers = hf.utils.build_hf_headers()
+                http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size,
+                         displayed_filename=name, tqdm_class=tqdm_class(progress))  # fmt: skip
         if _sha256(partial) != etag:  # not a prefix of this blob after all: download it whole
             partial.unlink()
             return
@@ -170,18 +241,30 @@ class _DatasetRef:
         return f"datasets/{self.repo}"
 
 
-def fetch_dataset_file(repo: str, name: str, progress: bool | None, what: str, hint: str) -> str:
-    """Download (or find in the Hub cache) file NAME of dataset repo REPO; returns its local path.
+def fetch_dataset_file(
+    repo: str, name: str, progress: bool | None, what: str, hint: str, revision: str | None = None
+) -> str:
+    """Download (or find in the Hub cache) file NAME of dataset repo REPO at REVISION (None:
+    main); returns its local path.
 
-    When it is neither cached nor reachable, raises one line: WHAT is not in the Hub cache, why,
+    When it cannot be had, raises one line: WHAT, what is missing or why it cannot be fetched,
     then HINT (what the user can do instead)."""
     hf = _hf()
+    err = hf.errors
+    where = f"file {name} of Hub dataset {repo}" + (f" at revision {revision}" if revision else "")
     try:
-        with hub_errors(_DatasetRef(repo), name):
-            return hf.hf_hub_download(repo, name, repo_type="dataset", tqdm_class=tqdm_class(progress))
+        with hub_errors(_DatasetRef(repo, revision), name):
+            try:
+                return hf.hf_hub_download(
+                    repo, name, repo_type="dataset", revision=revision, tqdm_class=tqdm_class(progress)
+                )
+            except (err.RepositoryNotFoundError, err.RevisionNotFoundError, err.RemoteEntryNotFoundError) as e:
+                if isinstance(e, err.GatedRepoError):
+                    raise
+                # the Hub answered, and has no such thing: moved, renamed or removed
+                raise LmforgeError(f"{what}: the Hub has no {where} (moved or removed?); {hint}") from None
     except (ModelNotFoundError, _CannotReach):
         why = "HF_HUB_OFFLINE=1 is set" if offline_mode() else "the Hub cannot be reached"
-        where = f"file {name} of Hub dataset {repo}"
         raise LmforgeError(f"{what} ({where}) is not in the Hub cache and {why}; {hint}") from None
 
 

@@ -198,17 +198,18 @@ def sequence_deltas(
                 clean = True
                 delta = state.accept(row)
                 yield delta
-                if delta.finish_reason is not None:
-                    return
-                clean = False
-                if i == len(draft) or delta.token != draft[i]:
+                if delta.finish_reason is not None or i == len(draft) or delta.token != draft[i]:
                     break
+                clean = False
                 keep += 1  # draft i was kept: its KV, written by this pass, stays
+            if spec is not None and seconds:
+                spec.update(len(draft), i, seconds)
+            if delta.finish_reason is not None:
+                return
+            clean = False
             if draft:
                 engine.truncate(cache, 0, keep)
             if spec is not None:
-                if seconds:
-                    spec.update(len(draft), i, seconds)
                 draft = spec.draft(state.tokens, state.params.max_tokens - state.n - 1)
             t0 = time.perf_counter()
             pending = [state.next_token]

@@ -161,13 +161,14 @@ class PrefixCache:
 
 def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     """(cache, n): a cache for `state` whose first n prompt tokens are already in it (from
-    `prefix`, cut back to the shared prefix, leaving at least one prompt token to prefill)."""
+    `prefix`, cut back to the shared prefix, leaving at least two prompt tokens to prefill)."""
     prompt = state.prompt_ids
     need = len(prompt) + state.params.max_tokens  # drafts never reach past the last token's position
     cache = prefix.cache if prefix is not None else None
     n = 0
     if cache is not None and (need <= cache.capacity or hasattr(cache, "reserve")):  # ORT's caches grow
-        limit = min(len(prefix.tokens), len(prompt) - 1, int(cache.lengths[0]))
+        # two tokens at least: some kernels round a one-row pass unlike a row of several
+        limit = min(len(prefix.tokens), len(prompt) - 2, int(cache.lengths[0]))
         while n < limit and prefix.tokens[n] == prompt[n]:
             n += 1
         engine.truncate(cache, 0, n)

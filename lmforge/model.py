@@ -239,14 +239,16 @@ def load(
     (default: cpu-int4 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
     auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed);
     ONNX Runtime session config entries; speculative decoding ngram|draft|off (default: draft
-    with `draft`, else ngram; plain where the engine cannot verify drafts), the draft model
+    with `draft`, else ngram where the engine verifies exactly (`exact_verify`: then greedy output
+    never changes), else off; plain where the engine cannot verify drafts), the draft model
     (anything load takes, with MODEL's vocabulary) and the ceiling of the adaptive draft length;
     whether to keep the last call's KV cache for the next prompt's shared prefix. Returns a `Model`."""
-    mode = speculative or ("draft" if draft is not None else "ngram")
-    check_options(mode, draft_max)
-    if mode == "draft" and draft is None:
+    check_options(speculative or "ngram", draft_max)
+    if speculative == "draft" and draft is None:
         raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
     m = _load(model, device, target, threads, progress, engine, session_config)
+    exact = getattr(m.engine, "exact_verify", False)
+    mode = speculative or ("draft" if draft is not None else "ngram" if exact else "off")
     if mode != "off" and getattr(m.engine, "supports_verify", False):
         draft_engine = None
         if mode == "draft":

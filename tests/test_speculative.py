@@ -228,14 +228,24 @@ def _prefix_logits(engine, first: list[int], second: list[int]):
     return engine.prefill(cache, [second[n:]])[0], n
 
 
-@pytest.mark.parametrize("kind", ["ort", "llamacpp"])
-def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path):
-    engine = OrtEngine(default_onnx) if kind == "ort" else _llamacpp(default_model_path)
+@pytest.mark.parametrize("kind", ["ort", "ort-int4", "llamacpp"])
+def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path, int4_folder):
+    """Also on the int8-compute int4 form, whose one-row passes round unlike several: the part
+    prefilled after the reused prefix is never a single token."""
+    engines = {"ort": lambda: OrtEngine(default_onnx), "ort-int4": lambda: OrtEngine(int4_folder)}
+    engine = engines.get(kind, lambda: _llamacpp(default_model_path))()
     ids = Tokenizer.from_folder(default_onnx).encode(_code_prompt())
-    first, second = ids[:120], ids[:100] + ids[130:160]  # shares 100 tokens
-    logits, reused = _prefix_logits(engine, first, second)
-    assert reused == 100
-    _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
+    for first, second, shared in ((ids[:120], ids[:100] + ids[130:160], 100), (ids[:90], ids[:90], 88)):
+        logits, reused = _prefix_logits(engine, first, second)
+        assert reused == shared
+        _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
+
+
+def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, int4_folder):
+    assert load(default_onnx).speculation.mode == "ngram"
+    int4 = load(int4_folder)
+    assert not int4.engine.exact_verify and int4.speculation is None
+    assert load(int4_folder, speculative="ngram").speculation.mode == "ngram"
 
 
 def test_a_growing_chat_prefills_only_the_new_turn(default_onnx):

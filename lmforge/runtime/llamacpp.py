@@ -105,6 +105,9 @@ class LlamaCppEngine(Engine):
         if kv_type not in KV_TYPES:
             raise LmforgeError(f"unknown KV cache type {kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
         self.kv_type = KV_TYPES[kv_type]
+        # an f16 cache (flash attention) rounds a batch of positions unlike one: only an f32 cache
+        # makes verified tokens exactly those of plain decoding
+        self.exact_verify = kv_type == "f32"
         path = Path(path)
         if not path.is_file():
             raise LmforgeError(f"{path} does not exist; give a .gguf file")

@@ -294,6 +294,10 @@ class OrtEngine(Engine):
         # (lmforge's model.onnx since format 3) or every position's
         self._keeps = LOGITS_TO_KEEP in inputs and not self.full_logits
         self.supports_verify = self._keeps or self.full_logits
+        # MatMulNBits' int8 compute (accuracy_level 4) rounds one row (decode) differently from
+        # several (prefill, verify): verified tokens then need not be the ones plain decoding picks
+        quant = meta.get("quant", {"accuracy_level": 4})  # a folder not ours: assume its builder's int8
+        self.exact_verify = self.supports_verify and (quant is None or quant.get("accuracy_level", 0) < 4)
         self._bound = None  # key of the cache whose buffers the binding holds
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32

@@ -19,7 +19,9 @@ measured cost of a pass of k + 1 tokens against a pass of one. Where no k pays, 
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
@@ -62,21 +64,34 @@ class SpecStats:
 
 @dataclass
 class VerifyCost:
-    """Seconds a pass takes against its token count, learnt online: t(m) = t1 * (1 + slope * (m - 1))."""
+    """Seconds a pass takes against its token count m, learnt online as t(m) = t(1) * (1 + slope
+    * (m - 1)): the slope is the median over the pass sizes seen of their median time's excess
+    over a one-token pass's, so that passes slowed by a busy machine do not swing it."""
 
-    t1: float = 0.0  # seconds of a one-token pass (0: not measured yet)
     slope: float = 0.15  # extra cost of each further token, as a share of a one-token pass
+    samples: dict[int, deque] = field(default_factory=dict)  # m -> recent seconds
 
     def ratio(self, m: int) -> float:
         """The cost of a pass of m tokens in one-token passes."""
         return 1.0 + self.slope * (m - 1)
 
     def observe(self, m: int, seconds: float) -> None:
-        if m == 1:
-            self.t1 = seconds if not self.t1 else 0.8 * self.t1 + 0.2 * seconds
-        elif self.t1:
-            slope = (seconds / self.t1 - 1.0) / (m - 1)
-            self.slope = min(2.0, max(0.01, 0.8 * self.slope + 0.2 * slope))
+        self.samples.setdefault(m, deque(maxlen=9)).append(seconds)
+        one = self.samples.get(1, ())
+        if len(one) < 3 or m == 1 and len(self.samples) == 1:
+            return
+        base = statistics.median(one)
+        slopes = [
+            (statistics.median(t) / base - 1.0) / (k - 1) for k, t in self.samples.items() if k > 1 and len(t) >= 3
+        ]
+        if slopes:
+            self.slope = min(1.0, max(0.02, statistics.median(slopes)))
+
+    @property
+    def t1(self) -> float:
+        """Median seconds of a one-token pass (0: not measured yet)."""
+        one = self.samples.get(1, ())
+        return statistics.median(one) if one else 0.0
 
 
 @dataclass

@@ -226,13 +226,14 @@ class DraftModelSpeculator(_Adaptive):
     def __init__(self, engine, tokens: list[int], capacity: int, draft_max: int, cost: VerifyCost, stats: SpecStats):
         super().__init__(draft_max, cost, stats, 1)
         self.engine = engine
-        self.cache = engine.new_cache(1, capacity)
+        self.cache = engine.new_cache(1, min(capacity, engine.context_length))
         self.fed: list[int] = []  # the tokens in the draft model's cache
         self.step = 0.0  # seconds of one draft decode step (0: not measured yet)
 
     def draft(self, tokens: list[int], room: int) -> list[int]:
         per_draft = self.step / self.cost.t1 if self.step and self.cost.t1 else 0.3
-        k = self.best_length(0, min(self.draft_max, room), per_draft)
+        room = min(room, self.engine.context_length - len(tokens))  # a draft model's context may be shorter
+        k = self.best_length(0, min(self.draft_max, room), per_draft) if room > 0 else 0
         if not k:
             return []
         e, n = self.engine, 0

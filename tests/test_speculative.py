@@ -113,9 +113,10 @@ def test_greedy_is_plain_decoding_on_the_default_model_ort(default_onnx):
     assert stats.tokens_per_pass > 1.3, stats  # a grounded request: most of the answer is drafted
 
 
+@pytest.mark.slow
 def test_greedy_is_plain_decoding_on_the_default_model_llamacpp(default_model_path):
     m = load(default_model_path, engine="ort", speculative="off")
-    _greedy_identity(_llamacpp(default_model_path), m.tokenizer, m.prompt_ids(_code_prompt()))
+    _greedy_identity(_llamacpp(default_model_path), m.tokenizer, m.prompt_ids(_code_prompt()), 64)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma3"]
@@ -191,6 +192,7 @@ def test_sampling_keeps_the_target_distribution(tiny_factory, tmp_path):
 # ---- every sampling option behaves as in plain decoding -------------------------------------
 
 
+@pytest.mark.slow
 def test_penalties_bias_stops_and_logprobs_match_plain_decoding(default_onnx):
     m = load(default_onnx, speculative="off")
     engine, tok, ids = m.engine, m.tokenizer, m.prompt_ids(_code_prompt())
@@ -199,7 +201,7 @@ def test_penalties_bias_stops_and_logprobs_match_plain_decoding(default_onnx):
         dict(stop=["return"], logprobs=True, top_logprobs=3),
         dict(temperature=0.8, top_p=0.9, seed=7),
     ):
-        params = SamplingParams(max_tokens=64, **options)
+        params = SamplingParams(max_tokens=48, **options)
         spec = Speculation()
         assert _run(engine, tok, ids, params, None, spec) == _run(engine, tok, ids, params), options
         assert spec.stats.verifies > 0
@@ -228,7 +230,7 @@ def _prefix_logits(engine, first: list[int], second: list[int]):
     return engine.prefill(cache, [second[n:]])[0], n
 
 
-@pytest.mark.parametrize("kind", ["ort", "ort-int4", "llamacpp"])
+@pytest.mark.parametrize("kind", ["ort", "ort-int4", pytest.param("llamacpp", marks=pytest.mark.slow)])
 def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path, int4_folder):
     """Also on the int8-compute int4 form, whose one-row passes round unlike several: the part
     prefilled after the reused prefix is never a single token."""
@@ -267,10 +269,12 @@ def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
     m = load(default_onnx, draft=draft, draft_max=4)
     assert m.speculation.mode == "draft"
     params = SamplingParams(max_tokens=32)
-    ids = m.prompt_ids(_code_prompt())
+    ids = m.prompt_ids("Repeat this list: " + "alpha beta gamma delta " * 5)  # within the draft's context
     spec = m.speculation
     assert _run(m.engine, m.tokenizer, ids, params, None, spec) == _run(m.engine, m.tokenizer, ids, params)
     assert spec.stats.verifies > 0
+    long = m.prompt_ids(_code_prompt())  # past the draft model's context of 256: no drafts, same text
+    assert _run(m.engine, m.tokenizer, long, params, None, spec) == _run(m.engine, m.tokenizer, long, params)
 
 
 # ---- drafter internals and the command line ------------------------------------------------

@@ -283,7 +283,20 @@ def main():
         job = prepare(Path(tmp), args.gen_tokens, args.threads)
         job["tmp"] = tmp
         results = run_all(job, args.rounds, runners)
-    save("speculative", report(results, runners, args), results)
+    save("speculative", report(results, runners, args), compact(results))
+
+
+def compact(results: list[dict]) -> list[dict]:
+    """The figures without the generated tokens: their count, and whether they equal lmforge plain's."""
+    plain = {(x["workload"], x["round"]): x["tokens"] for x in results if x["runner"] == "lmforge-plain"}
+    return [
+        {
+            **{k: v for k, v in x.items() if k != "tokens"},
+            "generated": [len(t) for t in x["tokens"]],
+            "same_as_lmforge_plain": x["tokens"] == plain.get((x["workload"], x["round"])),
+        }
+        for x in results
+    ]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError, writing
 from lmforge.progress import Progress
 from lmforge.sampling import OPTION_NAMES, SamplingParams, response_format_options
+from lmforge.speculative import DRAFT_MAX, check_options
 
 log = logging.getLogger(__name__)
 SAMPLING = tuple(sorted(OPTION_NAMES))  # every SamplingParams option, under its own name
@@ -202,12 +203,17 @@ def run_batch(
     ray: str | bool | None = None,
     workers: int = 1,
     progress: bool | None = None,
+    speculative: str | None = None,
+    draft: str | None = None,
+    draft_max: int = DRAFT_MAX,
 ) -> dict:
     """Run every pending line of INP through MODEL into OUT; returns counts.
 
     Args: the model (anything `lmforge.load` takes); input and output JSONL paths; target preset
     when MODEL must be converted; `ray`: False for this process, True for a local Ray, or a
-    cluster address; Ray actors (engines) to start; progress bar (default: on a terminal)."""
+    cluster address; Ray actors (engines) to start; progress bar (default: on a terminal);
+    speculative decoding as `lmforge.load` takes it (in this process; Ray actors use the default)."""
+    check_options(speculative or "ngram", draft_max)
     inp, out = Path(inp), Path(out)
     if not inp.is_file():
         raise LmforgeError(f"no input file {inp}; give a JSONL file with one request per line")
@@ -235,7 +241,7 @@ def run_batch(
         else:
             from lmforge.model import load
 
-            m = load(model, target=target)
+            m = load(model, target=target, speculative=speculative, draft=draft, draft_max=draft_max)
             bar = Progress(len(todo), progress, "batch", unit="req", leave=True)
             for item in todo:
                 writer.write(generate_record(m, item))

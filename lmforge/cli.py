@@ -14,6 +14,7 @@ import sys
 
 from lmforge.errors import LmforgeError, read_user_text
 from lmforge.runtime.engine import ENGINES
+from lmforge.speculative import DRAFT_MAX
 
 
 def cmd_inspect(args) -> int:
@@ -133,14 +134,20 @@ def _logit_bias(text: str) -> tuple[int, float]:
     return int(m.group(1)), float(m.group(2) or m.group(3))
 
 
-def _stats(model) -> str:
+def _stats(model, verbose: bool = False) -> str:
     r = model.last
     if r is None:
         return ""
-    return (
+    line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
         f"{r.generation_tps:.1f} tok/s | time to first token: {r.ttft * 1000:.0f} ms"
     )
+    if verbose:
+        spec = model.speculation
+        line += "\n" + (spec.stats.summary() if spec is not None else "speculative: off (plain decoding)")
+        if model.prefix is not None:
+            line += f"\nprefix reuse: {model.prefix.reused} prompt tokens from the last call's cache"
+    return line
 
 
 def _prompt(args) -> str:
@@ -158,7 +165,14 @@ def cmd_run(args) -> int:
     from lmforge.model import load
 
     prompt = _prompt(args)
-    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
+    model = load(
+        args.model,
+        device=args.device,
+        target=args.target,
+        threads=args.threads,
+        engine=args.engine,
+        **_speculative(args),
+    )
     running = f"lmforge: running {args.model} as {model.form}"
     try:  # said with the first piece: an error before it (a prompt too long, ...) stays one line
         for piece in model.stream(prompt, raw=args.raw, **_sampling(args)):
@@ -172,14 +186,21 @@ def cmd_run(args) -> int:
     if running:
         print(running, file=sys.stderr)
     sys.stdout.write("\n")
-    print(_stats(model), file=sys.stderr)
+    print(_stats(model, args.verbose), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
     from lmforge.model import load
 
-    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
+    model = load(
+        args.model,
+        device=args.device,
+        target=args.target,
+        threads=args.threads,
+        engine=args.engine,
+        **_speculative(args),
+    )
     if not model.chat_template:
         hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
         raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
@@ -218,6 +239,8 @@ def cmd_chat(args) -> int:
             print(f"lmforge: error: {e} (/reset starts over)", file=sys.stderr)
             continue
         print()
+        if args.verbose:
+            print(_stats(model, True), file=sys.stderr)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -337,7 +360,15 @@ def cmd_bench(args) -> int:
 def cmd_batch(args) -> int:
     from lmforge.batch import run_batch
 
-    counts = run_batch(args.model, args.input, args.output, target=args.target, ray=args.ray, workers=args.workers)
+    counts = run_batch(
+        args.model,
+        args.input,
+        args.output,
+        target=args.target,
+        ray=args.ray,
+        workers=args.workers,
+        **_speculative(args),
+    )
     print(
         f"batch: {counts['ran']} generated, {counts['errors']} bad lines recorded, {counts['already_done']} done "
         f"before, {counts['duplicates']} duplicate ids skipped",
@@ -370,8 +401,26 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_speculative_args(p) -> None:
+    p.add_argument(
+        "--speculative",
+        choices=["ngram", "draft", "off"],
+        help="draft tokens and verify them in one pass: ngram (prompt lookup; the default where the engine "
+        "can verify), draft (a draft model, --draft), off",
+    )
+    p.add_argument("--draft", metavar="MODEL", help="draft model with the same vocabulary (any form lmforge runs)")
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX, metavar="N", help="most tokens drafted per step")
+
+
+def _speculative(args) -> dict:
+    """load()'s speculation arguments from the flags."""
+    return dict(speculative=args.speculative, draft=args.draft, draft_max=args.draft_max)
+
+
 def _add_generation_args(p) -> None:
     p.add_argument("model", help="known name, HF folder, .gguf file, or an ONNX folder lmforge wrote")
+    _add_speculative_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="also print speculative decoding's acceptance")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -534,6 +583,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--workers", type=int, default=1, help="engines (Ray actors) with --ray")
+    _add_speculative_args(p)
     p.add_argument(
         "--ray",
         nargs="?",

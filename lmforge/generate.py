@@ -148,17 +148,79 @@ class SequenceState:
         return Delta(text, token, info, reason, len(self.prompt_ids), self.n)
 
 
-def sequence_deltas(engine, state: SequenceState) -> Iterator[Delta]:
-    """Drive `state` on its own cache of `engine`: prefill, then one decode step per token,
-    until the state finishes. The caller may stop early (close the generator)."""
-    cache = engine.new_cache(1, len(state.prompt_ids) + state.params.max_tokens)
-    logits = engine.prefill(cache, [state.prompt_ids])[0]
-    while True:
-        delta = state.accept(logits)
-        yield delta
-        if delta.finish_reason is not None:
-            return
-        logits = engine.decode(cache, [state.next_token])[0]
+@dataclass
+class PrefixCache:
+    """A KV cache kept from one call to the next and the tokens it holds: the next prompt
+    prefills only what follows the longest prefix it shares with them (a chat that grows turn by
+    turn prefills only the new turn)."""
+
+    cache: object | None = None
+    tokens: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens the last call took from the cache
+
+
+def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
+    """(cache, n): a cache for `state` whose first n prompt tokens are already in it (from
+    `prefix`, cut back to the shared prefix, leaving at least two prompt tokens to prefill)."""
+    prompt = state.prompt_ids
+    need = len(prompt) + state.params.max_tokens  # drafts never reach past the last token's position
+    cache = prefix.cache if prefix is not None else None
+    n = 0
+    if cache is not None and (need <= cache.capacity or hasattr(cache, "reserve")):  # ORT's caches grow
+        # two tokens at least: some kernels round a one-row pass unlike a row of several
+        limit = min(len(prefix.tokens), len(prompt) - 2, int(cache.lengths[0]))
+        while n < limit and prefix.tokens[n] == prompt[n]:
+            n += 1
+        engine.truncate(cache, 0, n)
+    else:
+        cache = engine.new_cache(1, need)
+    if prefix is not None:
+        prefix.cache, prefix.tokens, prefix.reused = None, [], n  # until the sequence ends well
+    return cache, n
+
+
+def sequence_deltas(
+    engine, state: SequenceState, prefix: PrefixCache | None = None, speculation=None
+) -> Iterator[Delta]:
+    """Drive `state` on its own cache of `engine`: prefill, then one forward pass per step until
+    the state finishes: a decode of the pending token, or with `speculation` (a
+    `lmforge.speculative.Speculation`) a verify of the pending token and the tokens drafted after
+    it, whose rows the state takes in turn while they agree with the draft. `prefix` (a
+    PrefixCache) gives a cache to start from and keeps this one. The caller may stop early."""
+    capacity = len(state.prompt_ids) + state.params.max_tokens
+    spec = speculation.start(state.tokens, capacity) if speculation is not None else None
+    cache, start = _open_cache(engine, state, prefix)
+    keep = len(state.prompt_ids)  # the cache's first `keep` positions hold state.tokens[:keep]
+    clean, seconds, draft = False, 0.0, []  # clean: stopped at a yield, so the cache agrees with `keep`
+    try:
+        rows = engine.prefill(cache, [state.prompt_ids[start:]])
+        while True:
+            for i, row in enumerate(rows):
+                clean = True
+                delta = state.accept(row)
+                yield delta
+                if delta.finish_reason is not None or i == len(draft) or delta.token != draft[i]:
+                    break
+                clean = False
+                keep += 1  # draft i was kept: its KV, written by this pass, stays
+            if spec is not None and seconds:
+                spec.update(len(draft), i, seconds)
+            if delta.finish_reason is not None:
+                return
+            clean = False
+            if draft:
+                engine.truncate(cache, 0, keep)
+            if spec is not None:
+                draft = spec.draft(state.tokens, state.params.max_tokens - state.n - 1)
+            t0 = time.perf_counter()
+            pending = [state.next_token]
+            rows = engine.verify(cache, pending + draft) if draft else engine.decode(cache, pending)
+            seconds = time.perf_counter() - t0
+            keep += 1
+    finally:
+        if prefix is not None and clean:
+            engine.truncate(cache, 0, keep)
+            prefix.cache, prefix.tokens = cache, state.tokens[:keep]
 
 
 @dataclass
@@ -182,19 +244,25 @@ def stream_generate(
     prompt_ids: Sequence[int],
     params: SamplingParams | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    prefix: PrefixCache | None = None,
+    speculation=None,
 ) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token (text may be empty while a character or
     a possible stop string is incomplete); the last one carries `finish_reason`.
 
     Args: an engine, a tokenizer (None: no text), the prompt's token ids, the sampling options,
-    the EOS ids (default: the engine's). max_tokens is cut to what the context leaves."""
+    the EOS ids (default: the engine's); a PrefixCache to start from and keep the cache in; a
+    `lmforge.speculative.Speculation` (None, an engine that cannot verify, or an output
+    constraint: plain decoding). max_tokens is cut to what the context leaves."""
     prompt_ids = list(prompt_ids)
     params = fit_to_context(len(prompt_ids), params or SamplingParams(), engine.context_length)
     eos = engine.eos_token_ids if eos_token_ids is None else eos_token_ids
     state = SequenceState(tokenizer, prompt_ids, params, eos, engine.vocab_size)
+    if params.constraint is not None or not getattr(engine, "supports_verify", False):
+        speculation = None  # a grammar's mask per drafted row costs more than speculation saves
     start = time.perf_counter()
     first = None
-    steps = sequence_deltas(engine, state)
+    steps = sequence_deltas(engine, state, prefix, speculation)
     try:
         for d in steps:
             now = time.perf_counter()

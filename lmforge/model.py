@@ -20,11 +20,12 @@ from lmforge.chat import render_with, template_from_folder
 from lmforge.checkpoint import resolve, source_label
 from lmforge.errors import LmforgeError, writing
 from lmforge.export.targets import DEFAULT_TARGET, get_target
-from lmforge.generate import GenerationResponse, stream_generate
+from lmforge.generate import GenerationResponse, PrefixCache, stream_generate
 from lmforge.registry import cache_dir
 from lmforge.runtime.engine import ENGINES as RUNTIME_ENGINES
 from lmforge.runtime.ort import OrtEngine, is_onnx_folder
 from lmforge.sampling import SamplingParams
+from lmforge.speculative import DRAFT_MAX, Speculation, check_options
 from lmforge.tokenizer import Tokenizer
 from lmforge.tools import ToolCall, plan_tools, template_messages
 
@@ -89,9 +90,22 @@ class Model:
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs,
     top_logprobs, and one output constraint: json_schema, regex or grammar), and raw=True skips the
     chat template; `chat` also takes OpenAI-style tools. `last` is the last GenerationResponse;
-    `form` says in words which form runs (e.g. "cpu-int4 (exact transcode of Q4_1, Q8_0)")."""
+    `form` says in words which form runs (e.g. "cpu-int4 (exact transcode of Q4_1, Q8_0)").
 
-    def __init__(self, engine, tokenizer: Tokenizer, chat_template: str | None, form: str = ""):
+    `speculation` (a `lmforge.speculative.Speculation`, None: plain decoding) drafts tokens and
+    verifies them in one pass; its `stats` count tokens per verify. `prefix` keeps the KV cache of
+    the last call: the next prompt prefills only what follows the prefix they share
+    (`prefix.reused` tokens); None turns that off."""
+
+    def __init__(
+        self,
+        engine,
+        tokenizer: Tokenizer,
+        chat_template: str | None,
+        form: str = "",
+        speculation: Speculation | None = None,
+        prefix_reuse: bool = True,
+    ):
         self.engine = engine
         self.form = form
         self.tokenizer = tokenizer
@@ -99,6 +113,8 @@ class Model:
         self.eos_token_ids = tuple(dict.fromkeys([*engine.eos_token_ids, *tokenizer.eos_ids]))
         self.last: GenerationResponse | None = None
         self._said_raw = False
+        self.speculation = speculation
+        self.prefix = PrefixCache() if prefix_reuse else None
 
     def prompt_ids(
         self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False, tools=None
@@ -120,13 +136,24 @@ class Model:
 
     def stream_generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationResponse]:
         """One GenerationResponse per generated token of the completion of token ids `ids`."""
-        for r in stream_generate(self.engine, self.tokenizer, ids, params, self.eos_token_ids):
+        spec = self.speculation
+        for r in stream_generate(self.engine, self.tokenizer, ids, params, self.eos_token_ids, self.prefix, spec):
             self.last = r
             yield r
 
     def _pieces(self, ids: list[int], options: dict) -> Iterator[str]:
         """One text piece per generated token (possibly empty while a character is incomplete);
-        the EOS step yields only text still held back."""
+        the EOS step yields only text still held back. `speculative="off"` decodes this call plainly."""
+        mode = options.pop("speculative", None)
+        if mode is not None:
+            check_options(mode, DRAFT_MAX)
+        if mode == "off" and self.speculation is not None:
+            saved, self.speculation = self.speculation, None
+            try:
+                yield from self._pieces(ids, options)
+            finally:
+                self.speculation = saved
+            return
         for r in self.stream_generate(ids, SamplingParams.from_options(options)):
             if r.token not in self.eos_token_ids or r.text:
                 yield r.text
@@ -222,13 +249,52 @@ def load(
     progress: bool | None = None,
     engine: str = "auto",
     session_config: dict[str, str] | None = None,
+    speculative: str | None = None,
+    draft: str | os.PathLike | None = None,
+    draft_max: int = DRAFT_MAX,
+    prefix_reuse: bool = True,
 ) -> Model:
     """Load MODEL (known name, HF folder, GGUF file, or an ONNX folder lmforge wrote) for generation.
 
     Args: the model; device cpu|cuda|dml; target preset used when MODEL needs converting to ONNX
     (default: cpu-int4 for the CPU, cuda-fp16 for CUDA); threads; progress bar; engine
     auto|ort|llamacpp (auto: llama.cpp for a GGUF file when llama-cpp-python is installed);
-    ONNX Runtime session config entries. Returns a `Model`."""
+    ONNX Runtime session config entries; speculative decoding ngram|draft|off (default: draft
+    with `draft`, else ngram where the engine verifies exactly (`exact_verify`: then greedy output
+    never changes), else off; plain where the engine cannot verify drafts), the draft model
+    (anything load takes, with MODEL's vocabulary) and the ceiling of the adaptive draft length;
+    whether to keep the last call's KV cache for the next prompt's shared prefix. Returns a `Model`."""
+    check_options(speculative or "ngram", draft_max)
+    if speculative == "draft" and draft is None:
+        raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
+    m = _load(model, device, target, threads, progress, engine, session_config)
+    exact = getattr(m.engine, "exact_verify", False)
+    mode = speculative or ("draft" if draft is not None else "ngram" if exact else "off")
+    if mode != "off" and getattr(m.engine, "supports_verify", False):
+        draft_engine = None
+        if mode == "draft":
+            d = _load(draft, device, target, threads, progress, "auto", session_config)
+            _check_vocabulary(m, d, draft)
+            draft_engine = d.engine
+        m.speculation = Speculation(mode, draft_max, draft_engine)
+    if not prefix_reuse:
+        m.prefix = None
+    return m
+
+
+def _check_vocabulary(target: Model, draft: Model, name) -> None:
+    """A user error unless the draft model's tokens are the target's (same ids, same logits width)."""
+    a, b = target.tokenizer.hf.get_vocab(with_added_tokens=True), draft.tokenizer.hf.get_vocab(with_added_tokens=True)
+    if a != b or target.engine.vocab_size != draft.engine.vocab_size:
+        raise LmforgeError(
+            f"the draft model {name} has another vocabulary ({draft.engine.vocab_size} logits, "
+            f"{len(b)} tokens) than the target ({target.engine.vocab_size}, {len(a)}); "
+            "give a draft model of the same family and tokenizer"
+        )
+
+
+def _load(model, device, target, threads, progress, engine, session_config) -> Model:
+    """`load` without speculation: the engine, tokenizer and chat template of MODEL."""
     path = resolve(model)
     if pick_engine(path, engine, device, target) == "llamacpp":
         from lmforge.checkpoint import open_checkpoint

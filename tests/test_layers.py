@@ -22,6 +22,7 @@ LAYERS = {
     "lmforge.runtime": 5,
     "lmforge.generate": 6,
     "lmforge.sampling": 6,
+    "lmforge.speculative": 6,
     "lmforge.constrain": 6,
     "lmforge.tools": 6,
     "lmforge.model": 7,

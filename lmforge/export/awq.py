@@ -56,7 +56,8 @@ def _activations(ckpt, ids: list[int], n: int, window: int, sample_rows: int, ba
         }
         for w in range(n):
             chunk = np.asarray([ids[w * window : (w + 1) * window]], dtype=np.int64)
-            outs = sess.run(taps, {"input_ids": chunk, "attention_mask": np.ones_like(chunk), **empty})
+            feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk), "logits_to_keep": np.array([1]), **empty}
+            outs = sess.run(taps, feed)
             pick = rng.choice(window, per_window, replace=False)
             for t, a in zip(taps, outs):
                 a = a[0]  # (window, K)

@@ -25,7 +25,7 @@ from lmforge.export.targets import get_target, with_overrides
 from lmforge.export.weights import WeightSource
 from lmforge.progress import Progress, shown
 
-FORMAT_VERSION = 2  # 2: two graphs per folder (model.onnx, model.genai.onnx)
+FORMAT_VERSION = 3  # 2: two graphs per folder (model.onnx, model.genai.onnx); 3: model.onnx takes logits_to_keep
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

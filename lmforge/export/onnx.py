@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 
 from lmforge.checkpoint.base import Checkpoint
 from lmforge.errors import LmforgeError
+from lmforge.export.folder import LOGITS_TO_KEEP
 from lmforge.export.rope import rope_tables
 from lmforge.export.weights import QuantOptions, WeightSource, head_block
 from lmforge.quant.nbits import NBits, rtn
@@ -553,12 +554,18 @@ def _head(g: Graph, h: str, w: HeadWeight, spec: ModelSpec, accuracy_level: int)
 
 
 def _last_positions(g: Graph, h: str, mask_sum: str, hidden: int) -> str:
-    """h (B, S, H) at the last valid position of each (right-padded) row: (B, 1, H)."""
+    """h (B, S, H) at the last n valid positions of each (right-padded) row: (B, n, H), where n is
+    the input `logits_to_keep` ([1]: prefill and decode; n > 1 verifies drafted tokens in one
+    pass). Positions before a row's first are clamped to it."""
+    g.inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     seq_last = g.node("Sub", [g.node("Gather", [g.node("Shape", ["input_ids"]), g.const(1)]), g.const(1)])
-    idx = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])  # (B,)
-    column = g.node("Reshape", [idx, g.const([-1, 1, 1])])  # (B, 1, 1)
-    shape = g.node("Concat", [g.node("Shape", ["input_ids"], start=0, end=1), g.const([1, hidden])], axis=0)
-    idx = g.node("Expand", [column, shape])  # (B, 1, H)
+    last = g.node("Min", [g.node("Sub", [mask_sum, g.const(1)]), seq_last])  # (B,)
+    n = g.node("Reshape", [LOGITS_TO_KEEP, g.const([])])
+    offsets = g.node("Range", [g.node("Sub", [g.const(1), n]), g.const(1), g.const(1)])  # (n,): 1-n .. 0
+    idx = g.node("Add", [g.node("Reshape", [last, g.const([-1, 1])]), offsets])  # (B, n)
+    idx = g.node("Max", [idx, g.const(0)])
+    shape = g.node("Concat", [g.node("Shape", [idx]), g.const([hidden])], axis=0)
+    idx = g.node("Expand", [g.node("Unsqueeze", [idx, g.const([2])]), shape])  # (B, n, H)
     return g.node("GatherElements", [h, idx], axis=1)
 
 
@@ -584,15 +591,15 @@ def _graphs(
     g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: HeadWeight, mask_sum: str
 ) -> dict[str, onnx.ModelProto]:
     """The two variants over the shared body whose final hidden states are h (B, S, H): "full"
-    (every position's logits) and "last" (each row's last valid position's)."""
+    (every position's logits) and "last" (each row's last `logits_to_keep` valid positions')."""
     taps = _tap_outputs(g, options)
-    common_nodes, common_inits = list(g.nodes), list(g.initializers)
+    common = list(g.nodes), list(g.initializers), list(g.inputs)
     graphs = {}
     for variant in ("full", "last"):
-        g.nodes, g.initializers = list(common_nodes), list(common_inits)
+        g.nodes, g.initializers, g.inputs = (list(c) for c in common)
         hv = _last_positions(g, h, mask_sum, spec.hidden_size) if variant == "last" else h
         g.nodes.append(helper.make_node("Identity", [_head(g, hv, head, spec, options.accuracy_level)], ["logits"]))
-        positions = "sequence_length" if variant == "full" else 1
+        positions = "sequence_length" if variant == "full" else LOGITS_TO_KEEP
         dims = ["batch_size", positions, spec.vocab_size]
         logits = helper.make_tensor_value_info("logits", NP_TO_ONNX[g.dtype], dims)
         graphs[variant] = _model(g, [logits] + g.outputs + taps)

@@ -4,6 +4,12 @@
 An engine owns its KV cache. A cache holds `batch_size` rows; each row has its own length.
 `prefill` appends a prompt (or a chunk) to each row and returns the next-token logits of each
 row's last token; `decode` appends one token per row and returns the next logits.
+
+Speculative decoding needs two more methods where `supports_verify` is true: `verify(cache,
+tokens)` appends k tokens to a one-row cache in one pass and returns (k, vocab) logits, one row
+after each; `truncate(cache, row, length)` forgets a row's positions from `length` on.
+`exact_verify` says whether verified rows equal decode's to float rounding (then speculation
+never changes greedy output, and is on by default).
 """
 
 from __future__ import annotations

@@ -129,6 +129,9 @@ class LlamaCppEngine(Engine):
         if kv_type not in KV_TYPES:
             raise LmforgeError(f"unknown KV cache type {kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
         self.kv_type = KV_TYPES[kv_type]
+        # an f16 cache (flash attention) rounds a batch of positions unlike one: only an f32 cache
+        # makes verified tokens exactly those of plain decoding
+        self.exact_verify = kv_type == "f32"
         path = Path(path)
         if not path.is_file():
             raise LmforgeError(f"{path} does not exist; give a .gguf file")
@@ -201,18 +204,22 @@ class LlamaCppEngine(Engine):
         self._generation += 1
         return LlamaCppCache(self, batch_size, self._ctx_capacity)
 
-    def _run(self, cache: LlamaCppCache, rows: list[list[int]]) -> np.ndarray:
-        """Append each row's tokens (llama.cpp batches of at most n_batch tokens); returns the
-        float32 logits (rows, vocab) of each row's last token."""
-        lib = self._lib
+    def _room(self, cache: LlamaCppCache, totals: np.ndarray) -> np.ndarray:
+        """`totals` (each row's length after a step), a user error when they do not fit `cache`."""
         if cache.generation != self._generation:
             raise LmforgeError("this cache belongs to an earlier request; make a new one with new_cache()")
-        totals = cache.lengths + np.array([len(r) for r in rows])
         if totals.max() > cache.capacity:
             raise LmforgeError(
                 f"sequence of {int(totals.max())} tokens exceeds this cache's {cache.capacity} positions; "
                 "make the cache with a larger capacity"
             )
+        return totals
+
+    def _run(self, cache: LlamaCppCache, rows: list[list[int]]) -> np.ndarray:
+        """Append each row's tokens (llama.cpp batches of at most n_batch tokens); returns the
+        float32 logits (rows, vocab) of each row's last token."""
+        lib = self._lib
+        totals = self._room(cache, cache.lengths + np.array([len(r) for r in rows]))
         flat = [(r, i, t) for r, ids in enumerate(rows) for i, t in enumerate(ids)]
         out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
         for start in range(0, len(flat), self.n_batch):
@@ -277,6 +284,33 @@ class LlamaCppEngine(Engine):
         if len(token_ids) != cache.batch_size:
             raise ValueError("one token per cache row")
         return self._run(cache, [[int(t)] for t in token_ids])
+
+    supports_verify = True
+
+    def verify(self, cache: LlamaCppCache, token_ids: list[int]) -> np.ndarray:
+        """Append k tokens to a one-row cache in one llama_batch with logits at every position;
+        returns float32 logits (k, vocab), row i the next-token logits after token i."""
+        lib, k = self._lib, len(token_ids)
+        assert 0 < k <= self.n_batch
+        base = int(cache.lengths[0])
+        totals = self._room(cache, cache.lengths + k)
+        batch = self._llama_batch(k)
+        batch.n_tokens = k
+        for i, t in enumerate(token_ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(t), base + i, 1, True
+            batch.seq_id[i][0] = 0
+        rc = lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise LmforgeError(f"llama.cpp failed to decode a batch (code {rc}){_why()}")
+        cache.lengths = totals
+        return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(k, self.vocab_size)).copy()
+
+    def truncate(self, cache: LlamaCppCache, row: int, length: int) -> None:
+        """Remove row `row`'s positions from `length` on from llama.cpp's KV cache (seq_rm)."""
+        assert 0 <= length <= cache.lengths[row]
+        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), row, length, -1):
+            raise LmforgeError(f"llama.cpp cannot remove positions {length}.. of a sequence{_why()}")
+        cache.lengths[row] = length
 
     def close(self) -> None:
         """Free the context, batch and model (also done when the engine is collected)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.export.folder import GENAI_FILE, META_FILE, MODEL_FILE
+from lmforge.export.folder import GENAI_FILE, LOGITS_TO_KEEP, META_FILE, MODEL_FILE
 from lmforge.runtime.engine import Cache, Engine
 
 # --device -> (execution provider, the pip package that brings it)
@@ -290,7 +290,16 @@ class OrtEngine(Engine):
         except Exception as e:
             raise LmforgeError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
         self.io = self.session.io_binding()
-        self.needs_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.needs_positions = "position_ids" in inputs
+        # verify k drafted tokens in one pass: a graph that returns the last n positions' logits
+        # (lmforge's model.onnx since format 3) or every position's
+        self._keeps = LOGITS_TO_KEEP in inputs and not self.full_logits
+        self.supports_verify = self._keeps or self.full_logits
+        # MatMulNBits' int8 compute (accuracy_level 4) rounds one row (decode) differently from
+        # several (prefill, verify): verified tokens then need not be the ones plain decoding picks
+        quant = meta.get("quant", {"accuracy_level": 4})  # a folder not ours: assume its builder's int8
+        self.exact_verify = self.supports_verify and (quant is None or quant.get("accuracy_level", 0) < 4)
         self._bound = None  # key of the cache whose buffers the binding holds
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
@@ -308,10 +317,11 @@ class OrtEngine(Engine):
         return KVPool(self, n_rows, min(capacity, self.context_length))
 
     def _forward(
-        self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray, reuse: bool = False
+        self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray, reuse: bool = False, keep: int = 1
     ) -> np.ndarray:
         """One forward pass: rows append `new_lengths` tokens of `input_ids` (right-padded);
-        returns the graph's logits (B, S|1, V), in a buffer the next call overwrites if `reuse`."""
+        returns the graph's logits (B, S|keep, V) (the full graph's, or the last `keep` positions'),
+        in a buffer the next call overwrites if `reuse`."""
         totals = cache.lengths + new_lengths
         cache.reserve(int(totals.max()))
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
@@ -329,13 +339,15 @@ class OrtEngine(Engine):
         out = None
         if self.ort_device == "cpu":
             out = self._logits_out(
-                (input_ids.shape[0], input_ids.shape[1] if self.full_logits else 1, self.vocab_size), reuse
+                (input_ids.shape[0], input_ids.shape[1] if self.full_logits else keep, self.vocab_size), reuse
             )
             io.bind_ortvalue_output("logits", out[1])
         else:
             io.bind_output("logits", "cpu")
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", mask)
+        if self._keeps:
+            io.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
         if self.needs_positions:  # rows continue from their own lengths; padding repeats the last one
             pos = cache.lengths[:, None] + np.minimum(np.arange(input_ids.shape[1])[None, :], new_lengths[:, None] - 1)
             io.bind_cpu_input("position_ids", pos.astype(np.int64))
@@ -388,3 +400,21 @@ class OrtEngine(Engine):
         """Append one token per row; returns (batch, vocab) logits."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         return self._run(cache, ids, np.ones(len(ids), dtype=np.int64))
+
+    def verify(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
+        """Append k tokens to a one-row cache in one pass; returns float32 logits (k, vocab), row
+        i the next-token logits after token i (speculative decoding checks its drafts on them)."""
+        if not self.supports_verify:
+            raise LmforgeError(f"{self.folder}'s graph returns one position's logits; convert the model again")
+        k = len(token_ids)
+        ids = np.asarray([token_ids], dtype=np.int64)
+        logits = self._forward(cache, ids, np.array([k], dtype=np.int64), keep=k)
+        return np.array(logits[0, -k:], dtype=np.float32)
+
+    def truncate(self, cache: KVCache, row: int, length: int) -> None:
+        """Forget row `row`'s positions from `length` on (rejected drafts): positions past a row's
+        length are never read, so this is exact and free."""
+        assert 0 <= length <= cache.lengths[row]
+        lengths = cache.lengths.copy()
+        lengths[row] = length
+        cache.lengths = lengths

@@ -1,0 +1,305 @@
+"""Speculative decoding and prefix reuse against plain decoding on the same engine: the cache a
+verify and rollback leave, greedy tokens (default model and every architecture, ONNX Runtime and
+llama.cpp), the sampled distribution (chi-square), the sampling options, prefix-reuse logits
+against a fresh prefill, and the command line's options."""
+
+import inspect
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from lmforge.generate import PrefixCache, SequenceState, _open_cache, stream_generate
+from lmforge.model import load
+from lmforge.runtime.ort import OrtEngine
+from lmforge.sampling import SamplingParams
+from lmforge.speculative import NgramIndex, Speculation, VerifyCost, expected_tokens
+from lmforge.tokenizer import Tokenizer
+from tests.test_errors import assert_user_error, run_cli
+
+TOL = 1e-5  # relative to the largest magnitude compared
+
+
+def _code_prompt() -> str:
+    """A grounded request over a real standard-library function: the answer copies most of it."""
+    src = textwrap.dedent(inspect.getsource(json.dumps))
+    src = src[: src.index('"""')] + src[src.index('"""', src.index('"""') + 3) + 3 :]  # no docstring
+    return "Add type hints to this Python function and return the whole function:\n\n" + src
+
+
+def _close(a, b, tol=TOL):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    err = float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-30)
+    assert err <= tol, err
+
+
+def _run(engine, tok, ids, params, eos=None, speculation=None):
+    return [
+        (r.token, r.text, [(i.token, round(i.logprob, 4)) for i in r.logprobs], r.finish_reason)
+        for r in stream_generate(engine, tok, ids, params, eos, speculation=speculation)
+    ]
+
+
+def _llamacpp(path):
+    pytest.importorskip("llama_cpp")
+    from lmforge.runtime.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(path, threads=2, kv_type="f32")  # f32 cache: exact comparisons
+
+
+# ---- verify k tokens in one pass, roll back the rejected ones ------------------------------
+
+
+def _plain_then_verify(engine, ids, n=6, kept=3):
+    """Greedy tokens and decode logits of plain decoding; then from a fresh cache, a verify of
+    those tokens with the last n - kept replaced by wrong ones, rolled back to the kept ones."""
+    plain = engine.new_cache(1, len(ids) + n + 2)
+    rows = [engine.prefill(plain, [ids])[0]]
+    toks = []
+    for _ in range(n):
+        toks.append(int(rows[-1].argmax()))
+        rows.append(engine.decode(plain, [toks[-1]])[0])
+    spec = engine.new_cache(1, len(ids) + n + 2)
+    engine.prefill(spec, [ids])
+    drafted = toks[:kept] + [(t + 1) % engine.vocab_size for t in toks[kept:]]
+    verified = engine.verify(spec, drafted)
+    for i in range(kept):  # each row: the logits after the drafted tokens so far
+        _close(verified[i], rows[i + 1])
+    engine.truncate(spec, 0, len(ids) + kept)
+    return plain, spec, toks, rows
+
+
+def test_ort_verify_and_rollback_leave_the_cache_of_plain_decoding(default_onnx):
+    engine = OrtEngine(default_onnx)
+    ids = Tokenizer.from_folder(default_onnx).encode(_code_prompt())[:200]
+    plain, spec, toks, rows = _plain_then_verify(engine, ids)
+    n = len(ids) + 3
+    assert int(spec.lengths[0]) == n
+    for a, b in zip(spec.buffers, plain.buffers):  # every layer's K and V, positions kept
+        _close(a.numpy()[:, :, :n], b.numpy()[:, :, :n])
+    _close(engine.decode(spec, [toks[3]])[0], rows[4])  # and decoding goes on as plain decoding did
+
+
+def test_llamacpp_verify_and_rollback_leave_the_cache_of_plain_decoding(default_model_path):
+    import llama_cpp
+
+    engine = _llamacpp(default_model_path)
+    ids = load(default_model_path, engine="ort", speculative="off").prompt_ids(_code_prompt(), raw=True)[:200]
+    plain, spec, toks, rows = _plain_then_verify(engine, ids)
+    n = len(ids) + 3
+    mem = llama_cpp.llama_get_memory(engine.ctx)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == n - 1  # seq_rm removed the rejected cells
+    _close(engine.decode(spec, [toks[3]])[0], rows[4])
+
+
+# ---- greedy output: token for token ---------------------------------------------------------
+
+
+def _greedy_identity(engine, tok, ids, n=96):
+    params = SamplingParams(max_tokens=n)
+    spec = Speculation()
+    plain = _run(engine, tok, ids, params, ())
+    assert _run(engine, tok, ids, params, (), spec) == plain
+    assert spec.stats.verifies > 0 and spec.stats.passes < len(plain)
+    return spec.stats
+
+
+def test_greedy_is_plain_decoding_on_the_default_model_ort(default_onnx):
+    tok = Tokenizer.from_folder(default_onnx)
+    engine = OrtEngine(default_onnx)
+    stats = _greedy_identity(engine, tok, tok.encode(_code_prompt()))
+    assert stats.tokens_per_pass > 1.3, stats  # a grounded request: most of the answer is drafted
+
+
+@pytest.mark.slow
+def test_greedy_is_plain_decoding_on_the_default_model_llamacpp(default_model_path):
+    m = load(default_model_path, engine="ort", speculative="off")
+    _greedy_identity(_llamacpp(default_model_path), m.tokenizer, m.prompt_ids(_code_prompt()), 64)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_is_plain_decoding_on_every_architecture(arch, tiny_factory, tmp_path):
+    """Tiny random models repeat themselves: drafts are kept and rejected; both engines."""
+    from lmforge.export.convert import convert
+    from lmforge.export.gguf import convert_to_gguf
+
+    src = tiny_factory((arch, "float32", False, None))
+    folder = convert(src, tmp_path / "onnx", target="cpu-fp32", progress=False)
+    engine = OrtEngine(folder)
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, engine.vocab_size, 12)] * 3
+    _greedy_identity(engine, None, ids, 64)
+    pytest.importorskip("llama_cpp")
+    _greedy_identity(_llamacpp(convert_to_gguf(src, tmp_path / "t.gguf", "f32", progress=False)), None, ids, 64)
+
+
+# ---- sampling: the target's distribution ----------------------------------------------------
+
+
+def _chi2_homogeneity(a: list, b: list) -> tuple[float, float]:
+    """Pearson's chi-square statistic of two samples over their outcomes (cells with fewer than
+    10 pooled), and its 0.999 quantile (Wilson-Hilferty) for the degrees of freedom."""
+    keys = sorted(set(a) | set(b))
+    counts = np.array([[a.count(k) for k in keys], [b.count(k) for k in keys]], dtype=np.float64)
+    rare = counts.sum(0) < 10
+    if rare.any():
+        counts = np.concatenate([counts[:, ~rare], counts[:, rare].sum(1, keepdims=True)], axis=1)
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    df = counts.shape[1] - 1
+    return stat, df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3
+
+
+class _Fixed(VerifyCost):
+    """A verify cost that does not learn from this loaded test machine's timings."""
+
+    def observe(self, m: int, seconds: float) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_sampling_keeps_the_target_distribution(tiny_factory, tmp_path):
+    """Seeded runs of the first three tokens, speculative against plain (other seeds): the
+    drafts (prompt tokens, favoured by logit_bias) are kept and rejected often, and the joint
+    distribution passes a chi-square test; each seed also draws the very tokens plain decoding does."""
+    from lmforge.export.convert import convert
+
+    folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "onnx", "cpu-fp32", progress=False)
+    engine = OrtEngine(folder)
+    words = [11, 22, 33, 44]
+    ids = words * 6
+    base = dict(max_tokens=3, temperature=1.0, top_k=6, logit_bias={w: 8.0 for w in words})
+    spec = Speculation(cost=_Fixed(slope=0.01))  # always worth drafting: every draft is tested
+    n = 400
+
+    def first(seed, speculation=None):
+        params = SamplingParams(seed=seed, **base)
+        return tuple(t for t, *_ in _run(engine, None, ids, params, (), speculation))
+
+    mine = [first(s, spec) for s in range(n)]
+    theirs = [first(s) for s in range(n, 2 * n)]
+    assert spec.stats.accepted > 50 and spec.stats.drafted - spec.stats.accepted > 50, spec.stats
+    stat, limit = _chi2_homogeneity(mine, theirs)
+    assert stat < limit, (stat, limit)
+    assert mine[:50] == [first(s) for s in range(50)]
+
+
+# ---- every sampling option behaves as in plain decoding -------------------------------------
+
+
+@pytest.mark.slow
+def test_penalties_bias_stops_and_logprobs_match_plain_decoding(default_onnx):
+    m = load(default_onnx, speculative="off")
+    engine, tok, ids = m.engine, m.tokenizer, m.prompt_ids(_code_prompt())
+    for options in (
+        dict(repetition_penalty=1.2, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={25: 2.0}),
+        dict(stop=["return"], logprobs=True, top_logprobs=3),
+        dict(temperature=0.8, top_p=0.9, seed=7),
+    ):
+        params = SamplingParams(max_tokens=48, **options)
+        spec = Speculation()
+        assert _run(engine, tok, ids, params, None, spec) == _run(engine, tok, ids, params), options
+        assert spec.stats.verifies > 0
+
+
+def test_a_constraint_falls_back_to_plain_decoding(default_onnx):
+    tok = Tokenizer.from_folder(default_onnx)
+    engine = OrtEngine(default_onnx)
+    ids = tok.encode('Give a JSON object with a key "a": {"a": 1}, {"a": 1}, {"a": 1}, ')
+    params = SamplingParams(max_tokens=24, json_schema={"type": "object"})
+    spec = Speculation()
+    assert _run(engine, tok, ids, params, None, spec) == _run(engine, tok, ids, params)
+    assert spec.stats.passes == 0
+
+
+# ---- prefix reuse ---------------------------------------------------------------------------
+
+
+def _prefix_logits(engine, first: list[int], second: list[int]):
+    """The first step's logits of `second` after a call on `first` left its cache, and the
+    prompt tokens taken from that cache."""
+    prefix = PrefixCache()
+    list(stream_generate(engine, None, first, SamplingParams(max_tokens=8), (), prefix))
+    state = SequenceState(None, second, SamplingParams(max_tokens=8), ())
+    cache, n = _open_cache(engine, state, prefix)
+    return engine.prefill(cache, [second[n:]])[0], n
+
+
+@pytest.mark.parametrize("kind", ["ort", "ort-int4", pytest.param("llamacpp", marks=pytest.mark.slow)])
+def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path, int4_folder):
+    """Also on the int8-compute int4 form, whose one-row passes round unlike several: the part
+    prefilled after the reused prefix is never a single token."""
+    engines = {"ort": lambda: OrtEngine(default_onnx), "ort-int4": lambda: OrtEngine(int4_folder)}
+    engine = engines.get(kind, lambda: _llamacpp(default_model_path))()
+    ids = Tokenizer.from_folder(default_onnx).encode(_code_prompt())
+    for first, second, shared in ((ids[:120], ids[:100] + ids[130:160], 100), (ids[:90], ids[:90], 88)):
+        logits, reused = _prefix_logits(engine, first, second)
+        assert reused == shared
+        _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
+
+
+def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, int4_folder):
+    assert load(default_onnx).speculation.mode == "ngram"
+    int4 = load(int4_folder)
+    assert not int4.engine.exact_verify and int4.speculation is None
+    assert load(int4_folder, speculative="ngram").speculation.mode == "ngram"
+
+
+def test_a_growing_chat_prefills_only_the_new_turn(default_onnx):
+    m, fresh = load(default_onnx), load(default_onnx, prefix_reuse=False)
+    chat = [{"role": "user", "content": "Name three colours."}]
+    for turn in ("And three animals?", "Which of those animals is the largest?"):
+        reply = m.chat(chat, max_tokens=24)
+        assert reply == fresh.chat(chat, max_tokens=24)
+        chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": turn}]
+    m.chat(chat, max_tokens=4)
+    whole = len(m.prompt_ids(messages=chat))
+    assert m.prefix.reused > 0.7 * whole and m.last.prompt_tokens == whole
+
+
+def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
+    """A tiny random Llama with SmolLM2's tokenizer drafts for the default model: greedy output
+    stays plain decoding's, drafts are verified."""
+    draft = tiny_factory(("llama", "float32", False, None))
+    m = load(default_onnx, draft=draft, draft_max=4)
+    assert m.speculation.mode == "draft"
+    params = SamplingParams(max_tokens=32)
+    ids = m.prompt_ids("Repeat this list: " + "alpha beta gamma delta " * 5)  # within the draft's context
+    spec = m.speculation
+    assert _run(m.engine, m.tokenizer, ids, params, None, spec) == _run(m.engine, m.tokenizer, ids, params)
+    assert spec.stats.verifies > 0
+    long = m.prompt_ids(_code_prompt())  # past the draft model's context of 256: no drafts, same text
+    assert _run(m.engine, m.tokenizer, long, params, None, spec) == _run(m.engine, m.tokenizer, long, params)
+
+
+# ---- drafter internals and the command line ------------------------------------------------
+
+
+def test_ngram_index_finds_the_latest_longest_match():
+    idx = NgramIndex()
+    tokens = [1, 2, 3, 9, 1, 2, 4, 7, 5, 2, 3]
+    idx.extend(tokens)
+    assert idx.lookup(3) == (2, [9, 1, 2])  # "2 3" occurred once before, followed by 9 1 2
+    tokens += [8, 1, 2]
+    idx.extend(tokens)
+    assert idx.lookup(2) == (2, [4, 7])  # the latest "1 2" (before this one) went on with 4
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+
+
+def test_cli_speculative_options(default_onnx, tiny_factory):
+    r = run_cli("run", default_onnx, "-p", "Repeat: a b c d e f a b c d e f", "--max-tokens", "16", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "per verify" in r.stderr and "prefix reuse" in r.stderr
+    off = run_cli(
+        "run", default_onnx, "-p", "Repeat: a b c d e f a b c d e f", "--max-tokens", "16", "--speculative", "off", "-v"
+    )
+    assert off.stdout == r.stdout and "speculative: off" in off.stderr
+    assert_user_error(run_cli("run", default_onnx, "-p", "hi", "--draft-max", "0"), "--draft-max", ">= 1")
+    assert_user_error(run_cli("run", default_onnx, "-p", "hi", "--speculative", "draft"), "--draft MODEL")
+    other = tiny_factory(("phi3", "float32", False, None))  # a SentencePiece vocabulary
+    assert_user_error(run_cli("run", default_onnx, "-p", "hi", "--draft", other), "another vocabulary")

@@ -4,16 +4,26 @@ Templates come from checkpoints people download; the sandbox refuses attribute a
 could reach Python internals (`__class__`, `__globals__`, ...), so a hostile template fails
 with a one-line error instead of running code. The sandbox here also bounds what a render may
 cost: every string, list and number the template makes is measured before (or as) it is made
-against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments),
-and a trace on the rendering thread stops it at its deadline. Over a limit is a ChatTemplateError.
+against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments).
+Those checks are the first line and give the clearer messages; the second is that renders run in
+small worker processes (started once, `RENDER_WORKERS` of them) whose address space is capped at
+`WORKER_MEMORY` over what they start with, and that are killed (and restarted) when a render passes
+its deadline, so no template can hold memory or a thread past its limits. Over a limit is a
+ChatTemplateError.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import queue
 import re
+import select
 import string
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -33,14 +43,19 @@ from lmforge.errors import ChatTemplateError
 class RenderLimits:
     """What one render may cost. Real chat templates use a tiny fraction of each."""
 
-    timeout_s: float = 1.0  # wall clock for the whole render
+    timeout_s: float = 1.0  # wall clock for the whole render (the worker is killed past it)
     max_size: int = 4_000_000  # characters of one string, items of one list (and the output)
-    max_total: int = 40_000_000  # characters and items of everything the render makes, summed
+    # characters and items of everything the render makes, summed (temporaries included): high, so
+    # that a template building the prompt with `text + ...` renders a long conversation; the
+    # worker's memory cap and deadline bound what a hostile one makes
+    max_total: int = 4_000_000_000
     max_argument: int = 100_000  # any integer passed to a call or filter (widths, counts, ...)
     max_int_bits: int = 1 << 16  # the size of an integer the template computes
 
 
 RENDER_LIMITS = RenderLimits()
+RENDER_WORKERS = 2  # renders at once, in all threads of a process (a server's requests wait their turn)
+WORKER_MEMORY = 256 << 20  # bytes of address space a worker may add to what it starts with
 _WIDTH = re.compile(r"\d+")
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
 
@@ -108,11 +123,6 @@ class _Budget:
     def ints(self, bits: int) -> None:
         if bits > self.limits.max_int_bits:
             raise self.over(f"an integer of about {bits:,} bits", f"{self.limits.max_int_bits:,} bits")
-
-    def trace(self, frame, event, arg):
-        """sys.settrace hook of the rendering thread: every template line and call checks the clock."""
-        self.clock()
-        return self.trace if frame.f_code.co_filename == "<template>" else None
 
 
 def _format_widths(fmt: str) -> int:
@@ -301,22 +311,32 @@ def render(
     limits: RenderLimits = RENDER_LIMITS,
     **extra,
 ) -> str:
-    """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`.
+    """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`, in a worker process.
 
     Args: the template text; OpenAI-style messages; whether to open the assistant's turn;
     the model's BOS/EOS token strings; optional tool definitions; what the render may cost;
-    extra template variables. Returns the prompt text (special tokens as text: encode it with
-    parse_special=True). Raises ChatTemplateError for a broken or hostile template, or one over
-    its limits."""
+    extra template variables (JSON values). Returns the prompt text (special tokens as text: encode
+    it with parse_special=True). Raises ChatTemplateError for a broken or hostile template, or one
+    over its limits. Thread-safe; at most RENDER_WORKERS renders run at once, the others wait."""
+    variables = dict(add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+    request = {"template": template, "messages": messages, "tools": tools, "variables": {**variables, **extra}}
+    request["limits"] = limits.__dict__
+    try:
+        data = json.dumps(request, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError) as e:
+        raise ChatTemplateError(f"the conversation cannot be rendered ({e}); pass JSON values") from None
+    return _POOL.render(data, limits)
+
+
+def _render_here(template: str, messages, tools, variables: dict, limits: RenderLimits) -> str:
+    """Render in this process (the worker's side of `render`), held to the sandbox's size checks."""
     budget = _Budget(limits)
-    tracer, outer = sys.gettrace(), getattr(_current, "budget", None)
+    outer = getattr(_current, "budget", None)
     try:
         compiled = _compile(template)
         _current.budget = budget
-        sys.settrace(budget.trace)  # this thread only: the template's loops check the clock
-        variables = dict(add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
         out, size = [], 0
-        for piece in compiled.generate(messages=messages, tools=tools, **variables, **extra):
+        for piece in compiled.generate(messages=messages, tools=tools, **variables):
             budget.charge(len(piece), "an output piece")
             size += len(piece)
             if size > limits.max_size:
@@ -330,12 +350,143 @@ def render(
     except TemplateError as e:
         raise ChatTemplateError(f"chat template is broken ({e.__class__.__name__}: {e}); fix or replace it") from None
     except MemoryError:
-        raise budget.over("memory ran out", "what this machine has") from None
+        raise budget.over("memory ran out", f"{WORKER_MEMORY >> 20} MiB") from None
+    except RecursionError:
+        raise budget.over("calls nested too deep", f"{sys.getrecursionlimit()} levels") from None
     except Exception as e:  # a template's own runtime errors (None + str, huge ranges, ...)
         raise ChatTemplateError(f"chat template failed on these messages ({e.__class__.__name__}: {e})") from None
     finally:
-        sys.settrace(tracer)
         _current.budget = outer
+
+
+# ---- the worker processes ----------------------------------------------------------------------
+# A request and its answer are a 4-byte length and that many bytes of JSON. The answer is
+# {"text": ...} or {"error": ...}; after a MemoryError the worker answers, then exits (a fresh one
+# starts for the next render).
+
+_HEADER = struct.Struct("!I")
+
+
+def _answer(request: bytes) -> tuple[dict, bool]:
+    """The worker's answer to one request, and whether it should exit after it."""
+    try:
+        r = json.loads(request)
+        limits = RenderLimits(**r["limits"])
+        return {"text": _render_here(r["template"], r["messages"], r["tools"], r["variables"], limits)}, False
+    except ChatTemplateError as e:
+        return {"error": str(e)}, "memory ran out" in str(e)
+    except MemoryError:
+        return {"error": _Budget(RENDER_LIMITS).over("memory ran out", f"{WORKER_MEMORY >> 20} MiB").args[0]}, True
+
+
+def _worker_main() -> None:
+    """A render worker: caps its own address space, then answers requests on stdin until it closes."""
+    import resource
+
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    sys.stdout = sys.stderr  # nothing but answers on the pipe
+    with open("/proc/self/status") as status:
+        size = next((int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:")), 0)
+    cap = size + WORKER_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    out.write(b"R")  # ready: the render's deadline starts after the start-up
+    out.flush()
+    while header := inp.read(_HEADER.size):
+        answer, leave = _answer(inp.read(_HEADER.unpack(header)[0]))
+        try:
+            data = json.dumps(answer, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        except MemoryError:
+            data, leave = b'{"error": "chat template went over its memory limit"}', True
+        out.write(_HEADER.pack(len(data)) + data)
+        out.flush()
+        if leave:
+            return
+
+
+class _Worker:
+    """One worker process, started on first use."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            code = "from lmforge.chat import _worker_main; _worker_main()"
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+            )
+            if self._read(self.process, 1, time.monotonic() + 60) != b"R":
+                self.stop()
+                raise ChatTemplateError("the chat template worker process did not start; see the log above")
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def ask(self, data: bytes, timeout_s: float) -> dict | None:
+        """The answer to `data` within `timeout_s` of sending it, or None (the worker is then stopped)."""
+        process = self.start()
+        try:
+            process.stdin.write(_HEADER.pack(len(data)) + data)
+            deadline = time.monotonic() + timeout_s
+            header = self._read(process, _HEADER.size, deadline)
+            body = header and self._read(process, _HEADER.unpack(header)[0], deadline)
+        except (BrokenPipeError, OSError):
+            body = None
+        if body is None:
+            self.stop()
+            return None
+        return json.loads(body)
+
+    @staticmethod
+    def _read(process: subprocess.Popen, n: int, deadline: float) -> bytes | None:
+        fd, parts = process.stdout.fileno(), []
+        while n > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            part = os.read(fd, min(n, 1 << 20))
+            if not part:
+                return None  # the worker died (its memory cap, a crash)
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+
+class _Pool:
+    """RENDER_WORKERS workers shared by all threads; a render waits for a free one."""
+
+    def __init__(self, size: int):
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers = [_Worker() for _ in range(size)]
+        for worker in self.workers:
+            self.free.put(worker)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def render(self, data: bytes, limits: RenderLimits) -> str:
+        worker = self.free.get()
+        try:
+            answer = worker.ask(data, limits.timeout_s)
+        finally:
+            self.free.put(worker)
+        if answer is None:
+            raise ChatTemplateError(
+                f"chat template took more than {limits.timeout_s:g} s or over {WORKER_MEMORY >> 20} MiB to render; "
+                "it is broken or hostile: use a trusted template"
+            )
+        if "error" in answer:
+            raise ChatTemplateError(answer["error"])
+        return answer["text"]
+
+
+_POOL = _Pool(RENDER_WORKERS)
 
 
 def template_from_folder(folder: Path) -> str | None:

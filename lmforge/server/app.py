@@ -370,7 +370,7 @@ def _generation_route(state: ServerState, schema, prepare):
     async def route(request: Request):
         state.ready()
         # the chat template, the tokenizer and a large body's JSON run off the event loop: /health
-        # and the running streams keep going while they work (a template is bounded by chat.RenderLimits)
+        # and the running streams keep going while they work (a template renders in a bounded worker process, chat.render)
         body = await request.body()
         req, prepared = await asyncio.get_running_loop().run_in_executor(None, parse_and_prepare, body)
         return await _reply(state, request, req, prepared)

@@ -415,7 +415,11 @@ class _Worker:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
             )
-            if self._read(self.process, 1, time.monotonic() + 60) != b"R":
+            try:
+                ready = self._read(self.process, 1, time.monotonic() + 60)
+            except TimeoutError:
+                ready = None
+            if ready != b"R":
                 self.stop()
                 raise ChatTemplateError("the chat template worker process did not start; see the log above")
         return self.process
@@ -426,31 +430,39 @@ class _Worker:
             self.process.wait()
             self.process = None
 
-    def ask(self, data: bytes, timeout_s: float) -> dict | None:
-        """The answer to `data` within `timeout_s` of sending it, or None (the worker is then stopped)."""
+    def ask(self, data: bytes, timeout_s: float) -> dict:
+        """The worker's answer to `data`; ChatTemplateError past `timeout_s` after sending it, or when
+        the worker dies (the worker is then stopped, and the next render starts a fresh one)."""
         process = self.start()
         try:
             process.stdin.write(_HEADER.pack(len(data)) + data)
             deadline = time.monotonic() + timeout_s
             header = self._read(process, _HEADER.size, deadline)
             body = header and self._read(process, _HEADER.unpack(header)[0], deadline)
-        except (BrokenPipeError, OSError):
-            body = None
-        if body is None:
+        except TimeoutError:
             self.stop()
-            return None
+            raise ChatTemplateError(
+                f"chat template took more than {timeout_s:g} s to render; it is broken or hostile: "
+                "use a trusted template"
+            ) from None
+        except OSError:  # BrokenPipeError: the worker is gone
+            body = None
+        if not body:
+            self.stop()
+            raise _Budget(RENDER_LIMITS).over("its render process died, out of memory", f"{WORKER_MEMORY >> 20} MiB")
         return json.loads(body)
 
     @staticmethod
     def _read(process: subprocess.Popen, n: int, deadline: float) -> bytes | None:
+        """`n` bytes from the worker, None when it closed its end; TimeoutError past `deadline`."""
         fd, parts = process.stdout.fileno(), []
         while n > 0:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
+                raise TimeoutError
             part = os.read(fd, min(n, 1 << 20))
             if not part:
-                return None  # the worker died (its memory cap, a crash)
+                return None
             parts.append(part)
             n -= len(part)
         return b"".join(parts)
@@ -470,23 +482,27 @@ class _Pool:
         for worker in self.workers:
             worker.stop()
 
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
     def render(self, data: bytes, limits: RenderLimits) -> str:
         worker = self.free.get()
         try:
             answer = worker.ask(data, limits.timeout_s)
         finally:
             self.free.put(worker)
-        if answer is None:
-            raise ChatTemplateError(
-                f"chat template took more than {limits.timeout_s:g} s or over {WORKER_MEMORY >> 20} MiB to render; "
-                "it is broken or hostile: use a trusted template"
-            )
         if "error" in answer:
             raise ChatTemplateError(answer["error"])
         return answer["text"]
 
 
 _POOL = _Pool(RENDER_WORKERS)
+
+
+def start_workers() -> None:
+    """Start the render workers now (a server does, so that its first requests do not wait for them)."""
+    _POOL.start()
 
 
 def template_from_folder(folder: Path) -> str | None:

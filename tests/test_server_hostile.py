@@ -6,6 +6,7 @@ SIGTERM draining running streams."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -268,6 +269,33 @@ def test_300_half_open_connections_leave_health_answering(hostile_server):
     assert hostile_server.log_path.read_text().count("connections are open") <= 6
 
 
+SLOW_BODY = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100000\r\n\r\n{"
+)
+
+
+def test_connections_trickling_their_bodies_do_not_lock_others_out(hostile_server):
+    """--max-connections 100 connections each sending a body a byte at a time: they no longer
+    count as busy, so the oldest make room and /health answers at once."""
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", hostile_server.port), timeout=5)
+            s.sendall(SLOW_BODY)
+            socks.append(s)
+        time.sleep(0.5)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.sendall(b" ")
+        start = time.monotonic()
+        r = httpx.get(hostile_server.url + "/health", timeout=5)
+        assert r.status_code == 200 and time.monotonic() - start < 1.0
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _closed(s: socket.socket) -> bool:
     """The server closed `s` (unread data makes the close a reset)."""
     try:
@@ -298,6 +326,17 @@ def test_a_body_that_never_arrives_is_a_408(reference):
             reply = b""
             while b"request_timeout" not in reply and (piece := s.recv(4096)):
                 reply += piece
+            assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
+            assert 0.9 < time.monotonic() - start < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a byte every 0.3 s: one deadline
+            s.sendall(SLOW_BODY)
+            start, reply = time.monotonic(), b""
+            s.setblocking(False)
+            while b"request_timeout" not in reply and time.monotonic() - start < 5:
+                time.sleep(0.3)
+                with contextlib.suppress(BlockingIOError):
+                    s.sendall(b" ")
+                    reply += s.recv(4096)
             assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
             assert 0.9 < time.monotonic() - start < 3
     finally:
@@ -356,6 +395,35 @@ def test_sigterm_drains_running_streams_and_exits_0(int4_folder, tmp_path):
             assert last["error"]["code"] == "server_shutdown", last
         else:
             assert last["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_while_bodies_are_arriving_is_503_and_a_quiet_exit(int4_folder, tmp_path):
+    """Requests still reading their bodies when the drain starts get a 503 at once: the server
+    exits 0 well within the grace, with no cancelled tasks or tracebacks in its log."""
+    log = tmp_path / "serve.log"
+    s = Server(int4_folder, "--name", NAME, "--threads", 1, "--shutdown-grace", 4, log=log)
+    socks = []
+    try:
+        for _ in range(6):
+            socks.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
+            socks[-1].sendall(SLOW_BODY)
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert s.proc.wait(30) == 0
+        took = time.monotonic() - sent
+        replies = []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                replies.append(sock.recv(4096))
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+    assert took < 3, took
+    assert replies and all(r.startswith(b"HTTP/1.1 503") and b"draining" in r for r in replies), replies
+    text = log.read_text()
+    assert "Traceback" not in text and "Cancel" not in text and "Exception in ASGI" not in text, text[-2000:]
 
 
 def test_cli_run_with_a_pathological_template_is_one_line_and_exit_2(hostile_folder):

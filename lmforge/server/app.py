@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge import chat
 from lmforge.errors import ChatTemplateError, LmforgeError, TokenizerError
 from lmforge.generate import ContextLengthError, fit_to_context
 from lmforge.sampling import SamplingParams
@@ -43,7 +44,7 @@ class Limits:
     max_tokens_limit: int = 2048
     max_body_bytes: int = 1 << 20
     max_queue: int = 256
-    body_timeout_s: float = 30.0  # for each piece of a request body to arrive
+    body_timeout_s: float = 30.0  # for a request's whole body to arrive
 
 
 @dataclass
@@ -259,6 +260,8 @@ def create_app(
     def load() -> None:
         try:
             model = load_model()
+            if getattr(model, "chat_template", None):  # the first requests do not wait for the workers
+                chat.start_workers()
             state.scheduler = make_scheduler(model, state.limits, state.metrics)
             state.model, state.status = model, "ready"
             log.info("model %s ready", name)
@@ -370,7 +373,8 @@ def _generation_route(state: ServerState, schema, prepare):
     async def route(request: Request):
         state.ready()
         # the chat template, the tokenizer and a large body's JSON run off the event loop: /health
-        # and the running streams keep going while they work (a template renders in a bounded worker process, chat.render)
+        # and the running streams keep going while they work (a template renders in a bounded worker
+        # process: chat.render)
         body = await request.body()
         req, prepared = await asyncio.get_running_loop().run_in_executor(None, parse_and_prepare, body)
         return await _reply(state, request, req, prepared)

@@ -77,7 +77,7 @@ class Guard:
     """Pure ASGI middleware: the Host allow-list and cross-site browser requests (403), CORS for
     the origins `access` names (Starlette's CORSMiddleware), 503 while draining, the API key on
     protected routes (constant-time compare), JSON bodies only on POST (415), the body-size limit
-    and read timeout (413, 408; read before any route sees it), and requests counted by endpoint
+    and its deadline (413, 408; read before any route sees it), and requests counted by endpoint
     and status."""
 
     def __init__(self, app, state, access: Access | None = None):  # state: the app's ServerState
@@ -174,24 +174,35 @@ class Guard:
                 f"send the body as JSON with 'Content-Type: application/json' (got {kind.decode('latin-1')!r})",
                 code="unsupported_media_type",
             )
+        return await self._receive_body(receive, too_large)
+
+    async def _receive_body(self, receive, too_large: P.ApiError) -> bytes | P.ApiError:
+        """The body's pieces within one deadline for the whole body (a byte now and then does not
+        keep a connection), given up with a 503 as soon as the server starts draining."""
+        limits, loop = self.state.limits, asyncio.get_running_loop()
+        deadline = loop.time() + limits.body_timeout_s
         chunks, size = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), limits.body_timeout_s)
-            except asyncio.TimeoutError:
+            if self.state.draining is not None:
+                return P.ApiError(503, "the server is shutting down; retry elsewhere", "server_error", code="draining")
+            left = deadline - loop.time()
+            if left <= 0:
                 return P.ApiError(
                     408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="request_timeout"
                 )
+            try:  # in short waits, to see a drain start
+                message = await asyncio.wait_for(receive(), min(left, 0.25))
+            except asyncio.TimeoutError:
+                continue
             if message["type"] == "http.disconnect":
-                break
+                return P.ApiError(400, "the client closed the connection before its body arrived")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limits.max_body_bytes:
                 return too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+                return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):

@@ -98,6 +98,9 @@ def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: floa
         app,
         log_level=log_level,
         access_log=False,
+        # h11, also where uvicorn[standard] would pick httptools: the guard hooks H11Protocol's
+        # request cycle and reads h11's connection state (is the body still arriving?) to time out
+        # headers and pick connections to close; httptools' protocol has neither
         http=connections.guarded_h11(header_timeout_s, connection_limits[0]),
         backlog=connection_limits[1],
         timeout_keep_alive=5,

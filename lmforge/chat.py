@@ -125,18 +125,36 @@ class _Budget:
             raise self.over(f"an integer of about {bits:,} bits", f"{self.limits.max_int_bits:,} bits")
 
 
-def _format_widths(fmt: str) -> int:
-    """The characters str.format's field widths and precisions in `fmt` can make (one field each)."""
+def _deep_size(value) -> int:
+    """`_size` of `value` and of what it holds, one level down (what its text takes, about)."""
+    if isinstance(value, dict):
+        return len(value) + sum(_size(k) + _size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return len(value) + sum(map(_size, value))
+    return _size(value)
+
+
+def _biggest(args, kwargs=None) -> int:
+    """The largest `_deep_size` among the arguments (and the values of a single mapping argument)."""
+    values = [*args, *(kwargs or {}).values()]
+    if len(values) == 1 and isinstance(values[0], (dict, tuple)):  # `fmt % {...}`, `fmt % (a, b)`
+        values = list(values[0].values() if isinstance(values[0], dict) else values[0])
+    return max(map(_deep_size, values), default=0)
+
+
+def _format_widths(fmt: str, biggest: int = 0) -> int:
+    """The characters str.format's fields in `fmt` can make: each field's width and precision, and
+    the largest argument in each (one argument may fill many fields)."""
     total = 0
     for _, field, spec, _ in string.Formatter().parse(fmt):
-        if field is not None and spec:
-            total += sum(int(w) for w in _WIDTH.findall(spec))
+        if field is not None:
+            total += biggest + sum(int(w) for w in _WIDTH.findall(spec or ""))
     return total
 
 
-def _percent_widths(fmt: str) -> int:
+def _percent_widths(fmt: str, biggest: int = 0) -> int:
     """The same for printf-style `fmt % args`."""
-    return sum(int(w or 0) + int(p or 0) for w, p in _PERCENT_SPEC.findall(fmt))
+    return sum(int(w or 0) + int(p or 0) + biggest for w, p in _PERCENT_SPEC.findall(fmt))
 
 
 def _joined_size(separator, items) -> int:
@@ -145,7 +163,7 @@ def _joined_size(separator, items) -> int:
     return len(separator) * len(items) + sum(len(x) for x in items if isinstance(x, str))
 
 
-def _expected_size(name: str, target, args) -> int:
+def _expected_size(name: str, target, args, kwargs=None) -> int:
     """A bound on what the str method or filter `name` makes from `target` and `args`, for the
     ones that can make far more than they are given (0: nothing to check beforehand)."""
     if name == "join" and args:  # str.join(items) or items|join(separator)
@@ -158,10 +176,11 @@ def _expected_size(name: str, target, args) -> int:
         return len(target) + (len(target) // max(len(args[0]), 1) + 1) * len(args[1])
     if name == "expandtabs" and args and isinstance(args[0], int):
         return len(target) + target.count("\t") * args[0]
-    if name == "indent" and args and isinstance(args[0], int):
-        return len(target) + (target.count("\n") + 1) * args[0]
+    width = args[0] if args else (kwargs or {}).get("width")
+    if name == "indent" and isinstance(width, (int, str)):  # a width of spaces, or a string
+        return len(target) + (target.count("\n") + 1) * (width if isinstance(width, int) else len(width))
     if name in ("format", "format_map"):
-        return len(target) + _format_widths(target)
+        return len(target) + _format_widths(target, _biggest(args, kwargs))
     return 0
 
 
@@ -185,14 +204,15 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             budget.ints(left.bit_length() + right.bit_length())
         elif op == "*":
             seq, times = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(times, int) and hasattr(seq, "__len__"):
-                budget.charge(len(seq) * max(times, 0), "a repeated string or list")
+            if isinstance(times, int) and hasattr(seq, "__len__"):  # `[x] * n` counts x's size too
+                budget.charge(_deep_size(seq) * max(times, 0), "a repeated string or list")
         elif op == "**" and ints and right > 1 and abs(left) > 1:
             budget.ints(left.bit_length() * right)
         elif op == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
             budget.charge(len(left) + len(right), "a joined string or list")
         elif op == "%" and isinstance(left, str):
-            budget.charge(len(left) + _percent_widths(left), "a formatted string")
+            budget.arguments(right if isinstance(right, tuple) else (right,), {})  # `*` widths come from here
+            budget.charge(len(left) + _percent_widths(left, _biggest((right,))), "a formatted string")
         result = super().call_binop(context, op, left, right)
         if isinstance(result, int) and not isinstance(result, bool):
             budget.ints(result.bit_length())
@@ -202,7 +222,10 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         budget = _budget()
         budget.arguments(args, kwargs)
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-        expected = _expected_size(getattr(method, "__name__", ""), getattr(method, "__self__", None), args)
+        name = getattr(method, "__name__", "")
+        if name == "join" and args:  # str.join over a generator: listed first, so that it is counted
+            args = (_listed(args[0]), *args[1:])
+        expected = _expected_size(name, getattr(method, "__self__", None), args, kwargs)
         if expected:
             budget.charge(expected, f"the result of {__obj.__name__}()")
         result = super().call(__context, __obj, *args, **kwargs)
@@ -261,9 +284,16 @@ def _bounded_filter(name: str, fn):
         plain = args[1:] if passes_context else args  # Jinja's context or environment comes first
         budget.arguments(plain[1:], kwargs)
         target, rest = (plain[0], plain[1:]) if plain else (None, [])
-        expected = _expected_size(name, target, rest)
+        if name == "join" and plain:  # a generator of items: listed first, so that it is counted
+            target = _listed(target)
+            args = (*args[: len(args) - len(plain)], target, *rest)
+        expected = _expected_size(name, target, rest, kwargs)
         if name == "format" and isinstance(target, str):
-            expected = len(target) + _percent_widths(target)
+            expected = len(target) + _percent_widths(target, _biggest(rest, kwargs))
+        if name == "tojson":  # each item on a line of its own, indented
+            indent = rest[0] if rest else kwargs.get("indent")
+            if isinstance(indent, int) and indent > 0:
+                expected = (_deep_size(target) + 1) * (indent + 2)
         if expected:
             budget.charge(expected, f"the result of |{name}")
         result = fn(*args, **kwargs)
@@ -274,6 +304,17 @@ def _bounded_filter(name: str, fn):
     if passes_context:  # pass_context / pass_environment / pass_eval_context
         bounded.jinja_pass_arg = fn.jinja_pass_arg
     return bounded
+
+
+def _listed(items):
+    """`items` as a list (counted) when it is a generator or other lazy iterable, else as it is."""
+    if isinstance(items, (str, bytes, list, tuple, dict)) or not hasattr(items, "__iter__"):
+        return items
+    listed = []
+    for item in items:
+        listed.append(item)
+        _budget().charge(1 + _size(item), "the items to join")
+    return listed
 
 
 def _lipsum(lipsum):

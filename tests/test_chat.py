@@ -114,6 +114,9 @@ HOSTILE = {  # each would run for minutes or take gigabytes without the limits
     "join over a generator": "{{ (range(5000)|map('string'))|join('x' * 80000) }}",
     "tojson indent on a long list": "{{ range(4000)|list|tojson(indent=99999) }}",
     "indent by a string": "{{ ('a\n' * 5000)|indent('x' * 80000, blank=True) }}",
+    # within every size check (each string under 4M characters, 780M made in all): the memory cap
+    "many big strings kept": "{% set ns = namespace(x=[]) %}{% for i in range(200) %}"
+    "{% set ns.x = ns.x + ['x' * 3900000 ~ i] %}{% endfor %}{{ ns.x|length }}",
     # a generator's cleanup raising in a trace hook switched the old in-thread deadline off for good
     "deadline in a generator's cleanup": "{% set A = range(100000)|list * 40 %}{% set L = range(100000)|list %}"
     "{% for _ in [0] %}{% set t = range(2)|map('string') %}{% for x in t %}{% break %}{% endfor %}"

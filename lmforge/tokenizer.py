@@ -11,6 +11,7 @@ GGUF vocabularies are rebuilt to tokenize exactly as llama.cpp does:
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -130,6 +131,9 @@ def spm_from_gguf(meta: dict) -> HFTokenizer:
 GGUF_TOKENIZERS = {"gpt2": gpt2_from_gguf, "llama": spm_from_gguf}
 
 
+_ENCODE_LOCK = threading.Lock()  # encode() sets a flag on the shared tokenizer, then encodes
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus what generation needs: BOS/EOS ids and whether to add BOS.
 
@@ -202,8 +206,9 @@ class Tokenizer:
         """Token ids of `text`; `add_special` prepends BOS when the model wants it. Raises
         TokenizerError for text that is not valid Unicode (a lone UTF-16 surrogate)."""
         check_unicode(text)
-        self.hf.encode_special_tokens = not parse_special
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        with _ENCODE_LOCK:  # the flag is the tokenizer's, shared by the server's threads
+            self.hf.encode_special_tokens = not parse_special
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos:
             ids = [self.bos_id] + ids
         return ids

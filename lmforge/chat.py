@@ -524,8 +524,13 @@ class _Pool:
             worker.stop()
 
     def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
+        taken = [self.free.get() for _ in self.workers]  # so that no render starts one at the same time
+        try:
+            for worker in taken:
+                worker.start()
+        finally:
+            for worker in taken:
+                self.free.put(worker)
 
     def render(self, data: bytes, limits: RenderLimits) -> str:
         worker = self.free.get()

@@ -213,7 +213,8 @@ def test_a_megabyte_of_token_ids_parses_at_about_the_cost_of_json_and_validation
 def test_browser_rules_on_a_real_server(hostile_server):
     url, port = hostile_server.url, hostile_server.port
     good = {"prompt": "hi", "max_tokens": 1}
-    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io"):
+    malformed = ("localhost:80@evil.example", "[::1]evil.example", "localhost:80:80", "[::1", "[evil]:80", "a b")
+    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io", *malformed):
         assert_openai_error(httpx.get(url + "/health", headers={"host": host}), 403)
         assert_openai_error(httpx.post(url + "/v1/completions", json=good, headers={"host": host}), 403)
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "localhost.", "192.168.0.7:1", "[::1]:80"):

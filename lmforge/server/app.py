@@ -9,6 +9,7 @@ background: /health answers 503 until it is ready. No route reads a file the cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -260,11 +261,12 @@ def create_app(
     def load() -> None:
         try:
             model = load_model()
-            if getattr(model, "chat_template", None):  # the first requests do not wait for the workers
-                chat.start_workers()
             state.scheduler = make_scheduler(model, state.limits, state.metrics)
             state.model, state.status = model, "ready"
             log.info("model %s ready", name)
+            if getattr(model, "chat_template", None):  # the next requests need not wait for them
+                with contextlib.suppress(ChatTemplateError):  # (a request will say why they do not start)
+                    chat.start_workers()
         except Exception as e:  # noqa: BLE001 - reported on /health and by serve()
             state.error = str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"
             state.status = "failed"

@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,11 +41,7 @@ class Access:
         if self.allowed_hosts is None or "*" in self.allowed_hosts or not host:
             return True  # no Host at all: HTTP/1.0, which no browser sends
         name = _host_name(host)
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return name in self.allowed_hosts
+        return name is not None and (ip_address(name) is not None or name in self.allowed_hosts)
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         """A browser's Origin: the server's own page, or one of `cors_origins`."""
@@ -53,12 +50,29 @@ class Access:
         return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
 
 
-def _host_name(host: str) -> str:
-    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
+_HOST = re.compile(r"\[([0-9a-f:.]+)\](?::\d{1,5})?|([a-z0-9._-]+)(?::\d{1,5})?")
+
+
+def _host_name(host: str) -> str | None:
+    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'; None for a malformed Host
+    ('localhost:80@evil.com', '[::1]evil.com', ...)."""
+    match = _HOST.fullmatch(host.strip().lower())
+    if match is None or match[1] is not None and ip_address(match[1]) is None:
+        return None
+    return match[1] or normal_name(match[2])
+
+
+def normal_name(name: str) -> str:
+    """A host name as the allow-list compares it: lower case, no trailing dot."""
+    return name.strip().lower().rstrip(".")
+
+
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address, or None when it is not one."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 async def _send_error(send, err: P.ApiError) -> None:
@@ -106,12 +120,9 @@ class Guard:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.access.host_allowed(host):
-            return P.ApiError(
-                403,
-                f"the Host {host!r} is not allowed; start the server with --allowed-host {_host_name(host)} "
-                "to accept it",
-                code="host_not_allowed",
-            )
+            name = _host_name(host)
+            fix = "send host[:port]" if name is None else f"start the server with --allowed-host {name} to accept it"
+            return P.ApiError(403, f"the Host {host!r} is not allowed; {fix}", code="host_not_allowed")
         origin = headers.get(b"origin")
         if origin is not None and not self.access.origin_allowed(origin.decode("latin-1"), host):
             return P.ApiError(

@@ -177,12 +177,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from lmforge.model import load
+    from lmforge.model import has_chat_template, load
 
-    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
-    if not model.chat_template:
+    if not has_chat_template(args.model):  # before loading (or converting) it
         hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
         raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
+    model = load(args.model, device=args.device, target=args.target, threads=args.threads, engine=args.engine)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print(f"lmforge: running {args.model} as {model.form}", file=sys.stderr)

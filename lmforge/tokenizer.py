@@ -47,17 +47,26 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds its first lone UTF-16 surrogate (from JSON's "\\ud800" or an undecodable
+    command-line byte), which has no UTF-8 form; None when it has none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def check_unicode(text: str) -> None:
-    """TokenizerError when `text` holds a lone UTF-16 surrogate (from JSON's "\\ud800" or an
-    undecodable command-line byte): such text has no UTF-8 form to tokenize."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise TokenizerError(
-                f"the text holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
-                "valid Unicode; send UTF-8 text"
-            ) from None
+    """TokenizerError when `text` holds a lone UTF-16 surrogate: such text has no UTF-8 form to tokenize."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise TokenizerError(
+            f"the text holds a lone surrogate {text[at]!r} at character {at}, which is not valid Unicode; "
+            "send UTF-8 text"
+        )
 
 
 def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:

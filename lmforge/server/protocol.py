@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.generate import Delta, TokenLogprob
 from lmforge.sampling import SamplingError, SamplingParams, response_format_options
+from lmforge.tokenizer import lone_surrogate_at
 
 
 class ApiError(Exception):
@@ -284,13 +285,7 @@ def _may_hold_surrogates(raw: bytes | str) -> bool:
 
 
 def _utf8(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return lone_surrogate_at(text) is None
 
 
 def parse(model: type[BaseModel], raw: bytes):

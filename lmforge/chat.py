@@ -421,13 +421,19 @@ def _answer(request: bytes) -> tuple[dict, bool]:
 
 
 def _worker_main() -> None:
-    """A render worker: caps its own address space, then answers requests on stdin until it closes."""
+    """A render worker: caps its own address space, then answers requests on stdin until it closes
+    (its parent gone, even killed). Ctrl-C is the parent's to handle."""
     import resource
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     sys.stdout = sys.stderr  # nothing but answers on the pipe
-    with open("/proc/self/status") as status:
-        size = next((int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:")), 0)
+    try:
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):  # no /proc: a generous guess at an interpreter with Jinja loaded
+        size = 512 << 20
     cap = size + WORKER_MEMORY
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     out.write(b"R")  # ready: the render's deadline starts after the start-up
@@ -454,7 +460,11 @@ class _Worker:
         if self.process is None or self.process.poll() is not None:
             code = "from lmforge.chat import _worker_main; _worker_main()"
             self.process = subprocess.Popen(
-                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,  # a terminal's Ctrl-C goes to the CLI, not to its worker
             )
             try:
                 ready = self._read(self.process, 1, time.monotonic() + 60)

@@ -220,3 +220,20 @@ def test_ordinary_templates_render_as_jinja_does(template):
             messages=conversation, add_generation_prompt=True, bos_token="<s>", eos_token="</s>", tools=None
         )
         assert got == want
+
+
+def test_render_workers_are_not_interrupted_by_ctrl_c():
+    """A terminal's Ctrl-C is the CLI's (`lmforge chat` stops an answer): the worker neither dies
+    of it nor prints a traceback, and runs in a session of its own (the terminal does not signal it)."""
+    import os
+    import signal
+
+    from lmforge import chat
+
+    assert render("{{ 1 + 1 }}", []) == "2"
+    workers = [w.process for w in chat._POOL.workers if w.process is not None]
+    for process in workers:
+        assert os.getsid(process.pid) != os.getsid(0)
+        os.kill(process.pid, signal.SIGINT)
+    assert [render("{{ 2 + 2 }}", []) for _ in workers] == ["4"] * len(workers)
+    assert all(process.poll() is None for process in workers)

@@ -207,6 +207,28 @@ def test_a_megabyte_of_token_ids_parses_at_about_the_cost_of_json_and_validation
     assert parse < 1.5 * reference, (parse, reference)
 
 
+def test_a_burst_of_pathological_templates_does_not_hold_up_other_requests(hostile_server):
+    """More hostile renders at once than the default executor has threads: they wait for the 2
+    render workers on threads of their own, so a plain completion and /tokenize answer at once."""
+    import os
+
+    url = hostile_server.url
+    burst = min(32, (os.cpu_count() or 1) + 4) + 2  # more than the default executor's threads
+    hostile = {"messages": [{"role": "user", "content": BOOM}], "max_tokens": 1}
+    with ThreadPoolExecutor(burst) as pool:
+        replies = [pool.submit(post, url + "/v1/chat/completions", hostile) for _ in range(burst)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        r = post(url + "/v1/completions", {"prompt": "Once upon", "max_tokens": 1})
+        took = time.monotonic() - start
+        t = post(url + "/tokenize", {"content": "hello"})
+        took_tokenize = time.monotonic() - start - took
+        codes = Counter(f.result().status_code for f in replies)
+    assert r.status_code == 200 and t.status_code == 200, (r.text, t.text)
+    assert took < 0.8 and took_tokenize < 0.5, (took, took_tokenize)
+    assert codes == {400: burst}, codes
+
+
 # ---- browsers ----------------------------------------------------------------------------------
 
 

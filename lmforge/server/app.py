@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +63,12 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: float | None = None  # set at shutdown: when (time.monotonic()) running replies are cut off
+    # parsing and the chat template: threads of their own, so that requests waiting for a render
+    # worker (chat.RENDER_WORKERS; a hostile template holds one up to its deadline) never hold the
+    # default executor the running requests' setup and /tokenize use
+    preparing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=64, thread_name_prefix="lmforge-prepare")
+    )
 
     def drain_deadline(self) -> float | None:
         return self.draining
@@ -280,6 +287,7 @@ def create_app(
         yield
         if state.scheduler is not None:
             state.scheduler.close()
+        state.preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
@@ -378,7 +386,7 @@ def _generation_route(state: ServerState, schema, prepare):
         # and the running streams keep going while they work (a template renders in a bounded worker
         # process: chat.render)
         body = await request.body()
-        req, prepared = await asyncio.get_running_loop().run_in_executor(None, parse_and_prepare, body)
+        req, prepared = await asyncio.get_running_loop().run_in_executor(state.preparing, parse_and_prepare, body)
         return await _reply(state, request, req, prepared)
 
     return route

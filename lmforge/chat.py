@@ -4,16 +4,26 @@ Templates come from checkpoints people download; the sandbox refuses attribute a
 could reach Python internals (`__class__`, `__globals__`, ...), so a hostile template fails
 with a one-line error instead of running code. The sandbox here also bounds what a render may
 cost: every string, list and number the template makes is measured before (or as) it is made
-against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments),
-and a trace on the rendering thread stops it at its deadline. Over a limit is a ChatTemplateError.
+against `RenderLimits` (one object's size, the sum of all it makes, integer size, call arguments).
+Those checks are the first line and give the clearer messages; the second is that renders run in
+small worker processes (started once, `RENDER_WORKERS` of them) whose address space is capped at
+`WORKER_MEMORY` over what they start with, and that are killed (and restarted) when a render passes
+its deadline, so no template can hold memory or a thread past its limits. Over a limit is a
+ChatTemplateError.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import queue
 import re
+import select
 import string
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -33,14 +43,19 @@ from lmforge.errors import ChatTemplateError
 class RenderLimits:
     """What one render may cost. Real chat templates use a tiny fraction of each."""
 
-    timeout_s: float = 1.0  # wall clock for the whole render
+    timeout_s: float = 1.0  # wall clock for the whole render (the worker is killed past it)
     max_size: int = 4_000_000  # characters of one string, items of one list (and the output)
-    max_total: int = 40_000_000  # characters and items of everything the render makes, summed
+    # characters and items of everything the render makes, summed (temporaries included): high, so
+    # that a template building the prompt with `text + ...` renders a long conversation; the
+    # worker's memory cap and deadline bound what a hostile one makes
+    max_total: int = 4_000_000_000
     max_argument: int = 100_000  # any integer passed to a call or filter (widths, counts, ...)
     max_int_bits: int = 1 << 16  # the size of an integer the template computes
 
 
 RENDER_LIMITS = RenderLimits()
+RENDER_WORKERS = 2  # renders at once, in all threads of a process (a server's requests wait their turn)
+WORKER_MEMORY = 256 << 20  # bytes of address space a worker may add to what it starts with
 _WIDTH = re.compile(r"\d+")
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
 
@@ -109,24 +124,37 @@ class _Budget:
         if bits > self.limits.max_int_bits:
             raise self.over(f"an integer of about {bits:,} bits", f"{self.limits.max_int_bits:,} bits")
 
-    def trace(self, frame, event, arg):
-        """sys.settrace hook of the rendering thread: every template line and call checks the clock."""
-        self.clock()
-        return self.trace if frame.f_code.co_filename == "<template>" else None
+
+def _deep_size(value) -> int:
+    """`_size` of `value` and of what it holds, one level down (what its text takes, about)."""
+    if isinstance(value, dict):
+        return len(value) + sum(_size(k) + _size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return len(value) + sum(map(_size, value))
+    return _size(value)
 
 
-def _format_widths(fmt: str) -> int:
-    """The characters str.format's field widths and precisions in `fmt` can make (one field each)."""
+def _biggest(args, kwargs=None) -> int:
+    """The largest `_deep_size` among the arguments (and the values of a single mapping argument)."""
+    values = [*args, *(kwargs or {}).values()]
+    if len(values) == 1 and isinstance(values[0], (dict, tuple)):  # `fmt % {...}`, `fmt % (a, b)`
+        values = list(values[0].values() if isinstance(values[0], dict) else values[0])
+    return max(map(_deep_size, values), default=0)
+
+
+def _format_widths(fmt: str, biggest: int = 0) -> int:
+    """The characters str.format's fields in `fmt` can make: each field's width and precision, and
+    the largest argument in each (one argument may fill many fields)."""
     total = 0
     for _, field, spec, _ in string.Formatter().parse(fmt):
-        if field is not None and spec:
-            total += sum(int(w) for w in _WIDTH.findall(spec))
+        if field is not None:
+            total += biggest + sum(int(w) for w in _WIDTH.findall(spec or ""))
     return total
 
 
-def _percent_widths(fmt: str) -> int:
+def _percent_widths(fmt: str, biggest: int = 0) -> int:
     """The same for printf-style `fmt % args`."""
-    return sum(int(w or 0) + int(p or 0) for w, p in _PERCENT_SPEC.findall(fmt))
+    return sum(int(w or 0) + int(p or 0) + biggest for w, p in _PERCENT_SPEC.findall(fmt))
 
 
 def _joined_size(separator, items) -> int:
@@ -135,7 +163,7 @@ def _joined_size(separator, items) -> int:
     return len(separator) * len(items) + sum(len(x) for x in items if isinstance(x, str))
 
 
-def _expected_size(name: str, target, args) -> int:
+def _expected_size(name: str, target, args, kwargs=None) -> int:
     """A bound on what the str method or filter `name` makes from `target` and `args`, for the
     ones that can make far more than they are given (0: nothing to check beforehand)."""
     if name == "join" and args:  # str.join(items) or items|join(separator)
@@ -148,10 +176,11 @@ def _expected_size(name: str, target, args) -> int:
         return len(target) + (len(target) // max(len(args[0]), 1) + 1) * len(args[1])
     if name == "expandtabs" and args and isinstance(args[0], int):
         return len(target) + target.count("\t") * args[0]
-    if name == "indent" and args and isinstance(args[0], int):
-        return len(target) + (target.count("\n") + 1) * args[0]
+    width = args[0] if args else (kwargs or {}).get("width")
+    if name == "indent" and isinstance(width, (int, str)):  # a width of spaces, or a string
+        return len(target) + (target.count("\n") + 1) * (width if isinstance(width, int) else len(width))
     if name in ("format", "format_map"):
-        return len(target) + _format_widths(target)
+        return len(target) + _format_widths(target, _biggest(args, kwargs))
     return 0
 
 
@@ -175,14 +204,15 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             budget.ints(left.bit_length() + right.bit_length())
         elif op == "*":
             seq, times = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(times, int) and hasattr(seq, "__len__"):
-                budget.charge(len(seq) * max(times, 0), "a repeated string or list")
+            if isinstance(times, int) and hasattr(seq, "__len__"):  # `[x] * n` counts x's size too
+                budget.charge(_deep_size(seq) * max(times, 0), "a repeated string or list")
         elif op == "**" and ints and right > 1 and abs(left) > 1:
             budget.ints(left.bit_length() * right)
         elif op == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
             budget.charge(len(left) + len(right), "a joined string or list")
         elif op == "%" and isinstance(left, str):
-            budget.charge(len(left) + _percent_widths(left), "a formatted string")
+            budget.arguments(right if isinstance(right, tuple) else (right,), {})  # `*` widths come from here
+            budget.charge(len(left) + _percent_widths(left, _biggest((right,))), "a formatted string")
         result = super().call_binop(context, op, left, right)
         if isinstance(result, int) and not isinstance(result, bool):
             budget.ints(result.bit_length())
@@ -192,7 +222,10 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         budget = _budget()
         budget.arguments(args, kwargs)
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-        expected = _expected_size(getattr(method, "__name__", ""), getattr(method, "__self__", None), args)
+        name = getattr(method, "__name__", "")
+        if name == "join" and args:  # str.join over a generator: listed first, so that it is counted
+            args = (_listed(args[0]), *args[1:])
+        expected = _expected_size(name, getattr(method, "__self__", None), args, kwargs)
         if expected:
             budget.charge(expected, f"the result of {__obj.__name__}()")
         result = super().call(__context, __obj, *args, **kwargs)
@@ -251,9 +284,16 @@ def _bounded_filter(name: str, fn):
         plain = args[1:] if passes_context else args  # Jinja's context or environment comes first
         budget.arguments(plain[1:], kwargs)
         target, rest = (plain[0], plain[1:]) if plain else (None, [])
-        expected = _expected_size(name, target, rest)
+        if name == "join" and plain:  # a generator of items: listed first, so that it is counted
+            target = _listed(target)
+            args = (*args[: len(args) - len(plain)], target, *rest)
+        expected = _expected_size(name, target, rest, kwargs)
         if name == "format" and isinstance(target, str):
-            expected = len(target) + _percent_widths(target)
+            expected = len(target) + _percent_widths(target, _biggest(rest, kwargs))
+        if name == "tojson":  # each item on a line of its own, indented
+            indent = rest[0] if rest else kwargs.get("indent")
+            if isinstance(indent, int) and indent > 0:
+                expected = (_deep_size(target) + 1) * (indent + 2)
         if expected:
             budget.charge(expected, f"the result of |{name}")
         result = fn(*args, **kwargs)
@@ -264,6 +304,17 @@ def _bounded_filter(name: str, fn):
     if passes_context:  # pass_context / pass_environment / pass_eval_context
         bounded.jinja_pass_arg = fn.jinja_pass_arg
     return bounded
+
+
+def _listed(items):
+    """`items` as a list (counted) when it is a generator or other lazy iterable, else as it is."""
+    if isinstance(items, (str, bytes, list, tuple, dict)) or not hasattr(items, "__iter__"):
+        return items
+    listed = []
+    for item in items:
+        listed.append(item)
+        _budget().charge(1 + _size(item), "the items to join")
+    return listed
 
 
 def _lipsum(lipsum):
@@ -301,22 +352,32 @@ def render(
     limits: RenderLimits = RENDER_LIMITS,
     **extra,
 ) -> str:
-    """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`.
+    """Render `messages` with a Jinja chat `template` in the sandbox, within `limits`, in a worker process.
 
     Args: the template text; OpenAI-style messages; whether to open the assistant's turn;
     the model's BOS/EOS token strings; optional tool definitions; what the render may cost;
-    extra template variables. Returns the prompt text (special tokens as text: encode it with
-    parse_special=True). Raises ChatTemplateError for a broken or hostile template, or one over
-    its limits."""
+    extra template variables (JSON values). Returns the prompt text (special tokens as text: encode
+    it with parse_special=True). Raises ChatTemplateError for a broken or hostile template, or one
+    over its limits. Thread-safe; at most RENDER_WORKERS renders run at once, the others wait."""
+    variables = dict(add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+    request = {"template": template, "messages": messages, "tools": tools, "variables": {**variables, **extra}}
+    request["limits"] = limits.__dict__
+    try:
+        data = json.dumps(request, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError) as e:
+        raise ChatTemplateError(f"the conversation cannot be rendered ({e}); pass JSON values") from None
+    return _POOL.render(data, limits)
+
+
+def _render_here(template: str, messages, tools, variables: dict, limits: RenderLimits) -> str:
+    """Render in this process (the worker's side of `render`), held to the sandbox's size checks."""
     budget = _Budget(limits)
-    tracer, outer = sys.gettrace(), getattr(_current, "budget", None)
+    outer = getattr(_current, "budget", None)
     try:
         compiled = _compile(template)
         _current.budget = budget
-        sys.settrace(budget.trace)  # this thread only: the template's loops check the clock
-        variables = dict(add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
         out, size = [], 0
-        for piece in compiled.generate(messages=messages, tools=tools, **variables, **extra):
+        for piece in compiled.generate(messages=messages, tools=tools, **variables):
             budget.charge(len(piece), "an output piece")
             size += len(piece)
             if size > limits.max_size:
@@ -330,12 +391,174 @@ def render(
     except TemplateError as e:
         raise ChatTemplateError(f"chat template is broken ({e.__class__.__name__}: {e}); fix or replace it") from None
     except MemoryError:
-        raise budget.over("memory ran out", "what this machine has") from None
+        raise budget.over("memory ran out", f"{WORKER_MEMORY >> 20} MiB") from None
+    except RecursionError:
+        raise budget.over("calls nested too deep", f"{sys.getrecursionlimit()} levels") from None
     except Exception as e:  # a template's own runtime errors (None + str, huge ranges, ...)
         raise ChatTemplateError(f"chat template failed on these messages ({e.__class__.__name__}: {e})") from None
     finally:
-        sys.settrace(tracer)
         _current.budget = outer
+
+
+# ---- the worker processes ----------------------------------------------------------------------
+# A request and its answer are a 4-byte length and that many bytes of JSON. The answer is
+# {"text": ...} or {"error": ...}; after a MemoryError the worker answers, then exits (a fresh one
+# starts for the next render).
+
+_HEADER = struct.Struct("!I")
+
+
+def _answer(request: bytes) -> tuple[dict, bool]:
+    """The worker's answer to one request, and whether it should exit after it."""
+    try:
+        r = json.loads(request)
+        limits = RenderLimits(**r["limits"])
+        return {"text": _render_here(r["template"], r["messages"], r["tools"], r["variables"], limits)}, False
+    except ChatTemplateError as e:
+        return {"error": str(e)}, "memory ran out" in str(e)
+    except MemoryError:
+        return {"error": _Budget(RENDER_LIMITS).over("memory ran out", f"{WORKER_MEMORY >> 20} MiB").args[0]}, True
+
+
+def _worker_main() -> None:
+    """A render worker: caps its own address space, then answers requests on stdin until it closes
+    (its parent gone, even killed). Ctrl-C is the parent's to handle."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    sys.stdout = sys.stderr  # nothing but answers on the pipe
+    try:
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):  # no /proc: a generous guess at an interpreter with Jinja loaded
+        size = 512 << 20
+    cap = size + WORKER_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    out.write(b"R")  # ready: the render's deadline starts after the start-up
+    out.flush()
+    while header := inp.read(_HEADER.size):
+        answer, leave = _answer(inp.read(_HEADER.unpack(header)[0]))
+        try:
+            data = json.dumps(answer, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        except MemoryError:
+            data, leave = b'{"error": "chat template went over its memory limit"}', True
+        out.write(_HEADER.pack(len(data)) + data)
+        out.flush()
+        if leave:
+            return
+
+
+class _Worker:
+    """One worker process, started on first use."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            code = "from lmforge.chat import _worker_main; _worker_main()"
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,  # a terminal's Ctrl-C goes to the CLI, not to its worker
+            )
+            try:
+                ready = self._read(self.process, 1, time.monotonic() + 60)
+            except TimeoutError:
+                ready = None
+            if ready != b"R":
+                self.stop()
+                raise ChatTemplateError("the chat template worker process did not start; see the log above")
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def ask(self, data: bytes, timeout_s: float) -> dict:
+        """The worker's answer to `data`; ChatTemplateError past `timeout_s` after sending it, or when
+        the worker dies (the worker is then stopped, and the next render starts a fresh one)."""
+        process = self.start()
+        try:
+            process.stdin.write(_HEADER.pack(len(data)) + data)
+            deadline = time.monotonic() + timeout_s
+            header = self._read(process, _HEADER.size, deadline)
+            body = header and self._read(process, _HEADER.unpack(header)[0], deadline)
+        except TimeoutError:
+            self.stop()
+            raise ChatTemplateError(
+                f"chat template took more than {timeout_s:g} s to render; it is broken or hostile: "
+                "use a trusted template"
+            ) from None
+        except OSError:  # BrokenPipeError: the worker is gone
+            body = None
+        if not body:
+            self.stop()
+            raise _Budget(RENDER_LIMITS).over("its render process died, out of memory", f"{WORKER_MEMORY >> 20} MiB")
+        return json.loads(body)
+
+    @staticmethod
+    def _read(process: subprocess.Popen, n: int, deadline: float) -> bytes | None:
+        """`n` bytes from the worker, None when it closed its end; TimeoutError past `deadline`."""
+        fd, parts = process.stdout.fileno(), []
+        while n > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            part = os.read(fd, min(n, 1 << 20))
+            if not part:
+                return None
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+
+class _Pool:
+    """RENDER_WORKERS workers shared by all threads; a render waits for a free one."""
+
+    def __init__(self, size: int):
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers = [_Worker() for _ in range(size)]
+        for worker in self.workers:
+            self.free.put(worker)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def start(self) -> None:
+        taken = [self.free.get() for _ in self.workers]  # so that no render starts one at the same time
+        try:
+            for worker in taken:
+                worker.start()
+        finally:
+            for worker in taken:
+                self.free.put(worker)
+
+    def render(self, data: bytes, limits: RenderLimits) -> str:
+        worker = self.free.get()
+        try:
+            answer = worker.ask(data, limits.timeout_s)
+        finally:
+            self.free.put(worker)
+        if "error" in answer:
+            raise ChatTemplateError(answer["error"])
+        return answer["text"]
+
+
+_POOL = _Pool(RENDER_WORKERS)
+
+
+def start_workers() -> None:
+    """Start the render workers now (a server does, so that its first requests do not wait for them)."""
+    _POOL.start()
 
 
 def template_from_folder(folder: Path) -> str | None:

@@ -191,8 +191,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from lmforge.model import load
+    from lmforge.model import has_chat_template, load
 
+    if not has_chat_template(args.model):  # before loading (or converting) it
+        hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
+        raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
     model = load(
         args.model,
         device=args.device,
@@ -201,9 +204,6 @@ def cmd_chat(args) -> int:
         engine=args.engine,
         **_speculative(args),
     )
-    if not model.chat_template:
-        hint = f"continue a text with `lmforge run {args.model} -p TEXT`"
-        raise LmforgeError(f"{args.model} has no chat template, so it cannot chat; {hint}")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print(f"lmforge: running {args.model} as {model.form}", file=sys.stderr)

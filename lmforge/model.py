@@ -241,6 +241,17 @@ def describe_form(folder: Path) -> str:
     return f"{meta.get('target', folder.name)} ({how})"
 
 
+def has_chat_template(model: str | os.PathLike) -> bool:
+    """Whether MODEL (as `load` takes it) carries a chat template, read from its files without
+    loading or converting it."""
+    path = resolve(model)
+    if _is_gguf(path):
+        from lmforge.checkpoint import open_checkpoint
+
+        return bool(open_checkpoint(path).chat_template())
+    return bool(template_from_folder(path))
+
+
 def load(
     model: str | os.PathLike,
     device: str = "cpu",

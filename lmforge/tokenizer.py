@@ -11,6 +11,7 @@ GGUF vocabularies are rebuilt to tokenize exactly as llama.cpp does:
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -53,17 +54,26 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds its first lone UTF-16 surrogate (from JSON's "\\ud800" or an undecodable
+    command-line byte), which has no UTF-8 form; None when it has none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def check_unicode(text: str) -> None:
-    """TokenizerError when `text` holds a lone UTF-16 surrogate (from JSON's "\\ud800" or an
-    undecodable command-line byte): such text has no UTF-8 form to tokenize."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise TokenizerError(
-                f"the text holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
-                "valid Unicode; send UTF-8 text"
-            ) from None
+    """TokenizerError when `text` holds a lone UTF-16 surrogate: such text has no UTF-8 form to tokenize."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise TokenizerError(
+            f"the text holds a lone surrogate {text[at]!r} at character {at}, which is not valid Unicode; "
+            "send UTF-8 text"
+        )
 
 
 def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:
@@ -135,6 +145,9 @@ def spm_from_gguf(meta: dict) -> HFTokenizer:
 
 
 GGUF_TOKENIZERS = {"gpt2": gpt2_from_gguf, "llama": spm_from_gguf}
+
+
+_ENCODE_LOCK = threading.Lock()  # encode() sets a flag on the shared tokenizer, then encodes
 
 
 class Tokenizer:
@@ -220,8 +233,9 @@ class Tokenizer:
         """Token ids of `text`; `add_special` prepends BOS when the model wants it. Raises
         TokenizerError for text that is not valid Unicode (a lone UTF-16 surrogate)."""
         check_unicode(text)
-        self.hf.encode_special_tokens = not parse_special
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        with _ENCODE_LOCK:  # the flag is the tokenizer's, shared by the server's threads
+            self.hf.encode_special_tokens = not parse_special
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos:
             ids = [self.bos_id] + ids
         return ids

@@ -55,6 +55,30 @@ def test_chat_command_refuses_with_a_hint(bare):
     assert_user_error(r, "no chat template", "cannot chat", "lmforge run")
 
 
+def test_chat_command_refuses_before_converting(tiny_factory, tmp_path):
+    """An HF folder with no template: refused at once, nothing converted into the cache."""
+    import os
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_factory(("llama", "float32", False, None)), folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    home = tmp_path / "home"
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "chat", str(folder)],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LMFORGE_HOME": str(home)},
+    )
+    assert_user_error(r, "no chat template", "cannot chat")
+    assert not home.exists() or not any(home.rglob("*.onnx")), sorted(home.rglob("*"))
+
+
 def test_server_chat_is_a_400_and_completions_run_raw(bare, raw_text, tmp_path):
     from tests.test_server import Server
 

@@ -6,6 +6,7 @@ SIGTERM draining running streams."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -170,13 +171,72 @@ def test_pathological_template_is_a_400_within_2s_while_a_stream_keeps_streaming
     assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2] + lines[-3]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "\xed\xa0\x80 hi"}',  # a surrogate's raw bytes: json.loads decodes with surrogatepass
+        '{"prompt": "\ud800 hi"}'.encode("utf-16-le", "surrogatepass"),  # UTF-16 JSON
+        '{"prompt": "\\udfff"}'.encode("utf-32"),
+        b'{"prompt": "a \\\\ud800 is fine", "suffix": "\\uDBFF"}',  # an escaped backslash, then a real one
+    ],
+    ids=["raw-utf8-bytes", "utf-16", "utf-32", "after-escaped-backslash"],
+)
+def test_lone_surrogates_in_every_spelling_are_400s(body):
+    from lmforge.server import protocol as P
+
+    with pytest.raises(P.ApiError) as e:
+        P.parse(P.CompletionRequest, body)
+    assert e.value.status == 400 and "lone UTF-16 surrogate" in str(e.value.body()), e.value.body()
+
+
+def test_a_megabyte_of_token_ids_parses_at_about_the_cost_of_json_and_validation():
+    """The lone-surrogate check walked every decoded value in Python (~200 ms a megabyte of token
+    ids, more than decoding and validating it); now it scans the bytes first."""
+    from lmforge.server import protocol as P
+
+    body = json.dumps({"prompt": list(range(100_000, 250_000)), "max_tokens": 1}).encode()
+    times = {"parse": [], "loads+validate": []}
+    for _ in range(5):  # interleaved, medians: the test machine is shared
+        start = time.perf_counter()
+        P.parse(P.CompletionRequest, body)
+        times["parse"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        P.CompletionRequest.model_validate(json.loads(body))
+        times["loads+validate"].append(time.perf_counter() - start)
+    parse, reference = (sorted(t)[2] for t in times.values())
+    assert parse < 1.5 * reference, (parse, reference)
+
+
+def test_a_burst_of_pathological_templates_does_not_hold_up_other_requests(hostile_server):
+    """More hostile renders at once than the default executor has threads: they wait for the 2
+    render workers on threads of their own, so a plain completion and /tokenize answer at once."""
+    import os
+
+    url = hostile_server.url
+    burst = min(32, (os.cpu_count() or 1) + 4) + 2  # more than the default executor's threads
+    hostile = {"messages": [{"role": "user", "content": BOOM}], "max_tokens": 1}
+    with ThreadPoolExecutor(burst) as pool:
+        replies = [pool.submit(post, url + "/v1/chat/completions", hostile) for _ in range(burst)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        r = post(url + "/v1/completions", {"prompt": "Once upon", "max_tokens": 1})
+        took = time.monotonic() - start
+        t = post(url + "/tokenize", {"content": "hello"})
+        took_tokenize = time.monotonic() - start - took
+        codes = Counter(f.result().status_code for f in replies)
+    assert r.status_code == 200 and t.status_code == 200, (r.text, t.text)
+    assert took < 0.8 and took_tokenize < 0.5, (took, took_tokenize)
+    assert codes == {400: burst}, codes
+
+
 # ---- browsers ----------------------------------------------------------------------------------
 
 
 def test_browser_rules_on_a_real_server(hostile_server):
     url, port = hostile_server.url, hostile_server.port
     good = {"prompt": "hi", "max_tokens": 1}
-    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io"):
+    malformed = ("localhost:80@evil.example", "[::1]evil.example", "localhost:80:80", "[::1", "[evil]:80", "a b")
+    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io", *malformed):
         assert_openai_error(httpx.get(url + "/health", headers={"host": host}), 403)
         assert_openai_error(httpx.post(url + "/v1/completions", json=good, headers={"host": host}), 403)
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "localhost.", "192.168.0.7:1", "[::1]:80"):
@@ -268,6 +328,33 @@ def test_300_half_open_connections_leave_health_answering(hostile_server):
     assert hostile_server.log_path.read_text().count("connections are open") <= 6
 
 
+SLOW_BODY = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100000\r\n\r\n{"
+)
+
+
+def test_connections_trickling_their_bodies_do_not_lock_others_out(hostile_server):
+    """--max-connections 100 connections each sending a body a byte at a time: they no longer
+    count as busy, so the oldest make room and /health answers at once."""
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", hostile_server.port), timeout=5)
+            s.sendall(SLOW_BODY)
+            socks.append(s)
+        time.sleep(0.5)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.sendall(b" ")
+        start = time.monotonic()
+        r = httpx.get(hostile_server.url + "/health", timeout=5)
+        assert r.status_code == 200 and time.monotonic() - start < 1.0
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _closed(s: socket.socket) -> bool:
     """The server closed `s` (unread data makes the close a reset)."""
     try:
@@ -298,6 +385,17 @@ def test_a_body_that_never_arrives_is_a_408(reference):
             reply = b""
             while b"request_timeout" not in reply and (piece := s.recv(4096)):
                 reply += piece
+            assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
+            assert 0.9 < time.monotonic() - start < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a byte every 0.3 s: one deadline
+            s.sendall(SLOW_BODY)
+            start, reply = time.monotonic(), b""
+            s.setblocking(False)
+            while b"request_timeout" not in reply and time.monotonic() - start < 5:
+                time.sleep(0.3)
+                with contextlib.suppress(BlockingIOError):
+                    s.sendall(b" ")
+                    reply += s.recv(4096)
             assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
             assert 0.9 < time.monotonic() - start < 3
     finally:
@@ -356,6 +454,35 @@ def test_sigterm_drains_running_streams_and_exits_0(int4_folder, tmp_path):
             assert last["error"]["code"] == "server_shutdown", last
         else:
             assert last["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_while_bodies_are_arriving_is_503_and_a_quiet_exit(int4_folder, tmp_path):
+    """Requests still reading their bodies when the drain starts get a 503 at once: the server
+    exits 0 well within the grace, with no cancelled tasks or tracebacks in its log."""
+    log = tmp_path / "serve.log"
+    s = Server(int4_folder, "--name", NAME, "--threads", 1, "--shutdown-grace", 4, log=log)
+    socks = []
+    try:
+        for _ in range(6):
+            socks.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
+            socks[-1].sendall(SLOW_BODY)
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert s.proc.wait(30) == 0
+        took = time.monotonic() - sent
+        replies = []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                replies.append(sock.recv(4096))
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+    assert took < 3, took
+    assert replies and all(r.startswith(b"HTTP/1.1 503") and b"draining" in r for r in replies), replies
+    text = log.read_text()
+    assert "Traceback" not in text and "Cancel" not in text and "Exception in ASGI" not in text, text[-2000:]
 
 
 def test_cli_run_with_a_pathological_template_is_one_line_and_exit_2(hostile_folder):

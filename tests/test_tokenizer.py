@@ -87,6 +87,35 @@ def test_special_tokens_parsed_only_when_asked(default_model_path):
     assert tok.encode(text, parse_special=True)[0] == 1
 
 
+def test_special_tokens_parsed_as_asked_from_many_threads(default_model_path):
+    """The server encodes chat prompts (special tokens parsed) and raw text (not) in several
+    threads at once: each call gets its own mode."""
+    import threading
+
+    tok = open_checkpoint(default_model_path).tokenizer()
+    chat, plain = "<|im_start|>user\nhello<|im_end|>\n" * 20, "<|im_start|> word " * 100
+    want_chat, want_plain = tok.encode(chat, parse_special=True), tok.encode(plain)
+    wrong = []
+
+    def encode(text, want, special):
+        for _ in range(300):
+            if tok.encode(text, parse_special=special) != want:
+                wrong.append(special)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=encode, args=(chat, want_chat, True)) for _ in range(2)]
+        threads += [threading.Thread(target=encode, args=(plain, want_plain, False)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
+
+
 @pytest.mark.parametrize("kind", ["bpe", "spm"])
 def test_streaming_detokenizer_never_splits_characters(kind, tokenizer_folders, wikitext):
     tok = Tokenizer.from_folder(tokenizer_folders[kind])

@@ -9,12 +9,14 @@ background: /health answers 503 until it is ready. No route reads a file the cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge import chat
 from lmforge.errors import ChatTemplateError, LmforgeError, TokenizerError
 from lmforge.generate import ContextLengthError, fit_to_context
 from lmforge.sampling import SamplingParams
@@ -43,7 +46,7 @@ class Limits:
     max_tokens_limit: int = 2048
     max_body_bytes: int = 1 << 20
     max_queue: int = 256
-    body_timeout_s: float = 30.0  # for each piece of a request body to arrive
+    body_timeout_s: float = 30.0  # for a request's whole body to arrive
 
 
 @dataclass
@@ -60,6 +63,12 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: float | None = None  # set at shutdown: when (time.monotonic()) running replies are cut off
+    # parsing and the chat template: threads of their own, so that requests waiting for a render
+    # worker (chat.RENDER_WORKERS; a hostile template holds one up to its deadline) never hold the
+    # default executor the running requests' setup and /tokenize use
+    preparing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=64, thread_name_prefix="lmforge-prepare")
+    )
 
     def drain_deadline(self) -> float | None:
         return self.draining
@@ -262,6 +271,9 @@ def create_app(
             state.scheduler = make_scheduler(model, state.limits, state.metrics)
             state.model, state.status = model, "ready"
             log.info("model %s ready", name)
+            if getattr(model, "chat_template", None):  # the next requests need not wait for them
+                with contextlib.suppress(ChatTemplateError):  # (a request will say why they do not start)
+                    chat.start_workers()
         except Exception as e:  # noqa: BLE001 - reported on /health and by serve()
             state.error = str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"
             state.status = "failed"
@@ -275,6 +287,7 @@ def create_app(
         yield
         if state.scheduler is not None:
             state.scheduler.close()
+        state.preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
@@ -370,9 +383,10 @@ def _generation_route(state: ServerState, schema, prepare):
     async def route(request: Request):
         state.ready()
         # the chat template, the tokenizer and a large body's JSON run off the event loop: /health
-        # and the running streams keep going while they work (a template is bounded by chat.RenderLimits)
+        # and the running streams keep going while they work (a template renders in a bounded worker
+        # process: chat.render)
         body = await request.body()
-        req, prepared = await asyncio.get_running_loop().run_in_executor(None, parse_and_prepare, body)
+        req, prepared = await asyncio.get_running_loop().run_in_executor(state.preparing, parse_and_prepare, body)
         return await _reply(state, request, req, prepared)
 
     return route

@@ -2,9 +2,10 @@
 
 - A connection must finish a request's headers within `header_timeout_s` of opening (or of
   its previous response): slow-loris clients are closed instead of holding descriptors forever.
-- Beyond `max_connections` open at once, the oldest idle connection (no request in flight) is
-  closed to make room, or the new one when all are busy: descriptors never run out (when they
-  did, /health stopped answering and the log filled with tracebacks).
+- Beyond `max_connections` open at once, the oldest idle connection (no request in flight, or
+  one whose body is still arriving) is closed to make room, or the new one when all are busy:
+  descriptors never run out (when they did, /health stopped answering and the log filled with
+  tracebacks).
 - SIGTERM / SIGINT drain: no new requests, running replies get `grace_s` to finish (then each
   ends with an error event), and the process exits 0 instead of dying of the signal.
 - Repeated log records are rate-limited: a flood of one error becomes a few lines and a count.
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -47,8 +49,11 @@ def guarded_h11(header_timeout_s: float, max_connections: int) -> type[H11Protoc
             self._arm()
 
         def idle(self) -> bool:
-            """No request in flight: headers not yet complete, or between requests."""
-            return self.cycle is None or self.cycle.response_complete
+            """No request being answered: headers not yet complete, the body still arriving (a
+            trickling body must not hold a slot), or between requests."""
+            if self.cycle is None or self.cycle.response_complete:
+                return True
+            return self.conn.their_state is h11.SEND_BODY and not self.cycle.response_started
 
         def _arm(self) -> None:
             self._disarm()

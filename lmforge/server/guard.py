@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,11 +41,7 @@ class Access:
         if self.allowed_hosts is None or "*" in self.allowed_hosts or not host:
             return True  # no Host at all: HTTP/1.0, which no browser sends
         name = _host_name(host)
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return name in self.allowed_hosts
+        return name is not None and (ip_address(name) is not None or name in self.allowed_hosts)
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         """A browser's Origin: the server's own page, or one of `cors_origins`."""
@@ -53,12 +50,29 @@ class Access:
         return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
 
 
-def _host_name(host: str) -> str:
-    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
+_HOST = re.compile(r"\[([0-9a-f:.]+)\](?::\d{1,5})?|([a-z0-9._-]+)(?::\d{1,5})?")
+
+
+def _host_name(host: str) -> str | None:
+    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'; None for a malformed Host
+    ('localhost:80@evil.com', '[::1]evil.com', ...)."""
+    match = _HOST.fullmatch(host.strip().lower())
+    if match is None or match[1] is not None and ip_address(match[1]) is None:
+        return None
+    return match[1] or normal_name(match[2])
+
+
+def normal_name(name: str) -> str:
+    """A host name as the allow-list compares it: lower case, no trailing dot."""
+    return name.strip().lower().rstrip(".")
+
+
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address, or None when it is not one."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 async def _send_error(send, err: P.ApiError) -> None:
@@ -77,7 +91,7 @@ class Guard:
     """Pure ASGI middleware: the Host allow-list and cross-site browser requests (403), CORS for
     the origins `access` names (Starlette's CORSMiddleware), 503 while draining, the API key on
     protected routes (constant-time compare), JSON bodies only on POST (415), the body-size limit
-    and read timeout (413, 408; read before any route sees it), and requests counted by endpoint
+    and its deadline (413, 408; read before any route sees it), and requests counted by endpoint
     and status."""
 
     def __init__(self, app, state, access: Access | None = None):  # state: the app's ServerState
@@ -106,12 +120,9 @@ class Guard:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.access.host_allowed(host):
-            return P.ApiError(
-                403,
-                f"the Host {host!r} is not allowed; start the server with --allowed-host {_host_name(host)} "
-                "to accept it",
-                code="host_not_allowed",
-            )
+            name = _host_name(host)
+            fix = "send host[:port]" if name is None else f"start the server with --allowed-host {name} to accept it"
+            return P.ApiError(403, f"the Host {host!r} is not allowed; {fix}", code="host_not_allowed")
         origin = headers.get(b"origin")
         if origin is not None and not self.access.origin_allowed(origin.decode("latin-1"), host):
             return P.ApiError(
@@ -174,24 +185,35 @@ class Guard:
                 f"send the body as JSON with 'Content-Type: application/json' (got {kind.decode('latin-1')!r})",
                 code="unsupported_media_type",
             )
+        return await self._receive_body(receive, too_large)
+
+    async def _receive_body(self, receive, too_large: P.ApiError) -> bytes | P.ApiError:
+        """The body's pieces within one deadline for the whole body (a byte now and then does not
+        keep a connection), given up with a 503 as soon as the server starts draining."""
+        limits, loop = self.state.limits, asyncio.get_running_loop()
+        deadline = loop.time() + limits.body_timeout_s
         chunks, size = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), limits.body_timeout_s)
-            except asyncio.TimeoutError:
+            if self.state.draining is not None:
+                return P.ApiError(503, "the server is shutting down; retry elsewhere", "server_error", code="draining")
+            left = deadline - loop.time()
+            if left <= 0:
                 return P.ApiError(
                     408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="request_timeout"
                 )
+            try:  # in short waits, to see a drain start
+                message = await asyncio.wait_for(receive(), min(left, 0.25))
+            except asyncio.TimeoutError:
+                continue
             if message["type"] == "http.disconnect":
-                break
+                return P.ApiError(400, "the client closed the connection before its body arrived")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limits.max_body_bytes:
                 return too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+                return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):

@@ -7,6 +7,7 @@ so is any unknown field. Fields are type-checked without coercion ("5" is not 5)
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from typing import Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.generate import Delta, TokenLogprob
 from lmforge.sampling import SamplingError, SamplingParams, response_format_options
+from lmforge.tokenizer import lone_surrogate_at
 
 
 class ApiError(Exception):
@@ -267,14 +269,23 @@ def _lone_surrogate(data) -> str | None:
     return None
 
 
-def _utf8(text: str) -> bool:
-    if text.isascii():
+# a \uD800-\uDFFF escape, or the surrogate's raw (surrogatepass) UTF-8 bytes
+_SURROGATE_SPELLING = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _may_hold_surrogates(raw: bytes | str) -> bool:
+    """Whether the JSON text `raw` can decode to a lone surrogate: it spells one as an escape, or
+    as the raw bytes json.loads lets through (it decodes with 'surrogatepass'), or it is not UTF-8
+    (where a scan of the bytes would not see them). Far cheaper than walking the decoded value."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    elif json.detect_encoding(raw) != "utf-8":
         return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return _SURROGATE_SPELLING.search(raw) is not None
+
+
+def _utf8(text: str) -> bool:
+    return lone_surrogate_at(text) is None
 
 
 def parse(model: type[BaseModel], raw: bytes):
@@ -285,7 +296,7 @@ def parse(model: type[BaseModel], raw: bytes):
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    bad = _lone_surrogate(data)
+    bad = _lone_surrogate(data) if _may_hold_surrogates(raw) else None
     if bad is not None:
         raise ApiError(
             400,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import socket
@@ -53,10 +52,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    from lmforge.server.guard import ip_address
+
+    address = ip_address(host)
+    return host == "localhost" if address is None else address.is_loopback
 
 
 def _announce(name: str, host: str, sock: socket.socket, api_key: str | None) -> None:
@@ -98,6 +97,9 @@ def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: floa
         app,
         log_level=log_level,
         access_log=False,
+        # h11, also where uvicorn[standard] would pick httptools: the guard hooks H11Protocol's
+        # request cycle and reads h11's connection state (is the body still arriving?) to time out
+        # headers and pick connections to close; httptools' protocol has neither
         http=connections.guarded_h11(header_timeout_s, connection_limits[0]),
         backlog=connection_limits[1],
         timeout_keep_alive=5,
@@ -115,23 +117,15 @@ def _server(app, log_level: str, shutdown_grace_s: float, header_timeout_s: floa
 def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...]):
     """The Host names browsers may use (the loopback names, `host` when it is a name, and
     `allowed_hosts`) and the CORS origins; a user error for a malformed origin."""
-    from lmforge.server.guard import LOOPBACK_NAMES, Access
+    from lmforge.server.guard import LOOPBACK_NAMES, Access, ip_address, normal_name
 
     for origin in cors_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
             raise LmforgeError(f"--cors-origin {origin!r} is not an origin; write it as http://host[:port]")
-    names = {*LOOPBACK_NAMES, *(h.strip().lower().rstrip(".") for h in allowed_hosts)}
-    if not _is_address(host):
-        names.add(host.lower())
+    names = {*LOOPBACK_NAMES, *map(normal_name, allowed_hosts)}
+    if ip_address(host) is None:
+        names.add(normal_name(host))
     return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:

@@ -357,6 +357,7 @@ def cmd_serve(args) -> int:
         target=args.target,
         threads=args.threads,
         name=args.name,
+        kv_budget_mb=args.kv_budget_mb,
     )
     return 0
 
@@ -577,6 +578,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--target", help="preset used when MODEL must be converted first (default: cpu-int4 on the CPU)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     p.add_argument("--name", help="the model id clients send (default: MODEL's name)")
+    p.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        help="KV cache memory the batching server may hold, in MiB (default: room for every batch row and one "
+        "full-context sequence); longer requests wait for room or get a 400",
+    )
     p.set_defaults(func=cmd_serve)
 
 

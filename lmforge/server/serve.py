@@ -84,13 +84,15 @@ def serve(
     name: str | None = None,
     max_body_bytes: int = 1 << 20,
     log_level: str = "warning",
+    kv_budget_mb: int | None = None,
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted.
 
     Args: the model (known name, HF folder, .gguf file, ONNX folder); where to listen (loopback
     unless told otherwise); the API key every /v1 route then needs; the decode batch size; the
     cap on max_tokens; engine auto|ort|llamacpp (auto: as `run` picks); device; conversion target; threads; the model id
-    clients use (default: MODEL's name). Raises LmforgeError for bad arguments, a model that does
+    clients use (default: MODEL's name); the KV cache budget in MiB (None: room for every batch row
+    and one full context). Raises LmforgeError for bad arguments, a model that does
     not exist or does not load."""
     try:
         import fastapi  # noqa: F401
@@ -127,7 +129,7 @@ def serve(
         load,
         name,
         api_key,
-        Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
+        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb),
         on_load_error=stop,
     )
     shown = f"[{host}]" if ":" in host else host

@@ -126,7 +126,8 @@ async def load(url: str, clients: int, tokens: int, per_client: int, mixed: bool
     async def client_loop(i: int, client: httpx.AsyncClient) -> list:
         return [await one_request(client, url, content(i, k), tokens) for k in range(per_client)]
 
-    limits = httpx.Limits(max_connections=clients + 2)
+    # a connection per request: llama-server closes kept-alive connections after a few requests
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
         await one_request(client, url, QUESTIONS[0], 8)  # warm-up
         t0 = time.perf_counter()
@@ -154,7 +155,7 @@ def servers(args, levels: list[int]) -> tuple[dict, dict, dict]:
     gguf = known_model_path("smollm2-135m")
     int4 = cached_onnx("smollm2-135m", "cpu-int4", progress=False)
     slots, t = str(max(levels)), str(args.threads)
-    names = ["lmforge", "llama-server", "llama-cpp-python"]
+    names = ["lmforge", "llama-server", "llama-server PASSIVE", "llama-cpp-python"]
     ports = {name: free_port() for name in names}
     cmds = {
         "lmforge": [sys.executable, "-m", "lmforge", "serve", str(int4), "--threads", t, "--max-batch", slots],
@@ -168,10 +169,16 @@ def servers(args, levels: list[int]) -> tuple[dict, dict, dict]:
         # one unified KV cache of ctx cells shared by the slots (as lmforge's budget is shared)
         ctx = str(max(8192, max(levels) * 1280 if args.mixed else max(levels) * 256))
         cmds["llama-server"] = [str(binary), "-m", str(gguf), "-t", t, "-tb", t, "-np", slots, "-c", ctx]
-        cmds["llama-server"] += ["--kv-unified", "--port", str(ports["llama-server"]), "--alias", "m"]
+        cmds["llama-server PASSIVE"] = list(cmds["llama-server"])
+        for name in ("llama-server", "llama-server PASSIVE"):
+            cmds[name] += ["--kv-unified", "--port", str(ports[name]), "--alias", "m"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     envs = {name: env for name in cmds}
-    return {n: cmds[n] for n in names if n in cmds}, envs, ports
+    # llama.cpp's OpenMP threads spin by default: faster on a quiet machine, collapsing when anything
+    # else runs; PASSIVE makes them sleep (what lmforge's ONNX Runtime threads do)
+    envs["llama-server PASSIVE"] = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    keep = [n for n in names if n in cmds and (n == "lmforge" or n in args.peers.split(","))]
+    return {n: cmds[n] for n in keep}, envs, ports
 
 
 def cells(names: list[str], levels: list[int], mixed: int) -> list[tuple[str, int, bool]]:
@@ -219,22 +226,30 @@ def measure(args, levels: list[int]) -> tuple[dict, dict]:
 
 def report(args, levels: list[int], results: dict, cmds: dict) -> None:
     best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
-    peer = "llama-server" if "llama-server" in cmds else "llama-cpp-python"
+    peers = [n for n in cmds if n.startswith("llama-server")] or ["llama-cpp-python"]
+
+    def peer(c: int, mixed: bool) -> dict | None:
+        rows = [best[(n, c, mixed)] for n in peers if (n, c, mixed) in best]
+        return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+
     lines = [
         f"# Serving: SmolLM2-135M, {args.tokens}-token streamed chat replies, {args.threads} threads",
         "",
         f"`python benchmarks/serve_load.py --clients {args.clients} --mixed {args.mixed} --tokens {args.tokens} "
         f"--rounds {args.rounds} --threads {args.threads}`. lmforge serve: cpu-int4, `--max-batch {max(levels)}`; "
-        f"llama-server: the Q4_1 GGUF, `-t {args.threads} -np {max(levels)} --kv-unified`; llama-cpp-python's "
-        "server: the same GGUF, one request at a time (short workload, up to 8 clients). Temperature 0.7, EOS "
-        f"banned (every reply exactly {args.tokens} tokens); mixed: half the clients send ~1,000-token prompts. "
-        f"Interleaved, best of {args.rounds} rounds per cell; clients and servers share the machine's cores.",
+        f"llama-server: the Q4_1 GGUF, `-t {args.threads} -np {max(levels)} --kv-unified`, with its default "
+        "OpenMP wait policy and with `OMP_WAIT_POLICY=PASSIVE`; llama-cpp-python's server: the same GGUF, "
+        "one request at a time (short "
+        f"workload, up to 8 clients). Temperature 0.7, EOS banned (every reply exactly {args.tokens} tokens); "
+        "mixed: half the clients send ~1,000-token prompts. Interleaved, best of "
+        f"{args.rounds} rounds per cell; clients and servers share the machine's cores. The last column is the "
+        f"server's tok/s over the better of {' / '.join(peers)} in that cell.",
         "",
-        f"| workload | clients | server | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | vs {peer} |",
+        "| workload | clients | server | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | vs peer |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (name, c, mixed), r in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][1], list(cmds).index(kv[0][0]))):
-        ref = best.get((peer, c, mixed))
+        ref = peer(c, mixed)
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         lines.append(
             f"| {'mixed' if mixed else 'short'} | {c} | {name} | {r['tokens_per_s']:.1f} | "
@@ -255,6 +270,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=4, help="requests per load level (at least 2 per client)")
     ap.add_argument("--no-llama-server", action="store_true", help="leave llama.cpp's llama-server out")
+    ap.add_argument(
+        "--peers",
+        default="llama-server,llama-server PASSIVE,llama-cpp-python",
+        help="the peers to run, comma-separated (on a loaded machine spinning llama-server crawls: leave it out)",
+    )
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     results, cmds = measure(args, levels)

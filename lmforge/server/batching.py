@@ -12,8 +12,9 @@ takes sequences of up to `pool_capacity` positions only. A long prompt, or a seq
 would not fit a pool row, goes to the *lane*: its own one-row cache sized to it, prefilled in
 chunks (one long prompt at a time), then moved into the pool if it fits, else decoded there.
 While streams decode, the lane gets at most LANE_SHARE seconds per second of decoding (so they
-keep over half their rate) in chunks of about LANE_SLICE_S; short prompts keep being admitted
-between chunks. When the server goes idle the pool shrinks back and the C heap is trimmed.
+keep 2/3 of their rate), more while other long prompts queue for it, in chunks of about
+LANE_SLICE_S; short prompts keep being admitted between chunks. When the server goes idle the
+pool shrinks back and the C heap is trimmed.
 
 `SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time.
 
@@ -44,6 +45,7 @@ log = logging.getLogger("lmforge.server")
 
 PREFILL_CHUNK = 256  # longest prompt prefilled straight into the pool; the lane's largest chunk
 LANE_SHARE = 0.5  # lane seconds per decode second while both have work: streams keep >= 2/3 of their rate
+LANE_SHARE_MAX = 4.0
 LANE_SLICE_S = 0.25  # the lane's chunk is sized to take about this long while streams decode
 MIN_CHUNK = 16
 POOL_ROW_POSITIONS = 2560  # default budget: a pool row holds a short prompt and a 2048-token reply
@@ -311,7 +313,7 @@ class BatchScheduler(Scheduler):
             t = time.perf_counter()
             self._decode()
             self.decode_time += time.perf_counter() - t
-        if self.lane and (not self.active or self.lane_time <= LANE_SHARE * self.decode_time):
+        if self.lane and (not self.active or self.lane_time <= self._lane_share() * self.decode_time):
             t = time.perf_counter()
             self._lane_step()
             self.lane_time += time.perf_counter() - t
@@ -319,6 +321,12 @@ class BatchScheduler(Scheduler):
             self.decode_time = self.lane_time = 0.0
         if self.idle() and not self.released:
             self._release()
+
+    def _lane_share(self) -> float:
+        """LANE_SHARE, times one plus the prompts waiting for the lane (at most LANE_SHARE_MAX):
+        one long prompt leaves streams 2/3 of their rate; a queue of them gets more time."""
+        queued = sum(1 for h in self.waiting if not self._for_pool(h))
+        return min(LANE_SHARE * (1 + queued), LANE_SHARE_MAX)
 
     def _release(self) -> None:
         """Give memory back when nothing runs: the pool back to its first size, the engine's

@@ -115,3 +115,52 @@ def test_a_request_over_the_kv_budget_is_a_400(int4_folder, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         s.stop()
+
+
+def test_lane_sequences_get_what_each_prompt_gets_alone(reference):
+    """Greedy sequences through every path of the scheduler: short prompts in the pool, a long
+    prompt prefilled in the lane in chunks then moved into the pool, and two too long for a pool
+    row under a small budget, decoded in the lane: each gets what it gets alone."""
+    from lmforge.sampling import SamplingParams
+    from lmforge.server.batching import BatchScheduler, Handle
+
+    engine = reference.engine
+    text = " ".join(f"Item {i} is on the shelf." for i in range(80))  # ~600 tokens
+    prompts = [("The capital of France is", 12), ("def fibonacci(n):", 12), (text, 12), ("1, 2, 3, 4,", 300)]
+    prompts.append((text[:200], 12))  # ~70 tokens: over the 64-token chunk, its sequence fits a pool row
+    ids = [reference.prompt_ids(p, raw=True) for p, _ in prompts]
+    want = [engine_alone(reference, i, n) for i, (_, n) in zip(ids, prompts)]
+    per = engine.kv_bytes_per_position
+    sched = BatchScheduler(engine, max_batch=4, kv_budget_bytes=(4 * 256 + 1024) * per, prefill_chunk=64)
+    assert sched.budget.pool_capacity == 256  # the 300-token reply cannot fit a pool row
+    moved = []
+    to_pool = sched._to_pool
+    sched._to_pool = lambda h: (moved.append(h.id), to_pool(h))
+    got = {i: [] for i in range(len(prompts))}
+    done = threading.Event()
+
+    def sink(i):
+        def put(item):
+            got[i].append(item)
+            if all(g and g[-1].finish_reason for g in got.values()):
+                done.set()
+
+        return put
+
+    try:
+        sched.start()
+        for i, (tokens, (_, n)) in enumerate(zip(ids, prompts)):
+            params = SamplingParams(max_tokens=n)
+            assert sched.submit(Handle(None, tokens, params, (), engine.vocab_size, sink(i)))
+        assert done.wait(300), {i: len(g) for i, g in got.items()}
+    finally:
+        sched.close()
+    assert [[d.token for d in got[i]] for i in range(len(prompts))] == want
+    assert sched.active_count() == 0 and sched.kv_bytes() == sched.pool.nbytes
+    assert moved, "no lane sequence moved into the pool"
+
+
+def engine_alone(reference, prompt_ids: list[int], n: int) -> list[int]:
+    from lmforge.generate import greedy_tokens
+
+    return greedy_tokens(reference.engine, prompt_ids, n)

@@ -195,9 +195,10 @@ class KVPool:
     def reserve(self, total: int) -> None:
         """Make room for `total` positions per row, doubling as needed (at most `max_capacity`)."""
         if total > self.capacity:
+            grown = _grown_capacity(self.engine, self.capacity, total)  # a user error past the context
             if total > self.max_capacity:
                 raise ValueError(f"{total} positions exceed this pool's maximum of {self.max_capacity}")
-            self.resize(min(_grown_capacity(self.engine, self.capacity, total), self.max_capacity))
+            self.resize(min(grown, self.max_capacity))
 
     def rows(self, start: int, stop: int) -> KVRows:
         """Rows start..stop-1 as a cache for `OrtEngine.prefill`/`decode` (the same object for

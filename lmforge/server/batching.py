@@ -11,8 +11,8 @@ Memory is bounded by a KV budget (`plan_budget`): pool rows share one capacity, 
 takes sequences of up to `pool_capacity` positions only. A long prompt, or a sequence that
 would not fit a pool row, goes to the *lane*: its own one-row cache sized to it, prefilled in
 chunks (one long prompt at a time), then moved into the pool if it fits, else decoded there.
-While streams decode, the lane gets at most LANE_SHARE seconds per second of decoding (so they
-keep 2/3 of their rate), more while other long prompts queue for it, in chunks of about
+While streams decode, the lane gets at most LANE_SHARE seconds per second of other work (so they
+keep 3/4 of their rate), more while other long prompts queue for it, in chunks of about
 LANE_SLICE_S; short prompts keep being admitted between chunks. When the server goes idle the
 pool shrinks back and the C heap is trimmed.
 
@@ -44,7 +44,7 @@ from lmforge.sampling import SamplingParams
 log = logging.getLogger("lmforge.server")
 
 PREFILL_CHUNK = 256  # longest prompt prefilled straight into the pool; the lane's largest chunk
-LANE_SHARE = 0.5  # lane seconds per decode second while both have work: streams keep >= 2/3 of their rate
+LANE_SHARE = 0.35  # lane seconds per second of other work while both have work: streams keep >= 3/4 of their rate
 LANE_SHARE_MAX = 4.0
 LANE_SLICE_S = 0.25  # the lane's chunk is sized to take about this long while streams decode
 MIN_CHUNK = 16
@@ -278,7 +278,7 @@ class BatchScheduler(Scheduler):
         self.lane: list[Handle] = []  # long sequences, each in its own one-row pool (h.lane_pool)
         self.prefilling: list[Handle] = []  # short prompts in the prefill call now running
         self.lane_chunk = prefill_chunk  # tokens of the lane's next prefill chunk while streams decode
-        self.decode_time = self.lane_time = 0.0  # seconds spent on each while both have work
+        self.share_since, self.lane_time = time.perf_counter(), 0.0  # since when both have work; the lane's part
         self.released = True  # memory given back since the last work
         self.lane_used = False  # a lane sequence ran since the last release
 
@@ -310,21 +310,20 @@ class BatchScheduler(Scheduler):
             self._leave(h)
         self._admit()
         if self.active:
-            t = time.perf_counter()
             self._decode()
-            self.decode_time += time.perf_counter() - t
-        if self.lane and (not self.active or self.lane_time <= self._lane_share() * self.decode_time):
-            t = time.perf_counter()
+        now = time.perf_counter()
+        others = now - self.share_since - self.lane_time  # wall time of all but the lane since both had work
+        if self.lane and (not self.active or self.lane_time <= self._lane_share() * others):
             self._lane_step()
-            self.lane_time += time.perf_counter() - t
+            self.lane_time += time.perf_counter() - now
         if not self.lane or not self.active:  # the share is counted only while both have work
-            self.decode_time = self.lane_time = 0.0
+            self.share_since, self.lane_time = time.perf_counter(), 0.0
         if self.idle() and not self.released:
             self._release()
 
     def _lane_share(self) -> float:
         """LANE_SHARE, times one plus the prompts waiting for the lane (at most LANE_SHARE_MAX):
-        one long prompt leaves streams 2/3 of their rate; a queue of them gets more time."""
+        one long prompt leaves streams 3/4 of their rate; a queue of them gets more time."""
         queued = sum(1 for h in self.waiting if not self._for_pool(h))
         return min(LANE_SHARE * (1 + queued), LANE_SHARE_MAX)
 

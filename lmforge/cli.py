@@ -397,6 +397,7 @@ def cmd_serve(args) -> int:
         shutdown_grace_s=args.shutdown_grace,
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
+        kv_budget_mb=args.kv_budget_mb,
     )
     return 0
 
@@ -673,6 +674,12 @@ def _serve_parser(sub) -> None:
         default=10.0,
         metavar="S",
         help="seconds a client has to send a request's headers before it is disconnected (default: 10)",
+    )
+    p.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        help="KV cache memory the batching server may hold, in MiB (default: room for every batch row and one "
+        "full-context sequence); longer requests wait for room or get a 400",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -94,6 +95,15 @@ def provider_for(device: str) -> str:
 
 
 _CACHE_KEYS = itertools.count()
+SHRINK_AFTER = 1024  # positions: prefill runs over a longer context free their arena memory at the end
+
+
+def _zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero array in its own anonymous memory map: untouched pages take no memory, and the
+    whole map is unmapped when the array goes (the C heap would keep or fragment it)."""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 def _grown_capacity(engine: OrtEngine, capacity: int, total: int) -> int:
@@ -145,13 +155,16 @@ class KVPool:
     row. Any run of consecutive rows is a cache that `prefill`/`decode` accept (`rows(start, stop)`):
     its OrtValues share the numpy memory (a contiguous slice along the batch axis, no copy on the
     CPU), so a batch can decode only its active prefix and a newcomer can prefill straight into
-    its slot. Capacity is shared by all rows and doubles on demand."""
+    its slot. Capacity is shared by all rows and doubles on demand, up to `max_capacity`. The
+    buffers are anonymous memory maps: pages no row has reached take no memory, and a replaced
+    buffer goes back to the system at once."""
 
-    def __init__(self, engine: OrtEngine, n_rows: int, capacity: int = 256):
+    def __init__(self, engine: OrtEngine, n_rows: int, capacity: int = 256, max_capacity: int | None = None):
         if engine.ort_device != "cpu":  # OrtValues share numpy memory only on the CPU
             raise ValueError("KVPool needs the CPU provider")
         self.engine = engine
         self.n_rows = n_rows
+        self.max_capacity = min(max_capacity or engine.context_length, engine.context_length)
         self.lengths = np.zeros(n_rows, dtype=np.int64)
         self.capacity = 0
         self.arrays: list[np.ndarray] = []  # 2 * n_layers x (rows, kv_heads, capacity, head_dim)
@@ -160,24 +173,34 @@ class KVPool:
         self.resize(max(1, capacity))
 
     def resize(self, capacity: int) -> None:
-        """Replace the buffers with ones of `capacity` positions, keeping what fits."""
+        """Replace the buffers with ones of `capacity` positions, keeping what fits of the rows
+        in use (only their used positions are copied)."""
         e = self.engine
-        keep = min(self.capacity, capacity)
+        self.lengths = np.minimum(self.lengths, capacity)
         shape = (self.n_rows, e.n_kv_heads, capacity, e.head_dim)
         new = []
         for old in self.arrays or [None] * (2 * e.n_layers):
-            arr = np.zeros(shape, dtype=e.np_dtype)
-            if old is not None and keep:
-                arr[:, :, :keep] = old[:, :, :keep]
+            arr = _zeros(shape, e.np_dtype)
+            for row in np.flatnonzero(self.lengths) if old is not None else ():
+                n = self.lengths[row]
+                arr[row, :, :n] = old[row, :, :n]
             new.append(arr)
         self.arrays, self.capacity = new, capacity
-        self.lengths = np.minimum(self.lengths, capacity)
         self.generation += 1
+        self._views.clear()  # old views hold OrtValues over the old buffers: let them go
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the K/V buffers span (pages no row has reached are not resident)."""
+        return self.n_rows * self.capacity * self.engine.kv_bytes_per_position
 
     def reserve(self, total: int) -> None:
-        """Make room for `total` positions per row, doubling as needed."""
+        """Make room for `total` positions per row, doubling as needed (at most `max_capacity`)."""
         if total > self.capacity:
-            self.resize(_grown_capacity(self.engine, self.capacity, total))
+            grown = _grown_capacity(self.engine, self.capacity, total)  # a user error past the context
+            if total > self.max_capacity:
+                raise ValueError(f"{total} positions exceed this pool's maximum of {self.max_capacity}")
+            self.resize(min(grown, self.max_capacity))
 
     def rows(self, start: int, stop: int) -> KVRows:
         """Rows start..stop-1 as a cache for `OrtEngine.prefill`/`decode` (the same object for
@@ -198,6 +221,14 @@ class KVPool:
     def clear_row(self, row: int) -> None:
         """Forget row `row` (positions past a row's length are never read)."""
         self.lengths[row] = 0
+
+    def take_row(self, other: KVPool, src: int, dst: int) -> None:
+        """Copy row `src` of another pool (its used positions) into row `dst` of this one."""
+        n = int(other.lengths[src])
+        self.reserve(n)
+        for mine, theirs in zip(self.arrays, other.arrays):
+            mine[dst, :, :n] = theirs[src, :, :n]
+        self.lengths[dst] = n
 
 
 class KVRows(Cache):
@@ -307,14 +338,32 @@ class OrtEngine(Engine):
         # reading them back through get_outputs() would wrap all 2 * n_layers + 1 outputs (~150 us
         # a step)
         self._logits_buf: tuple[np.ndarray, object] | None = None
+        # a prefill over a long context takes large activations from ONNX Runtime's arena; giving
+        # them back at the end of that run keeps the arena from staying at its peak
+        self._shrink_options = ort.RunOptions()
+        self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
         return KVCache(self, batch_size, min(capacity, self.context_length))
 
-    def new_pool(self, n_rows: int, capacity: int = 256) -> KVPool:
-        """A pool of `n_rows` KV rows for continuous batching (see KVPool)."""
-        return KVPool(self, n_rows, min(capacity, self.context_length))
+    def new_pool(self, n_rows: int, capacity: int = 256, max_capacity: int | None = None) -> KVPool:
+        """A pool of `n_rows` KV rows for continuous batching (see KVPool), growing to at most
+        `max_capacity` positions per row (default: the context)."""
+        return KVPool(self, n_rows, min(capacity, self.context_length), max_capacity)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """K and V bytes one position of one row takes over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(self.np_dtype).itemsize
+
+    def release(self) -> None:
+        """Drop the I/O binding's hold on the last cache's buffers and the kept logits buffer, so
+        memory a finished sequence used can go back to the system."""
+        self.io.clear_binding_inputs()
+        self.io.clear_binding_outputs()
+        self._bound = None
+        self._logits_buf = None
 
     def _forward(
         self, cache: KVCache, input_ids: np.ndarray, new_lengths: np.ndarray, reuse: bool = False, keep: int = 1
@@ -351,7 +400,8 @@ class OrtEngine(Engine):
         if self.needs_positions:  # rows continue from their own lengths; padding repeats the last one
             pos = cache.lengths[:, None] + np.minimum(np.arange(input_ids.shape[1])[None, :], new_lengths[:, None] - 1)
             io.bind_cpu_input("position_ids", pos.astype(np.int64))
-        self.session.run_with_iobinding(io)
+        long_prefill = input_ids.shape[1] > 1 and int(totals.max()) > SHRINK_AFTER
+        self.session.run_with_iobinding(io, self._shrink_options if long_prefill else None)
         cache.lengths = totals
         return out[0] if out is not None else io.get_outputs()[0].numpy()
 

@@ -47,6 +47,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_queue: int = 256
     body_timeout_s: float = 30.0  # for a request's whole body to arrive
+    kv_budget_mb: int | None = None  # KV cache budget of the batching scheduler (None: its default)
 
 
 @dataclass
@@ -96,11 +97,13 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
 
     engine = model.engine
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
-        sched = BatchScheduler(engine, limits.max_batch, metrics, limits.max_queue)
+        budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
+        sched = BatchScheduler(engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget)
     else:
         sched = SerialScheduler(engine, metrics, limits.max_queue)
     metrics.queue_depth = sched.queue_depth
     metrics.active_sequences = sched.active_count
+    metrics.kv_bytes = sched.kv_bytes
     return sched.start()
 
 
@@ -138,6 +141,9 @@ async def _submit(
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     model = state.model
+    too_big = state.scheduler.check(len(ids), params.max_tokens)
+    if too_big:
+        raise P.ApiError(400, too_big, param="max_tokens", code="kv_budget_exceeded")
 
     def sink(item) -> None:
         loop.call_soon_threadsafe(events.put_nowait, item)

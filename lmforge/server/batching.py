@@ -2,11 +2,19 @@
 
 `BatchScheduler` (ONNX Runtime, CPU) does continuous batching over a `KVPool` of `max_batch`
 rows. Active sequences occupy rows 0..n-1 and decode together in one batched step (a view of that
-prefix, so idle rows cost nothing). Newcomers prefill straight into the next free rows: several
-short prompts in one right-padded batch, a long prompt alone in chunks, one chunk between decode
-steps so the others keep streaming. They join the decode batch at the next step. A sequence that
+prefix, so idle rows cost nothing). Short prompts prefill straight into the next free rows,
+several in one right-padded batch, and join the decode batch at the next step. A sequence that
 finishes or is cancelled leaves at once: the last active row is copied into its slot (one copy
 per layer of the used positions), keeping the prefix dense.
+
+Memory is bounded by a KV budget (`plan_budget`): pool rows share one capacity, so the pool
+takes sequences of up to `pool_capacity` positions only. A long prompt, or a sequence that
+would not fit a pool row, goes to the *lane*: its own one-row cache sized to it, prefilled in
+chunks (one long prompt at a time), then moved into the pool if it fits, else decoded there.
+While streams decode, the lane gets at most LANE_SHARE seconds per second of other work (so they
+keep 3/4 of their rate), more while other long prompts queue for it, in chunks of about
+LANE_SLICE_S; short prompts keep being admitted between chunks. When the server goes idle the
+pool shrinks back and the C heap is trimmed.
 
 `SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time.
 
@@ -16,6 +24,8 @@ same tokens batched as alone.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import itertools
 import logging
 import queue
@@ -23,15 +33,60 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from lmforge.errors import LmforgeError
 from lmforge.generate import Delta, SequenceState, sequence_deltas
 from lmforge.sampling import SamplingParams
 
 log = logging.getLogger("lmforge.server")
 
-PREFILL_CHUNK = 256  # tokens per prefill call: bounds how long decoding sequences wait
+PREFILL_CHUNK = 256  # longest prompt prefilled straight into the pool; the lane's largest chunk
+LANE_SHARE = 0.35  # lane seconds per second of other work while both have work: streams keep >= 3/4 of their rate
+LANE_SHARE_MAX = 4.0
+LANE_SLICE_S = 0.25  # the lane's chunk is sized to take about this long while streams decode
+MIN_CHUNK = 16
+POOL_ROW_POSITIONS = 2560  # default budget: a pool row holds a short prompt and a 2048-token reply
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """The KV budget's split: pool rows of at most `pool_capacity` positions, `lane_bytes` for
+    the lane's own rows; `per_position` bytes a position of one row takes."""
+
+    total: int
+    pool_capacity: int
+    lane_bytes: int
+    per_position: int
+
+
+def plan_budget(engine, max_batch: int, budget_bytes: int | None = None) -> KVBudget:
+    """Split `budget_bytes` (default: every pool row POOL_ROW_POSITIONS positions, and one full
+    context for the lane) between the pool and the lane; a user error when it cannot hold
+    `max_batch` pool rows of 256 positions."""
+    per, ctx = engine.kv_bytes_per_position, engine.context_length
+    if budget_bytes is None:
+        budget_bytes = (max_batch * min(POOL_ROW_POSITIONS, ctx) + ctx) * per
+    reserve = min(ctx * per, budget_bytes // 2)  # the lane's share: one full context if the budget allows
+    cap = min(ctx, (budget_bytes - reserve) // (max_batch * per))
+    cap = cap // 256 * 256 if cap >= 256 else cap
+    if cap < min(256, ctx):
+        need = (max_batch * min(256, ctx) * per + reserve) / 2**20
+        raise LmforgeError(
+            f"a KV budget of {budget_bytes / 2**20:.0f} MB is too small for --max-batch {max_batch}; "
+            f"give --kv-budget-mb {int(need) + 1} or more, or lower --max-batch"
+        )
+    return KVBudget(budget_bytes, cap, budget_bytes - max_batch * cap * per, per)
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the system (glibc; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Failed(Exception):
@@ -62,6 +117,7 @@ class Handle:
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
         self.row = -1  # KV row in a BatchScheduler's pool
+        self.lane_pool = None  # its own one-row KVPool while in a BatchScheduler's lane
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.scheduler: Scheduler | None = None
 
@@ -111,6 +167,14 @@ class Scheduler:
 
     def active_count(self) -> int:
         raise NotImplementedError
+
+    def check(self, n_prompt: int, max_tokens: int) -> str | None:
+        """Why such a request can never be served (a message for a 400), or None."""
+        return None
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the scheduler holds (0 where the engine keeps its own)."""
+        return 0
 
     # ---- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -202,85 +266,184 @@ class BatchScheduler(Scheduler):
         max_queue: int = 256,
         prefill_chunk: int = PREFILL_CHUNK,
         initial_capacity: int = 256,
+        kv_budget_bytes: int | None = None,
     ):
         super().__init__(engine, metrics, max_queue)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.initial_capacity = initial_capacity
-        self.pool = engine.new_pool(max_batch, initial_capacity)
-        self.active: list[Handle] = []  # decoding; active[i].row == i
-        self.filling: Handle | None = None  # a long prompt being prefilled in chunks, row len(active)
+        self.budget = plan_budget(engine, max_batch, kv_budget_bytes)
+        self.initial_capacity = min(initial_capacity, self.budget.pool_capacity)
+        self.pool = engine.new_pool(max_batch, self.initial_capacity, self.budget.pool_capacity)
+        self.active: list[Handle] = []  # decoding in the pool; active[i].row == i
+        self.lane: list[Handle] = []  # long sequences, each in its own one-row pool (h.lane_pool)
         self.prefilling: list[Handle] = []  # short prompts in the prefill call now running
+        self.lane_chunk = prefill_chunk  # tokens of the lane's next prefill chunk while streams decode
+        self.share_since, self.lane_time = time.perf_counter(), 0.0  # since when both have work; the lane's part
+        self.released = True  # memory given back since the last work
+        self.lane_used = False  # a lane sequence ran since the last release
 
     def active_count(self) -> int:
-        return len(self.active) + (self.filling is not None)
+        return len(self.active) + len(self.lane)
 
     def idle(self) -> bool:
-        return not self.active and self.filling is None and not self.waiting
+        return not self.active and not self.lane and not self.waiting
+
+    def check(self, n_prompt: int, max_tokens: int) -> str | None:
+        """Why a request of `n_prompt` tokens and `max_tokens` can never be served within the KV
+        budget (a message for a 400), or None."""
+        need = (n_prompt + max_tokens) * self.budget.per_position
+        if need <= max(self.budget.lane_bytes, self.budget.pool_capacity * self.budget.per_position):
+            return None
+        return (
+            f"the prompt and max_tokens need {need / 2**20:.0f} MB of KV cache, more than this server's budget "
+            f"allows one sequence ({self.budget.lane_bytes / 2**20:.0f} MB; see --kv-budget-mb); lower max_tokens "
+            "or shorten the prompt"
+        )
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache held now: the pool and every lane sequence's own rows."""
+        lanes = [h.lane_pool for h in list(self.lane)]  # read from the metrics' thread: one snapshot
+        return self.pool.nbytes + sum(p.nbytes for p in lanes if p is not None)
 
     def step(self) -> None:
-        for h in [h for h in self.active if h.cancelled]:
+        for h in [h for h in (*self.active, *self.lane) if h.cancelled]:
             self._leave(h)
-        if self.filling is not None and self.filling.cancelled:
-            h, self.filling = self.filling, None
-            self.pool.clear_row(h.row)
-            self._retire(h)
         self._admit()
         if self.active:
             self._decode()
-        if self.idle() and self.pool.capacity > self.initial_capacity:
-            self.pool.resize(self.initial_capacity)  # give long sequences' memory back when idle
+        now = time.perf_counter()
+        others = now - self.share_since - self.lane_time  # wall time of all but the lane since both had work
+        if self.lane and (not self.active or self.lane_time <= self._lane_share() * others):
+            self._lane_step()
+            self.lane_time += time.perf_counter() - now
+        if not self.lane or not self.active:  # the share is counted only while both have work
+            self.share_since, self.lane_time = time.perf_counter(), 0.0
+        if self.idle() and not self.released:
+            self._release()
+
+    def _lane_share(self) -> float:
+        """LANE_SHARE, times one plus the prompts waiting for the lane (at most LANE_SHARE_MAX):
+        one long prompt leaves streams 3/4 of their rate; a queue of them gets more time."""
+        queued = sum(1 for h in self.waiting if not self._for_pool(h))
+        return min(LANE_SHARE * (1 + queued), LANE_SHARE_MAX)
+
+    def _release(self) -> None:
+        """Give memory back when nothing runs: the pool back to its first size, the engine's
+        binding dropped, the C heap trimmed."""
+        grown = self.pool.capacity > self.initial_capacity
+        if grown:
+            self.pool.resize(self.initial_capacity)
+        if grown or self.lane_used:  # the binding may hold a large cache: let it go
+            self.engine.release()
+            gc.collect()  # pools and their views refer to each other: an idle server allocates nothing to trigger it
+            _malloc_trim()
+        self.released, self.lane_used = True, False
+
+    # ---- admission ------------------------------------------------------------------------------
+    def _pending(self) -> list[Handle]:
+        """The waiting handles still wanted, oldest first (cancelled ones retire here)."""
+        for h in [h for h in self.waiting if h.cancelled]:
+            self.waiting.remove(h)
+            self._retire(h)
+        return list(self.waiting)
+
+    def _for_pool(self, h: Handle) -> bool:
+        """A short prompt whose whole sequence fits a pool row prefills straight into the pool."""
+        n = len(h.state.prompt_ids)
+        return n <= self.prefill_chunk and n + h.state.params.max_tokens <= self.budget.pool_capacity
 
     def _admit(self) -> None:
-        """One prefill call: the next chunk of a long prompt, or a batch of waiting prompts."""
-        if self.filling is None:
-            h = self._next_waiting()
-            if h is None or len(self.active) >= self.max_batch:
+        """Lane sequences that now fit move into free pool rows; waiting short prompts prefill
+        together into the pool; the oldest waiting long one enters the lane if memory allows."""
+        if self.waiting or self.lane:
+            self.released = False
+        for h in [h for h in self.lane if h.prefilled == len(h.state.prompt_ids) and self._fits_pool(h)]:
+            if len(self.active) >= self.max_batch:
+                break
+            self._to_pool(h)
+        self._prefill_batch()
+        if any(h.prefilled < len(h.state.prompt_ids) for h in self.lane):
+            return  # one long prompt prefills at a time
+        for h in self._pending():
+            if not self._for_pool(h):
+                self._enter_lane(h)
                 return
-            if len(h.state.prompt_ids) > self.prefill_chunk:
-                self.waiting.popleft()
-                self.filling, h.row, h.prefilled = h, len(self.active), 0
-            else:
-                self._prefill_batch()
-                return
-        h = self.filling
-        ids = h.state.prompt_ids[h.prefilled : h.prefilled + self.prefill_chunk]
-        logits = self.engine.prefill(self.pool.rows(h.row, h.row + 1), [ids])
-        h.prefilled += len(ids)
-        if h.prefilled == len(h.state.prompt_ids):
-            self.filling = None
-            self._join([h], logits)
+
+    def _fits_pool(self, h: Handle) -> bool:
+        return len(h.state.prompt_ids) + h.state.params.max_tokens <= self.budget.pool_capacity
+
+    def _enter_lane(self, h: Handle) -> None:
+        """Give `h` its own row sized to its whole sequence, if the lane's memory allows."""
+        need = len(h.state.prompt_ids) + h.state.params.max_tokens
+        per = self.budget.per_position
+        if need * per > self.budget.lane_bytes and not self._fits_pool(h):
+            self.waiting.remove(h)
+            self._retire(h, Failed(self.check(len(h.state.prompt_ids), h.state.params.max_tokens) or "too long"))
+            return
+        used = sum(x.lane_pool.nbytes for x in self.lane if x.lane_pool is not None)
+        if used + need * per > self.budget.lane_bytes and self.lane:
+            return  # waits for lane memory
+        self.waiting.remove(h)
+        h.lane_pool, h.prefilled = self.engine.new_pool(1, need, need), 0
+        self.lane.append(h)
+        self.lane_used = True
+
+    def _to_pool(self, h: Handle) -> None:
+        """Move a lane sequence (prefilled) into the next free pool row and drop its own row."""
+        h.row = len(self.active)
+        self.pool.take_row(h.lane_pool, 0, h.row)
+        self.lane.remove(h)
+        h.lane_pool = None
+        self.active.append(h)
 
     def _prefill_batch(self) -> None:
         """Prefill waiting short prompts together (right-padded) into the next free rows."""
         batch: list[Handle] = []
         width = 0
-        while len(self.active) + len(batch) < self.max_batch:
-            h = self._next_waiting()
-            if h is None:
+        for h in self._pending():
+            if len(self.active) + len(batch) >= self.max_batch:
                 break
+            if not self._for_pool(h):
+                continue
             n = len(h.state.prompt_ids)
-            if n > self.prefill_chunk or (batch and max(width, n) * (len(batch) + 1) > self.prefill_chunk):
+            if batch and max(width, n) * (len(batch) + 1) > self.prefill_chunk:
                 break
             width = max(width, n)
-            batch.append(self.waiting.popleft())
+            batch.append(h)
+        if not batch:
+            return
         start = len(self.active)
         for i, h in enumerate(batch):
+            self.waiting.remove(h)
             h.row = start + i
             self.pool.clear_row(h.row)
         self.prefilling = batch  # off `waiting` and not yet active: an engine fault must still reach them
         logits = self.engine.prefill(self.pool.rows(start, start + len(batch)), [h.state.prompt_ids for h in batch])
         self.prefilling = []
-        self._join(batch, logits)
-
-    def _join(self, handles: list[Handle], logits: np.ndarray) -> None:
-        """Prefilled sequences (in the rows right after the active ones) join the decode batch
-        and sample their first tokens from `logits` (one row each)."""
-        for h in handles:
+        for h in batch:
             assert h.row == len(self.active)
             self.active.append(h)
             h.prefilled = len(h.state.prompt_ids)
-        self._sample(handles, logits)
+        self._sample(batch, logits)
+
+    # ---- the work of one step -------------------------------------------------------------------
+    def _lane_step(self) -> None:
+        """One chunk of the prefilling lane sequence, sized to keep the streams' pauses short,
+        and one decode step of each lane sequence past its prompt."""
+        for h in [h for h in self.lane if h.prefilled == len(h.state.prompt_ids)]:
+            self._sample([h], self.engine.decode(h.lane_pool.rows(0, 1), [h.state.next_token]))
+        h = next((h for h in self.lane if h.prefilled < len(h.state.prompt_ids)), None)
+        if h is None:
+            return
+        size = self.lane_chunk if self.active else self.prefill_chunk
+        ids = h.state.prompt_ids[h.prefilled : h.prefilled + size]
+        t = time.perf_counter()
+        logits = self.engine.prefill(h.lane_pool.rows(0, 1), [ids])
+        per_token = (time.perf_counter() - t) / len(ids)
+        self.lane_chunk = max(MIN_CHUNK, min(self.prefill_chunk, int(LANE_SLICE_S / per_token)))
+        h.prefilled += len(ids)
+        if h.prefilled == len(h.state.prompt_ids):
+            self._sample([h], logits)
 
     def _decode(self) -> None:
         """One batched decode step of every active sequence (rows 0..n-1)."""
@@ -307,7 +470,13 @@ class BatchScheduler(Scheduler):
             self._leave(h)
 
     def _leave(self, h: Handle) -> None:
-        """Free h's row now: the last active row moves into it; a filling row follows."""
+        """Free h's memory now: a lane sequence drops its own row; in the pool, the last active
+        row moves into h's."""
+        if h.lane_pool is not None:
+            self.lane.remove(h)
+            h.lane_pool = None
+            self._retire(h)
+            return
         last = len(self.active) - 1
         i = h.row
         if i != last:
@@ -316,16 +485,14 @@ class BatchScheduler(Scheduler):
             moved.row, self.active[i] = i, moved
         self.active.pop()
         self.pool.clear_row(last)
-        if self.filling is not None:  # it sat right after the old last row
-            self.pool.move_row(self.filling.row, last)
-            self.filling.row = last
         h.row = -1
         self._retire(h)
 
     def fail_active(self, error: Failed) -> None:
-        for h in [*self.active, *([self.filling] if self.filling else []), *self.prefilling]:
+        for h in [*self.active, *self.lane, *self.prefilling]:
+            h.lane_pool = None
             self._retire(h, error)
-        self.active, self.filling, self.prefilling = [], None, []
+        self.active, self.lane, self.prefilling = [], [], []
         self.pool.lengths[:] = 0
 
 

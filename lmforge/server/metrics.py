@@ -50,6 +50,7 @@ class Metrics:
         self.tps = Histogram(TPS_BUCKETS)
         self.queue_depth: Callable[[], int] = lambda: 0
         self.active_sequences: Callable[[], int] = lambda: 0
+        self.kv_bytes: Callable[[], int] = lambda: 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -103,6 +104,7 @@ class Metrics:
                 ),
                 ("queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth()),
                 ("active_sequences", "gauge", "Sequences holding a KV slot.", self.active_sequences()),
+                ("kv_cache_bytes", "gauge", "Bytes of KV cache held by the scheduler.", self.kv_bytes()),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
             for name, text, hist in (

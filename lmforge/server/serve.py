@@ -160,6 +160,7 @@ def serve(
     shutdown_grace_s: float = 10.0,
     max_connections: int | None = None,
     header_timeout_s: float = 10.0,
+    kv_budget_mb: int | None = None,
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
@@ -168,8 +169,9 @@ def serve(
     device; conversion target; threads; the model id clients use (default: MODEL's name); the
     body size limit; uvicorn's log level; Host names to accept besides the loopback names and
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
-    (default: from the open-file limit); seconds a client has to send its headers. Raises
-    LmforgeError for bad arguments, a model that does not exist or does not load."""
+    (default: from the open-file limit); seconds a client has to send its headers; the KV cache
+    budget in MiB (None: room for every batch row and one full context). Raises LmforgeError for
+    bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -209,7 +211,7 @@ def serve(
         load,
         name,
         api_key,
-        Limits(max_batch=max_batch, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes),
+        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb),
         on_load_error=stop,
         access=access,
     )

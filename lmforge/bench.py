@@ -201,10 +201,11 @@ def _genai_folder(source: Path) -> Path:
 
 
 def _prompt_ids(tok, prompt_tokens: int) -> list[int]:
-    """PROMPT_TOKENS token ids of the evaluation text (repeated when it is shorter)."""
-    from lmforge.evaluate import DEFAULT_DATA
+    """PROMPT_TOKENS token ids of a fixed English text (Python's own help topics, in every install;
+    repeated when it is shorter)."""
+    from pydoc_data.topics import topics
 
-    text = DEFAULT_DATA.read_text(encoding="utf-8") if DEFAULT_DATA.exists() else "The quick brown fox. " * 2000
+    text = "\n".join(topics[k] for k in sorted(topics))
     ids = tok.encode(text[: 12 * prompt_tokens])[:prompt_tokens]
     if len(ids) < prompt_tokens:
         ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]

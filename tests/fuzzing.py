@@ -432,11 +432,24 @@ def worker() -> None:
         answers.flush()
 
 
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    """Peak resident memory of a process in KiB: /proc's VmHWM, which starts afresh at exec (unlike
+    getrusage's ru_maxrss, which a child started by fork and exec inherits from its parent)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class Worker:
     """A child process that runs engine steps; an abort or a hang kills only it, and it restarts."""
 
     def __init__(self):
         self.proc = None
+        self.peak_kib = 0  # the largest VmHWM any worker process reached
 
     def _start(self):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -455,6 +468,7 @@ class Worker:
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], HANG_S + 5)
         line = self.proc.stdout.readline() if ready else None
+        self.peak_kib = max(self.peak_kib, vm_hwm_kib(self.proc.pid))
         if line:
             return tuple(json.loads(line))
         if line is None:
@@ -479,6 +493,7 @@ class Tally:
     variants: Counter = field(default_factory=Counter)
     bad: list = field(default_factory=list)
     seconds: float = 0.0
+    worker_peak_kib: int = 0
 
     def add(self, stage: str, outcome: str, detail: str, label: str) -> None:
         self.counts[(stage, outcome)] += 1
@@ -489,11 +504,8 @@ class Tally:
         return sum(n for (_, outcome), n in self.counts.items() if outcome in ("traceback", "abort", "hang"))
 
     def peak_rss_mib(self) -> float:
-        import resource
-
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        return max(own, children) / 1024
+        """The larger peak of this process (run the campaign in a fresh one) and of the workers."""
+        return max(vm_hwm_kib(), self.worker_peak_kib) / 1024
 
     def table(self) -> str:
         stages = sorted({s for s, _ in self.counts})
@@ -608,6 +620,7 @@ def campaign(root: Path, n_gguf: int, n_hf: int, base: int = 0, ort_every: int =
         run_gguf(gguf, n_gguf, base, work, tally, worker, ort_every)
         run_hf(hf, n_hf, base, work, tally, worker, ort_every)
     finally:
+        tally.worker_peak_kib = worker.peak_kib
         worker.close()
     tally.seconds = time.perf_counter() - started
     return tally

@@ -220,11 +220,11 @@ def test_a_constraint_falls_back_to_plain_decoding(default_onnx):
 # ---- prefix reuse ---------------------------------------------------------------------------
 
 
-def _prefix_logits(engine, first: list[int], second: list[int]):
+def _prefix_logits(engine, first: list[int], second: list[int], max_tokens: int = 8):
     """The first step's logits of `second` after a call on `first` left its cache, and the
     prompt tokens taken from that cache."""
     prefix = PrefixCache()
-    list(stream_generate(engine, None, first, SamplingParams(max_tokens=8), (), prefix))
+    list(stream_generate(engine, None, first, SamplingParams(max_tokens=max_tokens), (), prefix))
     state = SequenceState(None, second, SamplingParams(max_tokens=8), ())
     cache, n = _open_cache(engine, state, prefix)
     return engine.prefill(cache, [second[n:]])[0], n
@@ -233,7 +233,8 @@ def _prefix_logits(engine, first: list[int], second: list[int]):
 @pytest.mark.parametrize("kind", ["ort", "ort-int4", pytest.param("llamacpp", marks=pytest.mark.slow)])
 def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path, int4_folder):
     """Also on the int8-compute int4 form, whose one-row passes round unlike several: the part
-    prefilled after the reused prefix is never a single token."""
+    prefilled after the reused prefix is never a single token, and generated tokens (written by
+    one-row decodes) are reused only where decoding writes what prefill would (fp32 ORT)."""
     engines = {"ort": lambda: OrtEngine(default_onnx), "ort-int4": lambda: OrtEngine(int4_folder)}
     engine = engines.get(kind, lambda: _llamacpp(default_model_path))()
     ids = Tokenizer.from_folder(default_onnx).encode(_code_prompt())
@@ -241,6 +242,11 @@ def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_m
         logits, reused = _prefix_logits(engine, first, second)
         assert reused == shared
         _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
+    reply = [r.token for r in stream_generate(engine, None, ids[:60], SamplingParams(max_tokens=24), ())]
+    second = ids[:60] + reply + ids[130:140]  # a chat's next turn: the reply is in the shared prefix
+    logits, reused = _prefix_logits(engine, ids[:60], second, max_tokens=24)
+    assert reused == (60 + 23 if kind == "ort" else 60)  # decoded KV is reused only where exact
+    _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
 
 
 def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, int4_folder):
@@ -250,16 +256,19 @@ def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, i
     assert load(int4_folder, speculative="ngram").speculation.mode == "ngram"
 
 
-def test_a_growing_chat_prefills_only_the_new_turn(default_onnx):
-    m, fresh = load(default_onnx), load(default_onnx, prefix_reuse=False)
+@pytest.mark.parametrize("form", ["fp32", "int4"])
+def test_a_growing_chat_prefills_only_the_new_turn(form, default_onnx, int4_folder):
+    """On int4 (inexact verify) the replies, decoded one row at a time, are prefilled again."""
+    folder = default_onnx if form == "fp32" else int4_folder
+    m, fresh = load(folder), load(folder, prefix_reuse=False)
     chat = [{"role": "user", "content": "Name three colours."}]
     for turn in ("And three animals?", "Which of those animals is the largest?"):
         reply = m.chat(chat, max_tokens=24)
         assert reply == fresh.chat(chat, max_tokens=24)
         chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": turn}]
-    m.chat(chat, max_tokens=4)
+    assert m.chat(chat, max_tokens=4) == fresh.chat(chat, max_tokens=4)
     whole = len(m.prompt_ids(messages=chat))
-    assert m.prefix.reused > 0.7 * whole and m.last.prompt_tokens == whole
+    assert m.prefix.reused > 0.6 * whole and m.last.prompt_tokens == whole
 
 
 def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):

@@ -3,8 +3,10 @@ verify and rollback leave, greedy tokens (default model and every architecture, 
 llama.cpp), the sampled distribution (chi-square), the sampling options, prefix-reuse logits
 against a fresh prefill, and the command line's options."""
 
+import gc
 import inspect
 import json
+import shutil
 import textwrap
 
 import numpy as np
@@ -284,6 +286,84 @@ def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
     assert spec.stats.verifies > 0
     long = m.prompt_ids(_code_prompt())  # past the draft model's context of 256: no drafts, same text
     assert _run(m.engine, m.tokenizer, long, params, None, spec) == _run(m.engine, m.tokenizer, long, params)
+
+
+def _wide_draft(base, folder, extra=64):
+    """`base` (a tiny checkpoint with SmolLM2's tokenizer) with `extra` padding rows of logits,
+    the real tokens' rows zeroed: every draft is a padding id, past the target's logits."""
+    import torch
+    import transformers as T
+
+    config = T.AutoConfig.from_pretrained(base)
+    n = config.vocab_size
+    config.vocab_size = n + extra
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[:n] = 0
+        head[n + extra // 2 :] = -head[n : n + extra // 2]  # w and -w: one of them scores >= 0
+    model.save_pretrained(folder)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_a_draft_model_with_wider_logits_and_the_same_tokens(default_onnx, tiny_factory, tmp_path):
+    """Qwen2.5-0.5B (151936 logits) drafts for 7B (152064): the same tokens, padding rows apart.
+    Drafted ids past the target's logits are cut off, so the output stays plain decoding's."""
+    draft = _wide_draft(tiny_factory(("llama", "float32", False, None)), tmp_path / "wide")
+    m = load(default_onnx, draft=draft, draft_max=4)
+    assert m.speculation.mode == "draft" and m.speculation.draft_engine.vocab_size == m.engine.vocab_size + 64
+    ids = m.prompt_ids("Repeat this list: " + "alpha beta gamma delta " * 5)
+    params = SamplingParams(max_tokens=16)
+    assert _run(m.engine, m.tokenizer, ids, params, None, m.speculation) == _run(m.engine, m.tokenizer, ids, params)
+
+
+def test_llamacpp_drafts_fit_one_batch(default_model_path, default_onnx):
+    """--draft-max past llama.cpp's n_batch: a draft and its pending token fill one batch at most
+    (the model drafting for itself: every draft is kept, so drafts grow to the ceiling)."""
+    engine, own = _llamacpp_batch(default_model_path, 4), _llamacpp_batch(default_model_path, 4)
+    ids = Tokenizer.from_folder(default_onnx).encode("Count from one to fifty: one, two, three,")
+    params = SamplingParams(max_tokens=32)
+    spec = Speculation("draft", 600, own)
+    assert _run(engine, None, ids, params, (), spec) == _run(engine, None, ids, params, ())
+    stats = spec.stats
+    assert stats.verifies and stats.accepted == stats.drafted <= 3 * stats.verifies  # n_batch - 1 at most
+
+
+def _llamacpp_batch(path, n_batch):
+    pytest.importorskip("llama_cpp")
+    from lmforge.runtime.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(path, threads=2, kv_type="f32", n_batch=n_batch)
+
+
+def test_llamacpp_prefix_cache_outlives_other_users_of_the_engine(default_model_path):
+    """llama.cpp has one live cache: score() or another call between two calls, or a generator
+    left open and collected later, never make the kept prefix fail or clobber the newer one."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.errors import LmforgeError
+
+    m = load(default_model_path, engine="llamacpp", threads=2)
+    ids = m.tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown fox")
+    params = SamplingParams(max_tokens=8)
+    list(m.stream_generate(ids, params))
+    m.engine.score(ids[:5])  # clears the context the kept cache was in
+    assert list(m.stream_generate(ids + [13], params))[-1].finish_reason and m.prefix.reused == 0
+    old = m.prefix.cache
+    m.engine.new_cache(1, 64)
+    with pytest.raises(LmforgeError, match="earlier request"):
+        m.engine.truncate(old, 0, 0)
+    left_open = m.stream_generate(ids, params)
+    next(left_open)
+    list(m.stream_generate(ids[:6], params))
+    newer = m.prefix.cache
+    del left_open
+    gc.collect()
+    assert m.prefix.cache is newer and m.prefix.tokens == ids[:6]
+    assert list(m.stream_generate(ids[:6] + [13, 14], params))[-1].finish_reason and m.prefix.reused == 6
 
 
 # ---- drafter internals and the command line ------------------------------------------------

@@ -290,7 +290,8 @@ def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
 
 def _wide_draft(base, folder, extra=64):
     """`base` (a tiny checkpoint with SmolLM2's tokenizer) with `extra` padding rows of logits,
-    the real tokens' rows zeroed: every draft is a padding id, past the target's logits."""
+    named [PAD<id>] as in a tokenizer read from a GGUF, the real tokens' rows zeroed: every
+    draft is a padding id, past the target's logits."""
     import torch
     import transformers as T
 
@@ -307,6 +308,12 @@ def _wide_draft(base, folder, extra=64):
     for f in base.iterdir():
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy(f, folder / f.name)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    pads = [{"id": i, "content": f"[PAD{i}]", "special": True} for i in range(n, n + extra)]
+    tok["added_tokens"] += [
+        {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, **p} for p in pads
+    ]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
     return folder
 
 
@@ -316,6 +323,7 @@ def test_a_draft_model_with_wider_logits_and_the_same_tokens(default_onnx, tiny_
     draft = _wide_draft(tiny_factory(("llama", "float32", False, None)), tmp_path / "wide")
     m = load(default_onnx, draft=draft, draft_max=4)
     assert m.speculation.mode == "draft" and m.speculation.draft_engine.vocab_size == m.engine.vocab_size + 64
+    assert load(draft).tokenizer.hf.get_vocab()["[PAD49200]"] == 49200
     ids = m.prompt_ids("Repeat this list: " + "alpha beta gamma delta " * 5)
     params = SamplingParams(max_tokens=16)
     assert _run(m.engine, m.tokenizer, ids, params, None, m.speculation) == _run(m.engine, m.tokenizer, ids, params)

@@ -159,6 +159,29 @@ class PrefixCache:
     reused: int = 0  # prompt tokens the last call took from the cache
 
 
+def _live(engine, cache) -> bool:
+    """Whether `cache` can still be used on `engine` (llama.cpp's single context serves only
+    its newest cache; other engines' caches live until dropped)."""
+    check = getattr(engine, "cache_is_live", None)
+    return check is None or check(cache)
+
+
+def _draft_room(engine, state: SequenceState) -> int:
+    """How many tokens may be drafted now: the tokens left, and at most one batch of the engine
+    (llama.cpp's n_batch) for the pending token and the draft together."""
+    room = state.params.max_tokens - state.n - 1
+    batch = getattr(engine, "n_batch", None)
+    return room if batch is None else min(room, batch - 1)
+
+
+def _in_vocabulary(engine, draft: list[int]) -> list[int]:
+    """The draft up to its first id outside the target's logits (a wider draft model's)."""
+    for i, t in enumerate(draft):
+        if not 0 <= t < engine.vocab_size:
+            return draft[:i]
+    return draft
+
+
 def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     """(cache, n): a cache for `state` whose first n prompt tokens are already in it (from
     `prefix`, cut back to the shared prefix, leaving at least two prompt tokens to prefill)."""
@@ -166,7 +189,8 @@ def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     need = len(prompt) + state.params.max_tokens  # drafts never reach past the last token's position
     cache = prefix.cache if prefix is not None else None
     n = 0
-    if cache is not None and (need <= cache.capacity or hasattr(cache, "reserve")):  # ORT's caches grow
+    fits = cache is not None and (need <= cache.capacity or hasattr(cache, "reserve"))  # ORT's caches grow
+    if fits and _live(engine, cache):
         # two tokens at least: some kernels round a one-row pass unlike a row of several
         limit = min(len(prefix.tokens), len(prompt) - 2, int(cache.lengths[0]))
         while n < limit and prefix.tokens[n] == prompt[n]:
@@ -211,14 +235,17 @@ def sequence_deltas(
             if draft:
                 engine.truncate(cache, 0, keep)
             if spec is not None:
-                draft = spec.draft(state.tokens, state.params.max_tokens - state.n - 1)
+                draft = _in_vocabulary(engine, spec.draft(state.tokens, _draft_room(engine, state)))
             t0 = time.perf_counter()
             pending = [state.next_token]
             rows = engine.verify(cache, pending + draft) if draft else engine.decode(cache, pending)
             seconds = time.perf_counter() - t0
             keep += 1
     finally:
-        if prefix is not None and clean:
+        # a newer call may own the engine's context or have kept its cache already
+        if prefix is not None and clean and prefix.cache is None and _live(engine, cache):
+            if not getattr(engine, "decoded_kv_exact", getattr(engine, "exact_verify", False)):
+                keep = min(keep, len(state.prompt_ids))  # only what prefill wrote: see decoded_kv_exact
             engine.truncate(cache, 0, keep)
             prefix.cache, prefix.tokens = cache, state.tokens[:keep]
 

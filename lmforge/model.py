@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,13 +294,25 @@ def load(
     return m
 
 
+WIDTH_SLACK = 128  # logits widths a draft may differ by (llama.cpp's speculative allows as much)
+_PAD = re.compile(r"\[PAD\d*\]|<\|?pad(_\d+)?\|?>|<unused\d+>", re.IGNORECASE)
+
+
+def _real_tokens(model: Model, width: int) -> dict[int, str]:
+    """id -> token of `model`'s vocabulary below `width`, without padding entries ([PAD123])."""
+    vocab = model.tokenizer.hf.get_vocab(with_added_tokens=True)
+    return {i: t for t, i in vocab.items() if i < width and not _PAD.fullmatch(t)}
+
+
 def _check_vocabulary(target: Model, draft: Model, name) -> None:
-    """A user error unless the draft model's tokens are the target's (same ids, same logits width)."""
-    a, b = target.tokenizer.hf.get_vocab(with_added_tokens=True), draft.tokenizer.hf.get_vocab(with_added_tokens=True)
-    if a != b or target.engine.vocab_size != draft.engine.vocab_size:
+    """A user error unless the draft model's tokens are the target's: the same real tokens over
+    the ids both have, logits widths at most WIDTH_SLACK apart (padding rows: Qwen2.5-0.5B's
+    151936 against 7B's 152064); drafts past the target's width are cut off when drafted."""
+    wide, narrow = target.engine.vocab_size, draft.engine.vocab_size
+    shared = min(wide, narrow)
+    if abs(wide - narrow) > WIDTH_SLACK or _real_tokens(target, shared) != _real_tokens(draft, shared):
         raise LmforgeError(
-            f"the draft model {name} has another vocabulary ({draft.engine.vocab_size} logits, "
-            f"{len(b)} tokens) than the target ({target.engine.vocab_size}, {len(a)}); "
+            f"the draft model {name} has another vocabulary ({narrow} logits) than the target ({wide}); "
             "give a draft model of the same family and tokenizer"
         )
 

@@ -3,8 +3,10 @@ verify and rollback leave, greedy tokens (default model and every architecture, 
 llama.cpp), the sampled distribution (chi-square), the sampling options, prefix-reuse logits
 against a fresh prefill, and the command line's options."""
 
+import gc
 import inspect
 import json
+import shutil
 import textwrap
 
 import numpy as np
@@ -220,11 +222,11 @@ def test_a_constraint_falls_back_to_plain_decoding(default_onnx):
 # ---- prefix reuse ---------------------------------------------------------------------------
 
 
-def _prefix_logits(engine, first: list[int], second: list[int]):
+def _prefix_logits(engine, first: list[int], second: list[int], max_tokens: int = 8):
     """The first step's logits of `second` after a call on `first` left its cache, and the
     prompt tokens taken from that cache."""
     prefix = PrefixCache()
-    list(stream_generate(engine, None, first, SamplingParams(max_tokens=8), (), prefix))
+    list(stream_generate(engine, None, first, SamplingParams(max_tokens=max_tokens), (), prefix))
     state = SequenceState(None, second, SamplingParams(max_tokens=8), ())
     cache, n = _open_cache(engine, state, prefix)
     return engine.prefill(cache, [second[n:]])[0], n
@@ -233,7 +235,8 @@ def _prefix_logits(engine, first: list[int], second: list[int]):
 @pytest.mark.parametrize("kind", ["ort", "ort-int4", pytest.param("llamacpp", marks=pytest.mark.slow)])
 def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_model_path, int4_folder):
     """Also on the int8-compute int4 form, whose one-row passes round unlike several: the part
-    prefilled after the reused prefix is never a single token."""
+    prefilled after the reused prefix is never a single token, and generated tokens (written by
+    one-row decodes) are reused only where decoding writes what prefill would (fp32 ORT)."""
     engines = {"ort": lambda: OrtEngine(default_onnx), "ort-int4": lambda: OrtEngine(int4_folder)}
     engine = engines.get(kind, lambda: _llamacpp(default_model_path))()
     ids = Tokenizer.from_folder(default_onnx).encode(_code_prompt())
@@ -241,6 +244,11 @@ def test_prefix_reuse_logits_equal_a_fresh_prefill(kind, default_onnx, default_m
         logits, reused = _prefix_logits(engine, first, second)
         assert reused == shared
         _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
+    reply = [r.token for r in stream_generate(engine, None, ids[:60], SamplingParams(max_tokens=24), ())]
+    second = ids[:60] + reply + ids[130:140]  # a chat's next turn: the reply is in the shared prefix
+    logits, reused = _prefix_logits(engine, ids[:60], second, max_tokens=24)
+    assert reused == (60 + 23 if kind == "ort" else 60)  # decoded KV is reused only where exact
+    _close(logits, engine.prefill(engine.new_cache(1, 200), [second])[0])
 
 
 def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, int4_folder):
@@ -250,16 +258,19 @@ def test_speculation_is_on_by_default_only_where_verify_is_exact(default_onnx, i
     assert load(int4_folder, speculative="ngram").speculation.mode == "ngram"
 
 
-def test_a_growing_chat_prefills_only_the_new_turn(default_onnx):
-    m, fresh = load(default_onnx), load(default_onnx, prefix_reuse=False)
+@pytest.mark.parametrize("form", ["fp32", "int4"])
+def test_a_growing_chat_prefills_only_the_new_turn(form, default_onnx, int4_folder):
+    """On int4 (inexact verify) the replies, decoded one row at a time, are prefilled again."""
+    folder = default_onnx if form == "fp32" else int4_folder
+    m, fresh = load(folder), load(folder, prefix_reuse=False)
     chat = [{"role": "user", "content": "Name three colours."}]
     for turn in ("And three animals?", "Which of those animals is the largest?"):
         reply = m.chat(chat, max_tokens=24)
         assert reply == fresh.chat(chat, max_tokens=24)
         chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": turn}]
-    m.chat(chat, max_tokens=4)
+    assert m.chat(chat, max_tokens=4) == fresh.chat(chat, max_tokens=4)
     whole = len(m.prompt_ids(messages=chat))
-    assert m.prefix.reused > 0.7 * whole and m.last.prompt_tokens == whole
+    assert m.prefix.reused > 0.6 * whole and m.last.prompt_tokens == whole
 
 
 def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
@@ -275,6 +286,92 @@ def test_a_draft_model_with_the_targets_vocabulary(default_onnx, tiny_factory):
     assert spec.stats.verifies > 0
     long = m.prompt_ids(_code_prompt())  # past the draft model's context of 256: no drafts, same text
     assert _run(m.engine, m.tokenizer, long, params, None, spec) == _run(m.engine, m.tokenizer, long, params)
+
+
+def _wide_draft(base, folder, extra=64):
+    """`base` (a tiny checkpoint with SmolLM2's tokenizer) with `extra` padding rows of logits,
+    named [PAD<id>] as in a tokenizer read from a GGUF, the real tokens' rows zeroed: every
+    draft is a padding id, past the target's logits."""
+    import torch
+    import transformers as T
+
+    config = T.AutoConfig.from_pretrained(base)
+    n = config.vocab_size
+    config.vocab_size = n + extra
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[:n] = 0
+        head[n + extra // 2 :] = -head[n : n + extra // 2]  # w and -w: one of them scores >= 0
+    model.save_pretrained(folder)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, folder / f.name)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    pads = [{"id": i, "content": f"[PAD{i}]", "special": True} for i in range(n, n + extra)]
+    tok["added_tokens"] += [
+        {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, **p} for p in pads
+    ]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    return folder
+
+
+def test_a_draft_model_with_wider_logits_and_the_same_tokens(default_onnx, tiny_factory, tmp_path):
+    """Qwen2.5-0.5B (151936 logits) drafts for 7B (152064): the same tokens, padding rows apart.
+    Drafted ids past the target's logits are cut off, so the output stays plain decoding's."""
+    draft = _wide_draft(tiny_factory(("llama", "float32", False, None)), tmp_path / "wide")
+    m = load(default_onnx, draft=draft, draft_max=4)
+    assert m.speculation.mode == "draft" and m.speculation.draft_engine.vocab_size == m.engine.vocab_size + 64
+    assert load(draft).tokenizer.hf.get_vocab()["[PAD49200]"] == 49200
+    ids = m.prompt_ids("Repeat this list: " + "alpha beta gamma delta " * 5)
+    params = SamplingParams(max_tokens=16)
+    assert _run(m.engine, m.tokenizer, ids, params, None, m.speculation) == _run(m.engine, m.tokenizer, ids, params)
+
+
+def test_llamacpp_drafts_fit_one_batch(default_model_path, default_onnx):
+    """--draft-max past llama.cpp's n_batch: a draft and its pending token fill one batch at most
+    (the model drafting for itself: every draft is kept, so drafts grow to the ceiling)."""
+    engine, own = _llamacpp_batch(default_model_path, 4), _llamacpp_batch(default_model_path, 4)
+    ids = Tokenizer.from_folder(default_onnx).encode("Count from one to fifty: one, two, three,")
+    params = SamplingParams(max_tokens=32)
+    spec = Speculation("draft", 600, own)
+    assert _run(engine, None, ids, params, (), spec) == _run(engine, None, ids, params, ())
+    stats = spec.stats
+    assert stats.verifies and stats.accepted == stats.drafted <= 3 * stats.verifies  # n_batch - 1 at most
+
+
+def _llamacpp_batch(path, n_batch):
+    pytest.importorskip("llama_cpp")
+    from lmforge.runtime.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(path, threads=2, kv_type="f32", n_batch=n_batch)
+
+
+def test_llamacpp_prefix_cache_outlives_other_users_of_the_engine(default_model_path):
+    """llama.cpp has one live cache: score() or another call between two calls, or a generator
+    left open and collected later, never make the kept prefix fail or clobber the newer one."""
+    pytest.importorskip("llama_cpp")
+    from lmforge.errors import LmforgeError
+
+    m = load(default_model_path, engine="llamacpp", threads=2)
+    ids = m.tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown fox")
+    params = SamplingParams(max_tokens=8)
+    list(m.stream_generate(ids, params))
+    m.engine.score(ids[:5])  # clears the context the kept cache was in
+    assert list(m.stream_generate(ids + [13], params))[-1].finish_reason and m.prefix.reused == 0
+    old = m.prefix.cache
+    m.engine.new_cache(1, 64)
+    with pytest.raises(LmforgeError, match="earlier request"):
+        m.engine.truncate(old, 0, 0)
+    left_open = m.stream_generate(ids, params)
+    next(left_open)
+    list(m.stream_generate(ids[:6], params))
+    newer = m.prefix.cache
+    del left_open
+    gc.collect()
+    assert m.prefix.cache is newer and m.prefix.tokens == ids[:6]
+    assert list(m.stream_generate(ids[:6] + [13, 14], params))[-1].finish_reason and m.prefix.reused == 6
 
 
 # ---- drafter internals and the command line ------------------------------------------------

@@ -101,6 +101,11 @@ class LlamaCppCache(Cache):
 class LlamaCppEngine(Engine):
     """A GGUF file in llama.cpp. One cache is live at a time: `new_cache` clears the context."""
 
+    # one-row decodes write KV unlike a prefill of the same tokens, even with an f32 cache (the
+    # default Q4_1 model: next logits 2.5% apart, relative): a kept prefix cache holds only what
+    # prefill wrote (the engines default to `exact_verify` here)
+    decoded_kv_exact = False
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -204,10 +209,17 @@ class LlamaCppEngine(Engine):
         self._generation += 1
         return LlamaCppCache(self, batch_size, self._ctx_capacity)
 
+    def cache_is_live(self, cache: LlamaCppCache) -> bool:
+        """Whether `cache` is this engine's newest (a later new_cache or score cleared it)."""
+        return cache.engine is self and cache.generation == self._generation and self.ctx is not None
+
+    def _check_live(self, cache: LlamaCppCache) -> None:
+        if not self.cache_is_live(cache):
+            raise LmforgeError("this cache belongs to an earlier request; make a new one with new_cache()")
+
     def _room(self, cache: LlamaCppCache, totals: np.ndarray) -> np.ndarray:
         """`totals` (each row's length after a step), a user error when they do not fit `cache`."""
-        if cache.generation != self._generation:
-            raise LmforgeError("this cache belongs to an earlier request; make a new one with new_cache()")
+        self._check_live(cache)
         if totals.max() > cache.capacity:
             raise LmforgeError(
                 f"sequence of {int(totals.max())} tokens exceeds this cache's {cache.capacity} positions; "
@@ -291,7 +303,8 @@ class LlamaCppEngine(Engine):
         """Append k tokens to a one-row cache in one llama_batch with logits at every position;
         returns float32 logits (k, vocab), row i the next-token logits after token i."""
         lib, k = self._lib, len(token_ids)
-        assert 0 < k <= self.n_batch
+        if not 0 < k <= self.n_batch:
+            raise LmforgeError(f"verify takes 1 to {self.n_batch} tokens (n_batch), got {k}; draft fewer tokens")
         base = int(cache.lengths[0])
         totals = self._room(cache, cache.lengths + k)
         batch = self._llama_batch(k)
@@ -308,6 +321,7 @@ class LlamaCppEngine(Engine):
     def truncate(self, cache: LlamaCppCache, row: int, length: int) -> None:
         """Remove row `row`'s positions from `length` on from llama.cpp's KV cache (seq_rm)."""
         assert 0 <= length <= cache.lengths[row]
+        self._check_live(cache)
         if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), row, length, -1):
             raise LmforgeError(f"llama.cpp cannot remove positions {length}.. of a sequence{_why()}")
         cache.lengths[row] = length

@@ -28,7 +28,7 @@ from lmforge.export.folder import LOGITS_TO_KEEP
 from lmforge.export.rope import rope_tables
 from lmforge.export.weights import QuantOptions, WeightSource, head_block
 from lmforge.quant.nbits import NBits, rtn
-from lmforge.spec import ModelSpec
+from lmforge.spec import ModelSpec, check_rope_tables
 
 MS = "com.microsoft"
 DATA_FILE = "model.onnx.data"
@@ -293,6 +293,7 @@ def _local_rope(spec: ModelSpec, i: int) -> bool:
 def _rotary_caches(g: Graph, spec: ModelSpec, options: GraphOptions, total_len: str) -> dict[bool, tuple[str, str]]:
     """{_local_rope: (cos, sin)} caches, each (max_positions, rotary_dim / 2), for the layer kinds present."""
     n_pos = options.max_positions or spec.context_length
+    check_rope_tables(spec, n_pos)
     caches = {}
     for local in sorted({_local_rope(spec, i) for i in range(spec.n_layers)}):
         tables = rope_tables(spec, n_pos, local=local)

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, LmforgeError
 
 # Plausible ranges of the hyper-parameters, checked before anything is sized by them: the
 # largest published decoder-only models stay far inside (405B: 126 layers, hidden 16384).
@@ -22,11 +22,13 @@ LIMITS = {
     "head_dim": (1, 4096),
     "intermediate_size": (1, 1 << 20),
     "vocab_size": (1, 1 << 22),
-    "context_length": (1, 1 << 21),  # 2M positions (Qwen2.5-1M has 1,010,000)
-    "sliding_window": (1, 1 << 21),
+    # 128M positions: Llama-4-Scout has 10,485,760; nothing is sized by it until an export
+    # builds rotary tables (bounded there, `check_rope_tables`) or a runtime sizes its cache
+    "context_length": (1, 1 << 27),
+    "sliding_window": (1, 1 << 27),
     "rotary_dim": (1, 4096),
 }
-ROPE_TABLE_LIMIT = 1 << 28  # context_length x rotary_dim: cos + sin tables of at most 1 GiB in float32
+ROPE_TABLE_LIMIT = 1 << 28  # positions x rotary_dim an export tabulates: cos + sin of at most 1 GiB in float32
 FLOAT_LIMITS = {  # (low, high, low allowed)
     "rope_theta": (0.0, 1e12, False),
     "norm_eps": (0.0, 1.0, False),
@@ -44,9 +46,22 @@ def check_int(value, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointError(f"{where}: {name} is {_show(value)}, not a whole number; the file is corrupt")
     low, high = LIMITS.get(name, (0, 1 << 62))
-    if not low <= value <= high:
+    if value < low:  # a size or count of zero or less: no model has one
         raise CheckpointError(f"{where}: {name} = {value} is outside {low}..{high}; the file is corrupt")
+    if value > high:  # possible in principle, past what lmforge sizes anything by
+        raise CheckpointError(f"{where}: {name} = {value} is outside what lmforge supports (at most {high})")
     return value
+
+
+def check_rope_tables(spec: ModelSpec, n_positions: int) -> None:
+    """A LmforgeError unless the cos/sin tables for `n_positions` positions fit ROPE_TABLE_LIMIT:
+    checked where an export builds them, not at load (a long context is no damage)."""
+    if n_positions * spec.rotary_dim > ROPE_TABLE_LIMIT:
+        raise LmforgeError(
+            f"rotary tables for {n_positions} positions x rotary dimension {spec.rotary_dim} would take "
+            f"{n_positions * spec.rotary_dim * 4 >> 20} MiB, more than lmforge supports "
+            f"({ROPE_TABLE_LIMIT * 4 >> 20} MiB); export with fewer positions"
+        )
 
 
 def check_float(value, name: str, where: str) -> float:
@@ -170,11 +185,6 @@ class ModelSpec:
             raise CheckpointError(
                 f"{where}: {self.n_heads} attention heads are not a multiple of {self.n_kv_heads} KV heads; "
                 "the file is corrupt"
-            )
-        if self.context_length * self.rotary_dim > ROPE_TABLE_LIMIT:
-            raise CheckpointError(
-                f"{where}: context_length {self.context_length} x rotary dimension {self.rotary_dim} is implausible "
-                f"(rotary tables of {self.context_length * self.rotary_dim * 4 >> 20} MiB); the file is corrupt"
             )
         if self.rotary_dim % 2 or self.head_dim % 2:
             raise CheckpointError(

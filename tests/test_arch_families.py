@@ -341,3 +341,23 @@ def test_smollm3_rotary_free_layers_follow_the_config(tiny_factory, tmp_path):
     assert max(errors) <= TOL, errors
     assert_user_error(run_cli("convert", folder, "-o", tmp_path / "x.gguf", "--gguf", "f32"), "every 4th layer")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_experts_left_in_float_say_so(arch, tiny_factory, tmp_path, caplog):
+    """QMoE takes only symmetric codes: a cpu-int4 --asymmetric MoE keeps float experts (the
+    MoE op), and the conversion says so in one warning, not silently; the symmetric form does not warn."""
+    import logging
+
+    src = _src(tiny_factory, arch, None)
+    for symmetric in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lmforge"):
+            out = convert(src, tmp_path / f"sym{symmetric}", target="cpu-int4", symmetric=symmetric, progress=False)
+        ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+        notes = [r.getMessage() for r in caplog.records if "experts" in r.getMessage()]
+        if symmetric:
+            assert "QMoE" in ops and notes == [], notes
+        else:
+            assert "QMoE" not in ops and "MoE" in ops and "MatMulNBits" in ops
+            assert len(notes) == 1 and "stay float32" in notes[0] and "asymmetric" in notes[0], notes

@@ -245,3 +245,43 @@ def test_damaged_bpe_merge_in_tokenizer_json(seeds, tmp_path, capsys):
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     line = one_error_line(["tokenize", str(folder), "hello"], capsys)
     assert "tokenizer.json" in line
+
+
+def test_long_context_is_no_damage(seeds, tmp_path, capsys):
+    """Llama-4-Scout's 10,485,760 positions (and 4M-context fine-tunes) load: nothing is sized by
+    the context until an export tabulates rotary angles, and that refusal says 'supports', not 'corrupt'."""
+    from dataclasses import replace
+
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.errors import LmforgeError
+    from lmforge.spec import check_rope_tables
+
+    scout = 10_485_760
+    gguf = gguf_with(seeds[1], tmp_path / "long.gguf", set_value("llama.context_length", 4, scout))
+    folder = hf_copy(seeds[0], tmp_path / "hf", config={"max_position_embeddings": scout})
+    for path in (gguf, folder):
+        assert main(["inspect", str(path)]) == 0, capsys.readouterr().err
+        assert str(scout) in capsys.readouterr().out.replace(",", "")
+    spec = replace(open_checkpoint(gguf).spec, head_dim=128, n_heads=1, n_kv_heads=1, hidden_size=128)
+    assert spec.context_length == scout and spec.rotary_dim == 128  # 5 GiB of tables: a spec, not an allocation
+    with pytest.raises(LmforgeError, match="more than lmforge supports") as e:
+        check_rope_tables(spec, spec.context_length)
+    assert "corrupt" not in str(e.value)
+    check_rope_tables(spec, 4096)
+    line = one_error_line(
+        ["inspect", str(gguf_with(seeds[1], tmp_path / "x.gguf", GGUF_CASES["context_length 2**32-1"][0]))], capsys
+    )
+    assert "outside what lmforge supports" in line and "corrupt" not in line, line
+
+
+def test_zero_in_any_per_layer_list():
+    """llama.cpp reads 0 in a per-layer list as 'this layer has none' (Nemotron-H's feed_forward_length
+    on its attention and Mamba layers); a negative or fractional entry is still damage."""
+    from lmforge.checkpoint.validate import check_gguf_keys
+    from lmforge.errors import CheckpointError
+
+    meta = {"nemotron_h.feed_forward_length": [0, 21504, 0], "nemotron_h.attention.head_count_kv": [0, 8, 0]}
+    check_gguf_keys(meta, "nemotron_h", "f.gguf")
+    for bad in ([0, -1], [0, 2.5], [False, 8]):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            check_gguf_keys({"nemotron_h.feed_forward_length": bad}, "nemotron_h", "f.gguf")

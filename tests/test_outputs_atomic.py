@@ -188,3 +188,46 @@ def test_replace_without_an_atomic_exchange(tmp_path, monkeypatch):
     out.rename(tmp_path / f".out.old-{dead}")  # as a kill between the renames leaves it
     atomic.clean_stale(out)
     assert (out / "weights").read_text() == "new" and hidden(tmp_path) == []
+
+
+def test_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    """Without renameat2, a failure of the rename that puts the new folder at OUT (after the old
+    one was parked) leaves OUT the old complete output, not missing until a later write."""
+    import errno
+
+    from lmforge.errors import LmforgeError
+    from lmforge.export import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    with atomic.atomic_folder(out) as tmp:
+        (tmp / "weights").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):  # the new folder to OUT: as a full or failing disk refuses it
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises((OSError, LmforgeError)):
+        with atomic.atomic_folder(out) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and hidden(tmp_path) == []
+
+
+def test_stale_cleaning_reads_the_name_literally(tmp_path):
+    """OUT named with glob characters (`m?`) does not take another output's parked folder
+    (`.mx.old-PID` of a killed write to `mx`) nor remove its temporaries."""
+    from lmforge.export import atomic
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    parked, temp = tmp_path / f".mx.old-{dead}", tmp_path / f".mx.tmp-{dead}"
+    parked.mkdir()
+    (parked / "weights").write_text("mx")
+    temp.mkdir()
+    for name in ("m?", "m*", "[m]x"):
+        atomic.clean_stale(tmp_path / name)
+        assert not (tmp_path / name).exists() and parked.is_dir() and temp.is_dir(), name
+    atomic.clean_stale(tmp_path / "mx")  # its own writer's leftovers: restored and removed
+    assert (tmp_path / "mx" / "weights").read_text() == "mx" and hidden(tmp_path) == []

@@ -96,7 +96,7 @@ def _gguf_int(value, attr: str, key: str, where) -> None:
     for v in values:
         if isinstance(v, bool) and attr == "n_layers":  # Gemma 3's per-layer sliding flags
             continue
-        if v == 0 and isinstance(value, list) and attr in ("n_heads", "n_kv_heads"):  # a layer without attention
+        if v == 0 and type(v) is int and isinstance(value, list):  # llama.cpp: this layer has none (attention, MLP)
             continue
         check_int(v, attr, f"{where}: {key}")
 

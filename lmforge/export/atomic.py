@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import time
@@ -66,7 +67,7 @@ def clean_stale(out: Path) -> None:
     """Remove what writers of OUT that no longer run left beside it: hidden temporary folders
     and files, and old outputs parked during a replacement (put back if OUT is missing)."""
     for kind in ("old", "tmp"):
-        for tmp in out.parent.glob(f".{out.name}.{kind}-*"):
+        for tmp in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
             pid = tmp.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or _pid_alive(int(pid)):
                 continue
@@ -117,7 +118,11 @@ def replace(tmp: Path, out: Path) -> None:
     old = temp_path(out, "old")
     os.replace(out, old)
     _pause()
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # OUT stays the old complete output, not missing until a later write
+        raise
     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 

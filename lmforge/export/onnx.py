@@ -13,6 +13,7 @@ inputs and outputs, the rotary tables, one decoder layer, the embedding and head
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from lmforge.export.folder import LOGITS_TO_KEEP
 from lmforge.export.rope import rope_tables
 from lmforge.export.weights import QuantOptions, WeightSource, head_block
 from lmforge.quant.nbits import NBits, rtn
-from lmforge.spec import ModelSpec
+from lmforge.spec import ModelSpec, check_rope_tables
+
+log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
 DATA_FILE = "model.onnx.data"
@@ -293,6 +296,7 @@ def _local_rope(spec: ModelSpec, i: int) -> bool:
 def _rotary_caches(g: Graph, spec: ModelSpec, options: GraphOptions, total_len: str) -> dict[bool, tuple[str, str]]:
     """{_local_rope: (cos, sin)} caches, each (max_positions, rotary_dim / 2), for the layer kinds present."""
     n_pos = options.max_positions or spec.context_length
+    check_rope_tables(spec, n_pos)
     caches = {}
     for local in sorted({_local_rope(spec, i) for i in range(spec.n_layers)}):
         tables = rope_tables(spec, n_pos, local=local)
@@ -432,6 +436,13 @@ def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
             **attrs,
         )
     else:
+        if quant and i == 0:  # once per model: the experts are most of its weights
+            why = "asymmetric codes" if not quant.symmetric else f"block size {block} (expert widths {widths})"
+            log.warning(
+                f"the {spec.n_experts} experts of each layer stay {g.dtype} weights: ONNX Runtime's QMoE takes "
+                f"symmetric codes in blocks dividing both expert widths, not {why}; other weights are "
+                f"int{quant.bits}"
+            )
         fc1_name, fc2_name = g.weight(f"{p}.fc1_exps", fc1), g.weight(f"{p}.down_exps", down)
         y = g.node("MoE", [flat, logits, fc1_name, "", fc2_name], **attrs)
     return g.node("Reshape", [y, g.node("Shape", [h])])

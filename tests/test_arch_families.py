@@ -30,6 +30,7 @@ FAMILIES = [
     ("gemma2", None),  # attention and final logit soft-capping, alternating sliding layers
     ("mixtral", None),  # mixture of experts: top-2 of 4, renormalized
     ("qwen3_moe", None),  # Qwen3's attention, experts in every layer
+    ("phimoe", None),  # Phi-3.5-MoE: LayerNorm, biases, sparsemixer router over 4 experts, longrope mscale
 ]
 TOL = 1e-4  # relative to the largest logit
 IDS = [f"{a}-{v}" if v else a for a, v in FAMILIES]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SPM_ARCHS = {"phi3", "mistral", "gemma3", "gemma2"}
+SPM_ARCHS = {"phi3", "mistral", "gemma3", "gemma2", "phimoe"}
 
 COMMON = dict(
     hidden_size=64,
@@ -173,6 +173,28 @@ def _qwen3_moe(T, ids, variant):
     return T.Qwen3MoeConfig(**shape, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
 
 
+def _phimoe(T, ids, variant):
+    # Phi-3.5-MoE's layout (attention and head biases, LayerNorm, longrope with its mscale) with
+    # four experts; a router jitter far above its 0.01 so that the sparsemixer's mask keeps
+    # several experts in some tokens' softmax and drops them in others'
+    n = 16 // 2
+    rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)]}
+    rope.update(long_factor=[2.0 + 0.5 * i for i in range(n)], short_mscale=1.243, long_mscale=1.243)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3, input_jitter_noise=0.0)
+    return T.PhimoeConfig(
+        **COMMON,
+        **ids,
+        **moe,
+        attention_bias=True,
+        lm_head_bias=True,
+        sliding_window=None,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        original_max_position_embeddings=64,
+        rope_scaling=rope,
+    )
+
+
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)
 FAMILIES = {
     "qwen3": _qwen3,
@@ -182,6 +204,7 @@ FAMILIES = {
     "gemma2": _gemma2,
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
+    "phimoe": _phimoe,
 }
 # tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
 TOKENIZERS = {
@@ -277,6 +300,8 @@ def build(
         for name, p in model.named_parameters():
             if "norm" in name:  # random norms (transformers initializes them to a constant)
                 p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch.startswith("gemma") else 1.0))
+            elif arch == "phimoe" and name.endswith("bias"):  # random biases (transformers: zeros)
+                p.copy_(torch.randn_like(p) * 0.1)
     model = model.to(getattr(torch, dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if sharded else "10GB")

@@ -34,6 +34,7 @@ FLOAT_LIMITS = {  # (low, high, low allowed)
     "rope_local_theta": (0.0, 1e12, False),
     "query_pre_attn_scalar": (0.0, 1e9, False),
     "embedding_scale": (0.0, 1e9, False),
+    "router_jitter": (0.0, 1e3, True),
 }
 
 

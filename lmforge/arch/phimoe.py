@@ -24,7 +24,8 @@ HF.update({k: LLAMA_HF[k.removesuffix(".bias")].removesuffix(".weight") + ".bias
 GGUF = dict(MIXTRAL_GGUF)
 GGUF.update({k: LLAMA_GGUF[k.removesuffix(".bias")].removesuffix(".weight") + ".bias" for k in _EXTRA})
 EXPERT_KEYS = {"expert_count": "n_experts", "expert_used_count": "n_experts_used"}
-JITTER = 0.01  # Phi-3.5-MoE's router_jitter_noise: GGUF does not store it
+JITTER = 0.01  # Phi-3.5-MoE's router_jitter_noise, for a GGUF that does not say it
+JITTER_KEY = "expert_router_jitter"  # lmforge's own key: llama.cpp routes without it (see above)
 
 
 def _spec(cfg: dict) -> ModelSpec:
@@ -68,12 +69,15 @@ def _mscale(cfg: dict, spec: ModelSpec) -> ModelSpec:
 
 
 def _gguf_metadata(spec: ModelSpec) -> dict:
-    return {key: (getattr(spec, field), "uint32") for key, field in EXPERT_KEYS.items()}
+    meta = {key: (getattr(spec, field), "uint32") for key, field in EXPERT_KEYS.items()}
+    meta[JITTER_KEY] = (spec.router_jitter, "float32")
+    return meta
 
 
 def _gguf_spec(g, fields: dict) -> dict:
     spec = {field: int(g(key)) for key, field in EXPERT_KEYS.items()}
-    return dict(spec, moe_renormalize=False, moe_router="sparsemixer", router_jitter=JITTER, layer_norm=True)
+    jitter = float(g(JITTER_KEY, JITTER))
+    return dict(spec, moe_renormalize=False, moe_router="sparsemixer", router_jitter=jitter, layer_norm=True)
 
 
 def _hf_config(spec: ModelSpec, cfg: dict) -> None:

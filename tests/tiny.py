@@ -174,6 +174,8 @@ def _qwen3_moe(T, ids, variant):
 
 
 def _phimoe(T, ids, variant):
+    if variant == "shaped":
+        return phimoe_shaped_config(T, ids)
     # Phi-3.5-MoE's layout (attention and head biases, LayerNorm, longrope with its mscale) with
     # four experts; a router jitter far above its 0.01 so that the sparsemixer's mask keeps
     # several experts in some tokens' softmax and drops them in others'
@@ -191,6 +193,37 @@ def _phimoe(T, ids, variant):
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         original_max_position_embeddings=64,
+        rope_scaling=rope,
+    )
+
+
+def phimoe_shaped_config(T, ids: dict):
+    """Phi-3.5-MoE-instruct's config.json (hidden 4096, 32 heads over 8 kv heads, experts of 6400,
+    longrope with its mscale, the window that equals its context) with one layer and 4 of its 16
+    experts; made-up rotary factors (the published lists are not on this machine)."""
+    n = 128 // 2
+    rope = dict(type="longrope", short_mscale=1.243163121016122, long_mscale=1.243163121016122)
+    rope.update(
+        short_factor=[1.0 + 0.05 * (i % 8) for i in range(n)], long_factor=[1.0 + 40.0 * i / n for i in range(n)]
+    )
+    return T.PhimoeConfig(
+        **ids,
+        hidden_size=4096,
+        intermediate_size=6400,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        sliding_window=131072,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.01,
+        input_jitter_noise=0.01,
+        attention_bias=True,
+        lm_head_bias=True,
         rope_scaling=rope,
     )
 

@@ -34,8 +34,11 @@ def _spec(cfg: dict) -> ModelSpec:
             f"config.json field 'num_experts_per_tok' is {cfg['num_experts_per_tok']}; Phi-3.5-MoE's sparsemixer "
             "router always takes 2 experts"
         )
-    if cfg.get("sliding_window"):
-        raise CheckpointError("config.json field 'sliding_window' is set; lmforge builds Phi-3.5-MoE without one")
+    window = cfg.get("sliding_window")
+    if window and window < int(cfg.get("max_position_embeddings") or 0):  # Phi-3.5-MoE's equals its context
+        raise CheckpointError(
+            f"config.json field 'sliding_window' is {window}, below the context; lmforge builds Phi-3.5-MoE without one"
+        )
     spec = spec_from_hf(
         cfg,
         "phimoe",

@@ -358,7 +358,7 @@ def test_spec_from_gguf_equals_spec_from_config(arch, variant, gguf_f32):
         np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phimoe"])
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m"])
 def test_expert_gguf_types_and_blocks_equal_llamacpps_quantizer(arch, kind, gguf_f32, tmp_path):
     """Merged expert tensors quantized as llama.cpp's own quantizer does them, on rows of 256:

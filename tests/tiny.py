@@ -179,12 +179,13 @@ def _phimoe(T, ids, variant):
     # Phi-3.5-MoE's layout (attention and head biases, LayerNorm, longrope with its mscale) with
     # four experts; a router jitter far above its 0.01 so that the sparsemixer's mask keeps
     # several experts in some tokens' softmax and drops them in others'
-    n = 16 // 2
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    n = shape["hidden_size"] // shape["num_attention_heads"] // 2  # one factor per rotary frequency
     rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)]}
     rope.update(long_factor=[2.0 + 0.5 * i for i in range(n)], short_mscale=1.243, long_mscale=1.243)
     moe = dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3, input_jitter_noise=0.0)
     return T.PhimoeConfig(
-        **COMMON,
+        **shape,
         **ids,
         **moe,
         attention_bias=True,

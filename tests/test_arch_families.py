@@ -213,6 +213,17 @@ def test_int4_and_fp16_forms_run(arch, variant, gguf_f32, tmp_path):
     assert min(cosine.values()) >= 0.9, cosine
 
 
+# Phi-3.5-MoE rotary magnitudes that differ short and long: one is all lmforge's tables hold
+PHIMOE_MSCALES = dict(
+    type="longrope",
+    short_factor=[1.0] * 8,
+    long_factor=[2.0] * 8,
+    short_mscale=1.2,
+    long_mscale=1.3,
+    original_max_position_embeddings=64,
+)
+
+
 @pytest.mark.parametrize(
     "edit,field",
     [
@@ -220,8 +231,9 @@ def test_int4_and_fp16_forms_run(arch, variant, gguf_f32, tmp_path):
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters.rope_type"),
         ({"num_local_experts": 8, "num_experts_per_tok": 2}, "num_local_experts"),
         ({"model_type": "phimoe", "num_local_experts": 4, "num_experts_per_tok": 4}, "num_experts_per_tok"),
+        ({"model_type": "phimoe", "num_local_experts": 4, "rope_scaling": PHIMOE_MSCALES}, "long_mscale"),
     ],
-    ids=["rope_scaling", "rope_parameters", "experts", "phimoe"],
+    ids=["rope_scaling", "rope_parameters", "experts", "phimoe", "phimoe-mscale"],
 )
 def test_unsupported_variant_is_one_line_naming_the_field(edit, field, tiny_factory, tmp_path):
     """A config asking for what lmforge lacks: one line naming the field, exit 2, for reading

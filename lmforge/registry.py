@@ -130,6 +130,7 @@ def _entries() -> list[CatalogueEntry]:
         c("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", "Apache-2.0", 3.08, "smollm3"),
         c("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "Apache-2.0", 46.7, "mixtral"),
         c("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "Apache-2.0", 30.5, "qwen3moe"),
+        c("phi-3.5-moe", "microsoft/Phi-3.5-MoE-instruct", "MIT", 41.9, "phimoe"),
     ]
 
 

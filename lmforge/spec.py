@@ -36,6 +36,7 @@ FLOAT_LIMITS = {  # (low, high, low allowed)
     "rope_local_theta": (0.0, 1e12, False),
     "query_pre_attn_scalar": (0.0, 1e9, False),
     "embedding_scale": (0.0, 1e9, False),
+    "router_jitter": (0.0, 1e3, True),
 }
 
 
@@ -158,6 +159,10 @@ class ModelSpec:
     n_experts: int = 0  # mixture-of-experts MLPs: experts per layer (0: a dense MLP), Mixtral's router
     n_experts_used: int = 0  # experts each token goes through (top-k of the router's softmax)
     moe_renormalize: bool = True  # the top-k weights rescaled to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob)
+    moe_router: str = "softmax"  # "softmax" (top-k of one softmax) | "sparsemixer" (Phi-3.5-MoE's top-2)
+    router_jitter: float = 0.0  # sparsemixer: experts whose logit is within 2x this (relative) of the best
+    lm_head_bias: bool = False  # the output head adds a bias (Phi-3.5-MoE)
+    layer_norm: bool = False  # norms are LayerNorm (mean removed, a bias when stored), not RMSNorm (Phi-3.5-MoE)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
     pad_token_id: int | None = None  # the source's padding id, when it names one

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SPM_ARCHS = {"phi3", "mistral", "gemma3", "gemma2"}
+SPM_ARCHS = {"phi3", "mistral", "gemma3", "gemma2", "phimoe"}
 
 COMMON = dict(
     hidden_size=64,
@@ -173,6 +173,62 @@ def _qwen3_moe(T, ids, variant):
     return T.Qwen3MoeConfig(**shape, **ids, **moe, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True)
 
 
+def _phimoe(T, ids, variant):
+    if variant == "shaped":
+        return phimoe_shaped_config(T, ids)
+    # Phi-3.5-MoE's layout (attention and head biases, LayerNorm, longrope with its mscale) with
+    # four experts; a router jitter far above its 0.01 so that the sparsemixer's mask keeps
+    # several experts in some tokens' softmax and drops them in others'
+    shape = {**COMMON, **(K256 if variant == "k256" else {})}
+    n = shape["hidden_size"] // shape["num_attention_heads"] // 2  # one factor per rotary frequency
+    rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)]}
+    rope.update(long_factor=[2.0 + 0.5 * i for i in range(n)], short_mscale=1.243, long_mscale=1.243)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3, input_jitter_noise=0.0)
+    return T.PhimoeConfig(
+        **shape,
+        **ids,
+        **moe,
+        attention_bias=True,
+        lm_head_bias=True,
+        sliding_window=None,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        original_max_position_embeddings=64,
+        rope_scaling=rope,
+    )
+
+
+def phimoe_shaped_config(T, ids: dict):
+    """Phi-3.5-MoE-instruct's config.json (hidden 4096, 32 heads over 8 kv heads, experts of 6400,
+    longrope with its mscale, the window that equals its context) with one layer and 4 of its 16
+    experts; made-up rotary factors (the published lists are not on this machine)."""
+    n = 128 // 2
+    rope = dict(type="longrope", short_mscale=1.243163121016122, long_mscale=1.243163121016122)
+    rope.update(
+        short_factor=[1.0 + 0.05 * (i % 8) for i in range(n)], long_factor=[1.0 + 40.0 * i / n for i in range(n)]
+    )
+    return T.PhimoeConfig(
+        **ids,
+        hidden_size=4096,
+        intermediate_size=6400,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        sliding_window=131072,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.01,
+        input_jitter_noise=0.01,
+        attention_bias=True,
+        lm_head_bias=True,
+        rope_scaling=rope,
+    )
+
+
 # the families added with issue 16: arch -> config builder (transformers, ids, variant)
 FAMILIES = {
     "qwen3": _qwen3,
@@ -182,6 +238,7 @@ FAMILIES = {
     "gemma2": _gemma2,
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
+    "phimoe": _phimoe,
 }
 # tokenizer fixture each checkpoint gets: (arch, variant) first, then arch, else SmolLM2's BPE
 TOKENIZERS = {
@@ -277,6 +334,8 @@ def build(
         for name, p in model.named_parameters():
             if "norm" in name:  # random norms (transformers initializes them to a constant)
                 p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch.startswith("gemma") else 1.0))
+            elif arch == "phimoe" and name.endswith("bias"):  # random biases (transformers: zeros)
+                p.copy_(torch.randn_like(p) * 0.1)
     model = model.to(getattr(torch, dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if sharded else "10GB")

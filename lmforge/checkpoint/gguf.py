@@ -122,6 +122,7 @@ def spec_from_gguf(meta: dict, arch: Arch, tensors: dict, floats) -> ModelSpec:
         activation=arch.activation,
         rope_scaling=_rope_scaling(g, tensors, floats, fields["context_length"]),
         attention_bias=has("layers.0.q.bias"),
+        lm_head_bias=has("lm_head.bias"),
         sliding_window=int(window) if window else None,
         layer_types=("sliding",) * fields["n_layers"] if window else (),
         qk_norm=has("layers.0.q_norm"),

@@ -133,6 +133,10 @@ def expected_shapes(spec: ModelSpec, rows: int) -> dict[str, list[tuple[int, ...
         "norm": (h,),
         "attn_norm": (h,),
         "mlp_norm": (h,),
+        "norm.bias": (h,),  # LayerNorm's (Phi-3.5-MoE)
+        "attn_norm.bias": (h,),
+        "mlp_norm.bias": (h,),
+        "lm_head.bias": (rows,),
         "post_attn_norm": (h,),
         "post_mlp_norm": (h,),
         "q": (q * hd, h),

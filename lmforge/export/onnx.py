@@ -182,12 +182,29 @@ def _norm_weight(g: Graph, src: WeightSource, name: str) -> str:
 # ---- the ops a layer is made of -------------------------------------------------------------
 
 
-def _skip_norm(g: Graph, residual: str, x: str, weight: str, eps: float) -> tuple[str, str]:
-    """RMSNorm(residual + x) and the new residual, one SkipSimplifiedLayerNormalization; its mean
-    and inverse-deviation outputs stay unnamed so the kernel does not write them."""
-    h, _, _, res = g.node("SkipSimplifiedLayerNormalization", [residual, x, weight], n_out=4, domain=MS, epsilon=eps)
+def _skip_norm(g: Graph, src: WeightSource, residual: str, x: str, name: str) -> tuple[str, str]:
+    """Norm(residual + x) with the norm `name` and the new residual, one fused op:
+    SkipSimplifiedLayerNormalization (RMSNorm), or SkipLayerNormalization with the bias for a
+    LayerNorm model (Phi-3.5-MoE); the mean and inverse-deviation outputs stay unnamed so the
+    kernel does not write them."""
+    op = "SkipLayerNormalization" if src.spec.layer_norm else "SkipSimplifiedLayerNormalization"
+    eps = float(src.spec.norm_eps)
+    h, _, _, res = g.node(op, [residual, x, *_norm_inputs(g, src, name)], n_out=4, domain=MS, epsilon=eps)
     g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""
     return h, res
+
+
+def _norm_inputs(g: Graph, src: WeightSource, name: str) -> list[str]:
+    """The norm `name`'s weight, and its bias when a LayerNorm model stores one."""
+    bias = src.norm_bias(name) if src.spec.layer_norm else None
+    return [_norm_weight(g, src, name)] + ([g.weight(name + ".bias", bias)] if bias is not None else [])
+
+
+def _pre_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
+    """The first layer's input norm: RMSNorm, or LayerNorm (with its bias) for a LayerNorm model."""
+    if not src.spec.layer_norm:
+        return _rms_norm(g, src, x, name)
+    return g.node("LayerNormalization", [x, *_norm_inputs(g, src, name)], axis=-1, epsilon=float(src.spec.norm_eps))
 
 
 def _rms_norm(g: Graph, src: WeightSource, x: str, name: str) -> str:
@@ -416,9 +433,13 @@ def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
     spec, p, quant = src.spec, f"layers.{i}", options.quant
     flat = g.node("Reshape", [h, g.const([-1, spec.hidden_size])])  # (B*S, H)
     logits = _linear(g, flat, src.get(f"{p}.router"), f"{p}.router")  # (B*S, n_experts)
+    scale = None
+    if spec.moe_router == "sparsemixer":
+        logits, scale = _sparsemixer(g, logits, spec)
     gate, up, down = (src.get(f"{p}.{n}_exps") for n in ("gate", "up", "down"))  # (E, I, H) (E, I, H) (E, H, I)
     fc1 = np.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved: (E, 2I, H)
-    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=int(spec.moe_renormalize))
+    renormalize = spec.moe_renormalize and scale is None
+    attrs = dict(domain=MS, k=spec.n_experts_used, normalize_routing_weights=int(renormalize))
     attrs["activation_type"] = "swiglu"
     attrs["swiglu_fusion"] = 1  # the CPU provider's only SwiGLU layout
     # one block size for both: the preset's, or the largest power of two >= 16 dividing both widths
@@ -445,7 +466,37 @@ def _moe(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> 
             )
         fc1_name, fc2_name = g.weight(f"{p}.fc1_exps", fc1), g.weight(f"{p}.down_exps", down)
         y = g.node("MoE", [flat, logits, fc1_name, "", fc2_name], **attrs)
+    if scale:
+        y = g.node("Mul", [y, scale])
     return g.node("Reshape", [y, g.node("Shape", [h])])
+
+
+def _sparsemixer(g: Graph, scores: str, spec: ModelSpec) -> tuple[str, str]:
+    """Phi-3.5-MoE's router at inference over router logits `scores` (T, E), in exact ops, as the
+    MoE op's input: the best expert, weighted by the softmax of the logits with those more than
+    2 x jitter (relative to max(|logit|, best)) below the best masked out; then the best of the
+    rest, weighted the same way with the first also masked. MoE takes router logits and applies
+    its own softmax over them: it is given log(w1), log(w2) and the lowest float elsewhere, which
+    it turns into w1 / (w1 + w2) and w2 / (w1 + w2) on the same two experts; the returned scale
+    (w1 + w2, (T, 1)) multiplied into its output restores w1 and w2."""
+    dt = g.dtype.type
+    ninf, eps2 = g.const(-np.inf, dt), g.const(2 * spec.router_jitter, dt)
+    experts = g.const(np.arange(spec.n_experts))
+    magnitude = g.node("Abs", [scores])
+
+    def pick(masked: str) -> tuple[str, str]:
+        top = g.node("ReduceMax", [masked, g.const([-1])], keepdims=1)  # (T, 1)
+        chosen = g.node("Equal", [experts, g.node("ArgMax", [masked], axis=-1, keepdims=1)])  # (T, E)
+        far = g.node("Greater", [g.node("Div", [g.node("Sub", [top, scores]), g.node("Max", [magnitude, top])]), eps2])
+        probs = g.node("Softmax", [g.node("Where", [far, ninf, masked])], axis=-1)
+        weight = g.node("ReduceSum", [g.node("Where", [chosen, probs, g.const(0.0, dt)]), g.const([-1])], keepdims=1)
+        return chosen, weight
+
+    first, w1 = pick(scores)
+    second, w2 = pick(g.node("Where", [first, ninf, scores]))
+    weights = g.node("Where", [first, w1, g.node("Where", [second, w2, g.const(1.0, dt)])])
+    router = g.node("Where", [g.node("Or", [first, second]), g.node("Log", [weights]), g.const(np.finfo(dt).min, dt)])
+    return router, g.node("Add", [w1, w2])
 
 
 def _mlp(g: Graph, src: WeightSource, options: GraphOptions, i: int, h: str) -> str:
@@ -469,7 +520,7 @@ def _residual_add(g: Graph, src: WeightSource, residual: str, x: str, norm: str)
     if spec.residual_scale:
         x = g.node("Mul", [x, g.const(spec.residual_scale, g.dtype.type)])
     if spec.pre_norms or norm == "norm":
-        return _skip_norm(g, residual, x, _norm_weight(g, src, norm), float(spec.norm_eps))
+        return _skip_norm(g, src, residual, x, norm)
     total = g.node("Add", [residual, x])
     return total, total
 
@@ -548,14 +599,16 @@ def _embedding(g: Graph, src: WeightSource, options: GraphOptions) -> tuple[str,
     return x, lambda: _write_head(g, table) if isinstance(table, NBits) else DenseWeight(dense)
 
 
-def _head(g: Graph, h: str, w: HeadWeight, spec: ModelSpec, accuracy_level: int) -> str:
-    """Logits (B, S, V) from hidden states (B, S, H)."""
+def _head(g: Graph, h: str, w: HeadWeight, bias: str | None, spec: ModelSpec, accuracy_level: int) -> str:
+    """Logits (B, S, V) from hidden states (B, S, H), plus the head's bias when it has one."""
     if isinstance(w, NBitsWeight):
         logits = _matmul_nbits(g, h, w, accuracy_level)
     else:
         flat = g.node("Gemm", [g.node("Reshape", [h, g.const([-1, spec.hidden_size])]), w.name], transB=1)
         shape = g.node("Concat", [g.node("Shape", [h], start=0, end=2), g.const([spec.vocab_size])], axis=0)
         logits = g.node("Reshape", [flat, shape])
+    if bias:
+        logits = g.node("Add", [logits, bias])
     if spec.logit_scale:  # Granite divides its logits
         logits = g.node("Div", [logits, g.const(spec.logit_scale, g.dtype.type)])
     if spec.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
@@ -599,17 +652,18 @@ def _model(g: Graph, outputs: list) -> onnx.ModelProto:
 
 
 def _graphs(
-    g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: HeadWeight, mask_sum: str
+    g: Graph, spec: ModelSpec, options: GraphOptions, h: str, head: tuple[HeadWeight, str | None], mask_sum: str
 ) -> dict[str, onnx.ModelProto]:
     """The two variants over the shared body whose final hidden states are h (B, S, H): "full"
-    (every position's logits) and "last" (each row's last `logits_to_keep` valid positions')."""
+    (every position's logits) and "last" (each row's last `logits_to_keep` valid positions').
+    `head`: the output head's weight and its bias (None without one)."""
     taps = _tap_outputs(g, options)
     common = list(g.nodes), list(g.initializers), list(g.inputs)
     graphs = {}
     for variant in ("full", "last"):
         g.nodes, g.initializers, g.inputs = (list(c) for c in common)
         hv = _last_positions(g, h, mask_sum, spec.hidden_size) if variant == "last" else h
-        g.nodes.append(helper.make_node("Identity", [_head(g, hv, head, spec, options.accuracy_level)], ["logits"]))
+        g.nodes.append(helper.make_node("Identity", [_head(g, hv, *head, spec, options.accuracy_level)], ["logits"]))
         positions = "sequence_length" if variant == "full" else LOGITS_TO_KEEP
         dims = ["batch_size", positions, spec.vocab_size]
         logits = helper.make_tensor_value_info("logits", NP_TO_ONNX[g.dtype], dims)
@@ -650,10 +704,12 @@ def _build(
     x, write_head = _embedding(g, src, options)  # (B, S, H)
     if spec.embedding_scale:
         x = g.node("Mul", [x, g.const(spec.embedding_scale, g.dtype.type)])
-    h, residual = (_rms_norm(g, src, x, "layers.0.attn_norm") if spec.pre_norms else x), x
+    h, residual = (_pre_norm(g, src, x, "layers.0.attn_norm") if spec.pre_norms else x), x
     for i in range(spec.n_layers):
         h, residual = _layer(g, src, options, i, h, residual, shared)
         if progress:
             progress(i + 1, spec.n_layers)
     head = write_head()  # write the output head's weights once; both graph variants read them
-    return _graphs(g, spec, options, h, head, lengths.mask_sum)
+    bias = src.get("lm_head.bias")
+    head_bias = g.weight("lm_head.bias", bias) if bias is not None else None
+    return _graphs(g, spec, options, h, (head, head_bias), lengths.mask_sum)

@@ -95,6 +95,12 @@ class WeightSource:
         div = self.awq.row_div.get(name)
         return w if div is None else (w / div).astype(np.float32)
 
+    def norm_bias(self, name: str) -> np.ndarray | None:
+        """The bias of LayerNorm `name` (Phi-3.5-MoE), scaled as `norm` scales its weight; None without one."""
+        b = self.get(name + ".bias")
+        div = self.awq.row_div.get(name)
+        return b if b is None or div is None else (b / div).astype(np.float32)
+
     def qkv_parts(self, i: int) -> list[str]:
         """Layer i's q, k, v tensors in the stream: one fused tensor or three (the arch says which)."""
         return self.ckpt.arch.parts(i, "qkv")

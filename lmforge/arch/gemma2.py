@@ -11,7 +11,7 @@ from lmforge.arch import Arch
 from lmforge.arch.common import GGUF_WINDOW, f32, spec_from_hf
 from lmforge.arch.gemma3 import GGUF as GEMMA3_GGUF
 from lmforge.arch.gemma3 import HF as GEMMA3_HF
-from lmforge.arch.gemma3 import HF_LAYER_TYPES, LAYER_TYPES, NORM_OFFSET
+from lmforge.arch.gemma3 import LAYER_TYPES, NORM_OFFSET, gemma_hf_config
 from lmforge.errors import LmforgeError
 from lmforge.spec import ModelSpec
 
@@ -68,15 +68,7 @@ def _gguf_metadata(spec: ModelSpec) -> dict:
 
 
 def _hf_config(spec: ModelSpec, cfg: dict) -> None:
-    scalar = spec.query_pre_attn_scalar
-    cfg.update(
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
-        sliding_window=spec.sliding_window,
-        layer_types=[HF_LAYER_TYPES[t] for t in spec.layer_types],
-        **{key: getattr(spec, field) for key, field in SOFTCAPS.items()},
-    )
-    del cfg["hidden_act"]
+    gemma_hf_config(spec, cfg, **{key: getattr(spec, field) for key, field in SOFTCAPS.items()})
 
 
 ARCH = Arch(

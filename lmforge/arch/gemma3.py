@@ -105,16 +105,22 @@ def _gguf_metadata(spec: ModelSpec) -> dict:
     }
 
 
-def _hf_config(spec: ModelSpec, cfg: dict) -> None:
+def gemma_hf_config(spec: ModelSpec, cfg: dict, **extra) -> None:
+    """The config.json keys Gemma 2 and 3 share (their activation's name, the attention scalar, the
+    window and layer pattern), plus each one's own `extra`."""
     scalar = spec.query_pre_attn_scalar
     cfg.update(
         hidden_activation="gelu_pytorch_tanh",
         query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
         sliding_window=spec.sliding_window,
-        rope_local_base_freq=spec.rope_local_theta,
         layer_types=[HF_LAYER_TYPES[t] for t in spec.layer_types],
+        **extra,
     )
     del cfg["hidden_act"]
+
+
+def _hf_config(spec: ModelSpec, cfg: dict) -> None:
+    gemma_hf_config(spec, cfg, rope_local_base_freq=spec.rope_local_theta)
 
 
 ARCH = Arch(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from tests import tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # conversions that commands cache (run, eval, bench) go to a folder of the test session's own
-os.environ.setdefault("LMFORGE_HOME", tempfile.mkdtemp(prefix="lmforge-test-home-"))
+if "LMFORGE_HOME" not in os.environ:  # removed when the session ends (each holds ~1 GB of conversions)
+    os.environ["LMFORGE_HOME"] = tempfile.mkdtemp(prefix="lmforge-test-home-")
+    atexit.register(shutil.rmtree, os.environ["LMFORGE_HOME"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"

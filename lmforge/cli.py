@@ -398,6 +398,7 @@ def cmd_serve(args) -> int:
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
         kv_budget_mb=args.kv_budget_mb,
+        spin=args.spin,
     )
     return 0
 
@@ -680,6 +681,13 @@ def _serve_parser(sub) -> None:
         type=int,
         help="KV cache memory the batching server may hold, in MiB (default: room for every batch row and one "
         "full-context sequence); longer requests wait for room or get a 400",
+    )
+    p.add_argument(
+        "--spin",
+        default="auto",
+        choices=["auto", "sleep", "spin"],
+        help="how ONNX Runtime's threads wait: sleep, spin within each pass, or auto (default: a second session "
+        "of a model up to 1 GiB, decoding on whichever of the two measures faster as the machine's load changes)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmforge.sampling import SamplingParams, filter_logits, make_sampler, repetition_penalty
+from lmforge.sampling import DRAW_BLOCK, SamplingParams, draw, filter_logits, make_sampler, repetition_penalty
 
 
 def hf_filtered(logits, temperature, top_k, top_p, min_p):
@@ -58,3 +58,20 @@ def test_sampling_follows_the_distribution_and_the_seed():
     # filters that leave one token make any temperature greedy
     for kw in ({"top_k": 1}, {"top_p": 0.01}, {"min_p": 1.0}):
         assert all(make_sampler(SamplingParams(temperature=1.5, seed=s, **kw))(logits) == 0 for s in range(20))
+
+
+def test_two_level_draw_is_the_inverse_cdf():
+    """`draw` against numpy's one running sum over the weights: the same token for the same u,
+    across block edges, sparse weights (filtered tokens) and u at both ends; never a zero weight."""
+    rng = np.random.default_rng(4)
+    sizes = [1, 7, DRAW_BLOCK - 1, DRAW_BLOCK, DRAW_BLOCK + 1, 3 * DRAW_BLOCK + 5, 49152]
+    for n in sizes * 6:
+        w = rng.random(n) ** 8 * (rng.random(n) < rng.choice([0.002, 0.3, 1.0]))
+        w[rng.integers(n)] += 1e-3  # at least one token left
+        cdf = np.cumsum(w)
+        for u in [0.0, 1 - 2**-53, *rng.random(30)]:
+            got = draw(w, u)
+            assert w[got] > 0, (n, u, got)
+            ref = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+            if w[ref] > 0:  # (the one running sum can land past the last token with weight)
+                assert got == ref or abs(cdf[got] - cdf[ref]) <= 1e-12 * cdf[-1], (n, u, got, ref)

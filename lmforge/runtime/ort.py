@@ -13,6 +13,7 @@ import itertools
 import json
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,16 @@ class KVRows(Cache):
         self._refresh()
 
 
+@dataclass
+class _Session:
+    """One InferenceSession of an OrtEngine's graph, its I/O binding and the key of the cache
+    whose buffers that binding holds."""
+
+    session: object
+    io: object
+    bound: int | None = None
+
+
 class OrtEngine(Engine):
     """An InferenceSession over `folder/model.onnx` with an in-place KV cache."""
 
@@ -307,20 +318,12 @@ class OrtEngine(Engine):
         self.full_logits = full_logits or bool(meta.get("full_logits"))
         self.np_dtype = np.float16 if meta["dtype"] == "float16" else np.float32
         self.ort_device = "cuda" if device == "cuda" else "cpu"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        try:
-            self.session = ort.InferenceSession(str(folder / model_file), options, providers=[provider_for(device)])
-        except LmforgeError:
-            raise
-        except Exception as e:
-            raise LmforgeError(f"ONNX Runtime cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
+        self.model_path, self.threads = folder / model_file, threads
+        self.session = self._open(session_config)
         self.io = self.session.io_binding()
+        # further sessions of the same graph with other thread settings (`add_session`): each with
+        # its own binding; `use(i)` picks the one the next passes run on (0: the first)
+        self.sessions: list[_Session] = [_Session(self.session, self.io)]
         inputs = {i.name for i in self.session.get_inputs()}
         self.needs_positions = "position_ids" in inputs
         # verify k drafted tokens in one pass: a graph that returns the last n positions' logits
@@ -332,6 +335,7 @@ class OrtEngine(Engine):
         quant = meta.get("quant", {"accuracy_level": 4})  # a folder not ours: assume its builder's int8
         self.exact_verify = self.supports_verify and (quant is None or quant.get("accuracy_level", 0) < 4)
         self._bound = None  # key of the cache whose buffers the binding holds
+        self.passes = 0  # forward passes run (the server's SessionChooser tells decode cycles by it)
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
         # On the CPU the logits go into a buffer we own, kept while decode steps keep its shape:
@@ -342,6 +346,39 @@ class OrtEngine(Engine):
         # them back at the end of that run keeps the arena from staying at its peak
         self._shrink_options = ort.RunOptions()
         self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def _open(self, session_config: dict[str, str] | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
+        try:
+            return ort.InferenceSession(str(self.model_path), options, providers=[provider_for(self.device)])
+        except LmforgeError:
+            raise
+        except Exception as e:
+            raise LmforgeError(f"ONNX Runtime cannot load {self.folder}: {str(e).splitlines()[0][:200]}") from None
+
+    def add_session(self, session_config: dict[str, str]) -> int:
+        """Open the same graph again with other session config entries (e.g. threads that spin);
+        returns its index for `use`. Same kernels, same thread count: the same numbers."""
+        session = self._open(session_config)
+        self.sessions.append(_Session(session, session.io_binding()))
+        return len(self.sessions) - 1
+
+    def use(self, index: int) -> None:
+        """Run the next passes on session `index` (its binding remembers which cache it holds)."""
+        target = self.sessions[index]
+        if target.session is not self.session:
+            for entry in self.sessions:  # park the current binding's cache key with its session
+                if entry.session is self.session:
+                    entry.bound = self._bound
+            self.session, self.io, self._bound = target.session, target.io, target.bound
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache for `batch_size` rows sized for `capacity` positions per row."""
@@ -360,8 +397,10 @@ class OrtEngine(Engine):
     def release(self) -> None:
         """Drop the I/O binding's hold on the last cache's buffers and the kept logits buffer, so
         memory a finished sequence used can go back to the system."""
-        self.io.clear_binding_inputs()
-        self.io.clear_binding_outputs()
+        for entry in self.sessions:
+            entry.io.clear_binding_inputs()
+            entry.io.clear_binding_outputs()
+            entry.bound = None
         self._bound = None
         self._logits_buf = None
 
@@ -402,6 +441,7 @@ class OrtEngine(Engine):
             io.bind_cpu_input("position_ids", pos.astype(np.int64))
         long_prefill = input_ids.shape[1] > 1 and int(totals.max()) > SHRINK_AFTER
         self.session.run_with_iobinding(io, self._shrink_options if long_prefill else None)
+        self.passes += 1
         cache.lengths = totals
         return out[0] if out is not None else io.get_outputs()[0].numpy()
 

@@ -33,6 +33,7 @@ from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialSch
 from lmforge.server.guard import Access, Guard
 from lmforge.server.metrics import Metrics
 from lmforge.server.streaming import SSE_HEADERS, deltas, event_stream
+from lmforge.server.threads import SessionChooser
 from lmforge.tools import ToolError
 
 log = logging.getLogger("lmforge.server")
@@ -98,7 +99,12 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     engine = model.engine
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
-        sched = BatchScheduler(engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget)
+        chooser = SessionChooser(time.perf_counter()) if len(engine.sessions) > 1 else None
+        sched = BatchScheduler(
+            engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget, chooser=chooser
+        )
+        metrics.spinning = None if chooser is None else (lambda: chooser.current)
+        metrics.session_switches = None if chooser is None else (lambda: chooser.switches)
     else:
         sched = SerialScheduler(engine, metrics, limits.max_queue)
     metrics.queue_depth = sched.queue_depth

@@ -273,8 +273,10 @@ class BatchScheduler(Scheduler):
         prefill_chunk: int = PREFILL_CHUNK,
         initial_capacity: int = 256,
         kv_budget_bytes: int | None = None,
+        chooser=None,
     ):
         super().__init__(engine, metrics, max_queue)
+        self.chooser = chooser  # a server.threads.SessionChooser where the engine has two sessions
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.budget = plan_budget(engine, max_batch, kv_budget_bytes)
@@ -467,6 +469,8 @@ class BatchScheduler(Scheduler):
     def _decode(self) -> None:
         """One batched decode step of every active sequence (rows 0..n-1)."""
         tokens = [h.state.next_token for h in self.active]
+        if self.chooser is not None:
+            self.engine.use(self.chooser.choose(len(tokens), time.perf_counter(), self.engine.passes))
         logits = self.engine.decode(self.pool.rows(0, len(self.active)), tokens)
         if self.metrics:
             self.metrics.decode_step(len(tokens))

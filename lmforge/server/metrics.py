@@ -51,6 +51,9 @@ class Metrics:
         self.queue_depth: Callable[[], int] = lambda: 0
         self.active_sequences: Callable[[], int] = lambda: 0
         self.kv_bytes: Callable[[], int] = lambda: 0
+        # where the engine has a sleeping and a spinning session (server.threads): which decodes, switches
+        self.spinning: Callable[[], int] | None = None
+        self.session_switches: Callable[[], int] | None = None
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -105,6 +108,7 @@ class Metrics:
                 ("queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth()),
                 ("active_sequences", "gauge", "Sequences holding a KV slot.", self.active_sequences()),
                 ("kv_cache_bytes", "gauge", "Bytes of KV cache held by the scheduler.", self.kv_bytes()),
+                *self._sessions(),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
             for name, text, hist in (
@@ -113,3 +117,16 @@ class Metrics:
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} histogram", *hist.lines(p + name)]
         return "\n".join(lines) + "\n"
+
+    def _sessions(self) -> list[tuple[str, str, str, int]]:
+        if self.spinning is None or self.session_switches is None:
+            return []
+        return [
+            ("decode_spinning", "gauge", "1 while decode steps run on the spinning session.", self.spinning()),
+            (
+                "decode_session_switches_total",
+                "counter",
+                "Times the measured faster session changed (threads sleeping / spinning).",
+                self.session_switches(),
+            ),
+        ]

@@ -11,32 +11,41 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import ENGINES
+from lmforge.server.threads import SPIN_POLICIES
 
 log = logging.getLogger(__name__)
 
 
-# ONNX Runtime's idle worker threads spin by default; in a server they would take the cores the
-# event loop needs between decode steps (measured: 1.6-1.8x the throughput without spinning on a
-# busy 2-core machine). llama.cpp gets the same through OMP_WAIT_POLICY=PASSIVE.
-SERVING_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-
-
 def load_for_serving(
-    model: str, engine: str = "ort", device: str = "cpu", target: str | None = None, threads: int | None = None
+    model: str,
+    engine: str = "ort",
+    device: str = "cpu",
+    target: str | None = None,
+    threads: int | None = None,
+    spin: str = "auto",
 ):
-    """A `Model` for the server: what `lmforge.model.load` gives, the ONNX Runtime engine opened
-    without spinning threads."""
+    """A `Model` for the server: what `lmforge.model.load` gives, its ONNX Runtime engine opened
+    with the thread waiting of `spin` (lmforge.server.threads): threads that sleep, that spin
+    within runs, or (auto) a second session of each kind for a model small enough, the scheduler
+    decoding on whichever measures faster."""
     from lmforge.model import load
+    from lmforge.runtime.ort import OrtEngine
+    from lmforge.server import threads as T
 
-    return load(
+    first = T.SPIN_IN_RUN if spin == "spin" else T.SLEEP
+    m = load(
         model,
         device=device,
         target=target,
         threads=threads,
         progress=False,
         engine=engine,
-        session_config=SERVING_SESSION_CONFIG if engine == "ort" else None,
+        session_config=first if engine == "ort" else None,
     )
+    if spin == "auto" and isinstance(m.engine, OrtEngine) and m.engine.ort_device == "cpu":
+        if T.model_bytes(m.engine.model_path) <= T.TWIN_MAX_BYTES:
+            m.engine.add_session(T.SPIN_IN_RUN)
+    return m
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -128,13 +137,15 @@ def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, 
     return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
 
 
-def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
+def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int], spin: str) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
     if engine not in ("auto", *ENGINES):
         raise LmforgeError(f"unknown engine {engine!r}; choose one of: auto, {', '.join(ENGINES)}")
     for what, value in limits.items():
         if value < 1:
             raise LmforgeError(f"{what} must be >= 1")
+    if spin not in SPIN_POLICIES:
+        raise LmforgeError(f"unknown --spin {spin!r}; choose one of: {', '.join(SPIN_POLICIES)}")
     if not 0 <= port <= 65535:
         raise LmforgeError(f"--port must be in 0..65535, not {port}")
     if api_key is not None and not api_key.strip():
@@ -161,6 +172,7 @@ def serve(
     max_connections: int | None = None,
     header_timeout_s: float = 10.0,
     kv_budget_mb: int | None = None,
+    spin: str = "auto",
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
@@ -170,7 +182,8 @@ def serve(
     body size limit; uvicorn's log level; Host names to accept besides the loopback names and
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
     (default: from the open-file limit); seconds a client has to send its headers; the KV cache
-    budget in MiB (None: room for every batch row and one full context). Raises LmforgeError for
+    budget in MiB (None: room for every batch row and one full context); how ONNX Runtime's
+    threads wait (auto|sleep|spin: lmforge.server.threads). Raises LmforgeError for
     bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
@@ -185,6 +198,7 @@ def serve(
         port,
         api_key,
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
+        spin,
     )
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
@@ -201,7 +215,7 @@ def serve(
             server.should_exit = True
 
     def load():
-        loaded = load_for_serving(model, engine, device, target, threads)
+        loaded = load_for_serving(model, engine, device, target, threads, spin)
         print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
         if not loaded.chat_template:
             log.warning("this model has no chat template: /v1/chat/completions answers 400, /v1/completions runs")

@@ -399,6 +399,7 @@ def cmd_serve(args) -> int:
         header_timeout_s=args.header_timeout,
         kv_budget_mb=args.kv_budget_mb,
         spin=args.spin,
+        **_speculative(args),
     )
     return 0
 
@@ -682,6 +683,7 @@ def _serve_parser(sub) -> None:
         help="KV cache memory the batching server may hold, in MiB (default: room for every batch row and one "
         "full-context sequence); longer requests wait for room or get a 400",
     )
+    _add_speculative_args(p)
     p.add_argument(
         "--spin",
         default="auto",

@@ -182,6 +182,12 @@ def _in_vocabulary(engine, draft: list[int]) -> list[int]:
     return draft
 
 
+def next_draft(engine, spec, state: SequenceState) -> list[int]:
+    """The tokens `spec` (a drafter of lmforge.speculative) drafts after `state`'s pending token:
+    within the tokens left and the engine's batch, and the target's vocabulary."""
+    return _in_vocabulary(engine, spec.draft(state.tokens, _draft_room(engine, state)))
+
+
 def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     """(cache, n): a cache for `state` whose first n prompt tokens are already in it (from
     `prefix`, cut back to the shared prefix, leaving at least two prompt tokens to prefill)."""
@@ -235,7 +241,7 @@ def sequence_deltas(
             if draft:
                 engine.truncate(cache, 0, keep)
             if spec is not None:
-                draft = _in_vocabulary(engine, spec.draft(state.tokens, _draft_room(engine, state)))
+                draft = next_draft(engine, spec, state)
             t0 = time.perf_counter()
             pending = [state.next_token]
             rows = engine.verify(cache, pending + draft) if draft else engine.decode(cache, pending)

@@ -101,15 +101,22 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
         chooser = SessionChooser(time.perf_counter()) if len(engine.sessions) > 1 else None
         sched = BatchScheduler(
-            engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget, chooser=chooser
+            engine,
+            limits.max_batch,
+            metrics,
+            limits.max_queue,
+            kv_budget_bytes=budget,
+            chooser=chooser,
+            speculation=model.speculation,
         )
         metrics.spinning = None if chooser is None else (lambda: chooser.current)
         metrics.session_switches = None if chooser is None else (lambda: chooser.switches)
     else:
-        sched = SerialScheduler(engine, metrics, limits.max_queue)
+        sched = SerialScheduler(engine, metrics, limits.max_queue, model.speculation)
     metrics.queue_depth = sched.queue_depth
     metrics.active_sequences = sched.active_count
     metrics.kv_bytes = sched.kv_bytes
+    metrics.speculation = sched.speculation
     return sched.start()
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import Delta, SequenceState, sequence_deltas
+from lmforge.generate import Delta, SequenceState, next_draft, sequence_deltas
 from lmforge.sampling import SamplingParams
 
 log = logging.getLogger("lmforge.server")
@@ -126,6 +126,7 @@ class Handle:
         self.lane_pool = None  # its own one-row KVPool while in a BatchScheduler's lane
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.scheduler: Scheduler | None = None
+        self.spec = None  # its drafter (lmforge.speculative), where the scheduler speculates
 
     def cancel(self) -> None:
         if not self.done and not self.cancelled:
@@ -137,9 +138,12 @@ class Handle:
 class Scheduler:
     """The thread, the inbox and the bookkeeping both schedulers share."""
 
-    def __init__(self, engine, metrics=None, max_queue: int = 256):
+    def __init__(self, engine, metrics=None, max_queue: int = 256, speculation=None):
         self.engine = engine
         self.metrics = metrics
+        # a lmforge.speculative.Speculation (None: plain decoding): sequences without an output
+        # constraint draft tokens and verify them in one pass when they decode alone
+        self.speculation = speculation if getattr(engine, "supports_verify", False) else None
         self.max_queue = max_queue
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Handle] = deque()
@@ -274,8 +278,9 @@ class BatchScheduler(Scheduler):
         initial_capacity: int = 256,
         kv_budget_bytes: int | None = None,
         chooser=None,
+        speculation=None,
     ):
-        super().__init__(engine, metrics, max_queue)
+        super().__init__(engine, metrics, max_queue, speculation)
         self.chooser = chooser  # a server.threads.SessionChooser where the engine has two sessions
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -445,6 +450,7 @@ class BatchScheduler(Scheduler):
             assert h.row == len(self.active)
             self.active.append(h)
             h.prefilled = len(h.state.prompt_ids)
+            h.spec = self._drafter(h)
         self._sample(batch, logits)
 
     # ---- the work of one step -------------------------------------------------------------------
@@ -466,15 +472,52 @@ class BatchScheduler(Scheduler):
         if h.prefilled == len(h.state.prompt_ids):
             self._sample([h], logits)
 
+    def _drafter(self, h: Handle):
+        s = self.speculation
+        if s is None or h.state.params.constraint is not None:  # a grammar's mask per drafted row costs more
+            return None
+        return s.start(h.state.tokens, len(h.state.prompt_ids) + h.state.params.max_tokens)
+
     def _decode(self) -> None:
-        """One batched decode step of every active sequence (rows 0..n-1)."""
+        """One batched decode step of every active sequence (rows 0..n-1); a sequence alone with
+        a drafter verifies its pending token and a draft in one pass instead, where one pays."""
+        lone = self.active[0] if len(self.active) == 1 else None
+        if lone is not None and lone.spec is not None:
+            draft = next_draft(self.engine, lone.spec, lone.state)
+            if draft:
+                self._verify(lone, draft)
+                return
         tokens = [h.state.next_token for h in self.active]
         if self.chooser is not None:
             self.engine.use(self.chooser.choose(len(tokens), time.perf_counter(), self.engine.passes))
+        t0 = time.perf_counter()
         logits = self.engine.decode(self.pool.rows(0, len(self.active)), tokens)
+        if lone is not None and lone.spec is not None:
+            lone.spec.update(0, 0, time.perf_counter() - t0)  # what a plain pass costs, for the draft length
         if self.metrics:
             self.metrics.decode_step(len(tokens))
         self._sample(list(self.active), logits)
+
+    def _verify(self, h: Handle, draft: list[int]) -> None:
+        """One pass over h's pending token and `draft` (h alone in row 0): h takes the rows in
+        turn while its sampled tokens agree with the draft (what `sequence_deltas` does); the
+        positions of the rejected drafts are dropped."""
+        rows = self.pool.rows(0, 1)
+        keep = int(self.pool.lengths[0]) + 1  # the pending token's position stays
+        t0 = time.perf_counter()
+        logits = self.engine.verify(rows, [h.state.next_token, *draft])
+        seconds = time.perf_counter() - t0
+        if self.metrics:
+            self.metrics.decode_step(1)
+        accepted = 0
+        for i, row in enumerate(logits):
+            self._sample([h], row[None])
+            if h.row < 0 or i == len(draft) or h.state.tokens[-1] != draft[i]:
+                break  # it finished (and left), or the model's token is not the draft's
+            accepted += 1
+        h.spec.update(len(draft), accepted, seconds)
+        if h.row == 0:
+            self.engine.truncate(rows, 0, keep + accepted)
 
     def _sample(self, handles: list[Handle], logits: np.ndarray) -> None:
         leaving = []
@@ -522,8 +565,8 @@ class BatchScheduler(Scheduler):
 class SerialScheduler(Scheduler):
     """One sequence at a time through any Engine (new_cache / prefill / decode), queued FIFO."""
 
-    def __init__(self, engine, metrics=None, max_queue: int = 256):
-        super().__init__(engine, metrics, max_queue)
+    def __init__(self, engine, metrics=None, max_queue: int = 256, speculation=None):
+        super().__init__(engine, metrics, max_queue, speculation)
         self.current: Handle | None = None
 
     def active_count(self) -> int:
@@ -538,7 +581,9 @@ class SerialScheduler(Scheduler):
             return
         self.waiting.popleft()
         self.current = h  # an engine fault leaves it here for fail_active
-        steps = sequence_deltas(self.engine, h.state)
+        steps = sequence_deltas(
+            self.engine, h.state, speculation=None if h.state.params.constraint else self.speculation
+        )
         try:
             for delta in steps:
                 self.emit(h, delta)

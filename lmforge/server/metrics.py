@@ -54,6 +54,7 @@ class Metrics:
         # where the engine has a sleeping and a spinning session (server.threads): which decodes, switches
         self.spinning: Callable[[], int] | None = None
         self.session_switches: Callable[[], int] | None = None
+        self.speculation = None  # the scheduler's lmforge.speculative.Speculation, where it speculates
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -109,6 +110,7 @@ class Metrics:
                 ("active_sequences", "gauge", "Sequences holding a KV slot.", self.active_sequences()),
                 ("kv_cache_bytes", "gauge", "Bytes of KV cache held by the scheduler.", self.kv_bytes()),
                 *self._sessions(),
+                *self._speculation(),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
             for name, text, hist in (
@@ -129,4 +131,21 @@ class Metrics:
                 "Times the measured faster session changed (threads sleeping / spinning).",
                 self.session_switches(),
             ),
+        ]
+
+    def _speculation(self) -> list[tuple[str, str, str, int]]:
+        if self.speculation is None:
+            return []
+        s = self.speculation.stats
+        return [
+            ("speculative_passes_total", "counter", "Forward passes of sequences that speculate.", s.passes),
+            (
+                "speculative_tokens_total",
+                "counter",
+                "Tokens those passes produced (/ passes: tokens per pass).",
+                s.tokens,
+            ),
+            ("speculative_verifies_total", "counter", "Passes that verified drafted tokens.", s.verifies),
+            ("speculative_drafted_total", "counter", "Tokens drafted.", s.drafted),
+            ("speculative_accepted_total", "counter", "Drafted tokens the model kept.", s.accepted),
         ]

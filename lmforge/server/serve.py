@@ -12,6 +12,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import ENGINES
 from lmforge.server.threads import SPIN_POLICIES
+from lmforge.speculative import DRAFT_MAX, check_options
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,13 @@ def load_for_serving(
     target: str | None = None,
     threads: int | None = None,
     spin: str = "auto",
+    speculative: dict | None = None,
 ):
     """A `Model` for the server: what `lmforge.model.load` gives, its ONNX Runtime engine opened
     with the thread waiting of `spin` (lmforge.server.threads): threads that sleep, that spin
     within runs, or (auto) a second session of each kind for a model small enough, the scheduler
-    decoding on whichever measures faster."""
+    decoding on whichever measures faster; `speculative` holds `load`'s speculative, draft and
+    draft_max."""
     from lmforge.model import load
     from lmforge.runtime.ort import OrtEngine
     from lmforge.server import threads as T
@@ -41,6 +44,7 @@ def load_for_serving(
         progress=False,
         engine=engine,
         session_config=first if engine == "ort" else None,
+        **(speculative or {}),
     )
     if spin == "auto" and isinstance(m.engine, OrtEngine) and m.engine.ort_device == "cpu":
         if T.model_bytes(m.engine.model_path) <= T.TWIN_MAX_BYTES:
@@ -173,6 +177,9 @@ def serve(
     header_timeout_s: float = 10.0,
     kv_budget_mb: int | None = None,
     spin: str = "auto",
+    speculative: str | None = None,
+    draft: str | None = None,
+    draft_max: int = DRAFT_MAX,
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
@@ -183,7 +190,8 @@ def serve(
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
     (default: from the open-file limit); seconds a client has to send its headers; the KV cache
     budget in MiB (None: room for every batch row and one full context); how ONNX Runtime's
-    threads wait (auto|sleep|spin: lmforge.server.threads). Raises LmforgeError for
+    threads wait (auto|sleep|spin: lmforge.server.threads); speculative decoding as `load` takes
+    it (a sequence decoding alone drafts and verifies). Raises LmforgeError for
     bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
@@ -200,6 +208,9 @@ def serve(
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
         spin,
     )
+    check_options(speculative or "ngram", draft_max)
+    if speculative == "draft" and draft is None:
+        raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
@@ -215,7 +226,8 @@ def serve(
             server.should_exit = True
 
     def load():
-        loaded = load_for_serving(model, engine, device, target, threads, spin)
+        spec = dict(speculative=speculative, draft=draft, draft_max=draft_max)
+        loaded = load_for_serving(model, engine, device, target, threads, spin, spec)
         print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
         if not loaded.chat_template:
             log.warning("this model has no chat template: /v1/chat/completions answers 400, /v1/completions runs")

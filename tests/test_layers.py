@@ -26,6 +26,7 @@ LAYERS = {
     "lmforge.constrain": 6,
     "lmforge.tools": 6,
     "lmforge.model": 7,
+    "lmforge.prompt_cache": 7,
     "lmforge.server": 8,
     "lmforge.bench": 8,
     "lmforge.evaluate": 8,

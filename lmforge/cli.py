@@ -352,9 +352,8 @@ def cmd_bench(args) -> int:
     vs = tuple(v for v in (args.vs or "").split(",") if v)
     if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise LmforgeError(f"the folder of --plot {args.plot} does not exist")
-    rows = bench(
-        args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target, args.rounds
-    )
+    counts = (args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads)
+    rows = bench(args.models, *counts, vs, args.target, args.rounds, prompt=args.prompt, **_speculative(args))
     print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
     sys.stdout.flush()
     if args.plot:
@@ -583,6 +582,20 @@ def _bench_parser(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--target", default="cpu-int4", help="preset for MODELs that must be converted first")
     p.add_argument("--vs", help="peers measured on the first MODEL: llamacpp,ortgenai")
+    p.add_argument(
+        "--prompt",
+        choices=["text", "grounded"],
+        default="text",
+        help="text: English help text (default); grounded: a code-editing request whose answer quotes it",
+    )
+    p.add_argument(
+        "--speculative",
+        choices=["ngram", "draft", "off"],
+        default="off",
+        help="also measure lmforge decoding with speculation (a row per form): ngram, draft (--draft), off (default)",
+    )
+    p.add_argument("--draft", metavar="MODEL", help="draft model for --speculative draft (same vocabulary)")
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX, metavar="N", help="most tokens drafted per step")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")

@@ -29,6 +29,7 @@ LAYERS = {
     "lmforge.prompt_cache": 7,
     "lmforge.server": 8,
     "lmforge.bench": 8,
+    "lmforge.bench_speculative": 8,
     "lmforge.evaluate": 8,
     "lmforge.batch": 8,
     "lmforge.batch_ray": 8,

@@ -6,9 +6,10 @@ load time, then a warm-up and `repetitions` runs of prefill at `prompt_tokens` a
 of `gen_tokens`; mean and standard deviation per figure, time to first token, file size and the
 memory bandwidth decode achieves (weight bytes x decode tok/s). With `rounds` > 1 the runners take
 turns, a fresh process each turn, and each figure pools every turn's runs. With `speculative`
-(ngram | draft) each lmforge form also runs with speculation (`lmforge.bench_speculative`): its
-row gives tokens per pass and per verify, its decode against plain decode's, and whether its
-greedy tokens are plain decoding's.
+(ngram | draft) each lmforge form also runs with speculation (`lmforge.bench_speculative`), and
+with ngram each peer with its own (llama-cpp-python's prompt lookup, onnxruntime-genai's n-gram
+strategy): such a row gives tokens per pass and per verify, its decode against the same runner's
+plain decode, and whether its greedy tokens are that runner's plain ones.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.bench_speculative import PROMPTS, check_speculative, grounded_ids, pooled_stats, run_lmforge_speculative
+from lmforge.bench_speculative import (
+    PROMPTS,
+    check_speculative,
+    genai_model,
+    grounded_ids,
+    pooled_stats,
+    run_llamacpp_lookup,
+    run_lmforge_speculative,
+    run_ortgenai_ngram,
+)
 from lmforge.errors import LmforgeError
 from lmforge.export.folder import GENAI_FILE, META_FILE
 from lmforge.speculative import DRAFT_MAX
@@ -74,11 +84,13 @@ def _run_llamacpp(path: str, ids: list[int], gen: int, reps: int, threads: int |
         t1 = time.perf_counter()
         token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
         ttft = time.perf_counter() - t0
+        tokens = [token]
         t2 = time.perf_counter()
         for _ in range(gen):
             llm.eval([token])
             token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
-        return t1 - t0, time.perf_counter() - t2, ttft
+            tokens.append(token)
+        return t1 - t0, time.perf_counter() - t2, ttft, tokens
 
     return load, once
 
@@ -87,11 +99,7 @@ def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int |
     import onnxruntime_genai as og
 
     t = time.perf_counter()
-    config = og.Config(path)
-    config.clear_providers()
-    if threads:  # the same thread count as the other runners
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    model = genai_model(path, threads)
     load = time.perf_counter() - t
 
     def once():
@@ -105,7 +113,8 @@ def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int |
         t2 = time.perf_counter()
         for _ in range(gen):
             g.generate_next_token()
-        return t1 - t0, time.perf_counter() - t2, ttft
+        t3 = time.perf_counter()
+        return t1 - t0, t3 - t2, ttft, [int(t) for t in g.get_sequence(0)[len(ids) :]]
 
     return load, once
 
@@ -116,7 +125,9 @@ RUNNERS = {
     "lmforge": _run_lmforge,
     "lmforge-spec": run_lmforge_speculative,
     "llamacpp": _run_llamacpp,
+    "llamacpp-spec": run_llamacpp_lookup,
     "ortgenai": _run_ortgenai,
+    "ortgenai-spec": run_ortgenai_ngram,
 }
 
 
@@ -124,7 +135,7 @@ def _worker(kind: str, path: str, job: str) -> dict:
     """Measure one runner in this process; the figures as a dict."""
     spec = json.loads(Path(job).read_text())
     ids, gen, reps, threads = spec["ids"], spec["gen"], spec["reps"], spec["threads"]
-    options = (spec["speculation"],) if kind == "lmforge-spec" else ()
+    options = (spec["speculation"],) if kind.endswith("-spec") else ()
     load, once = RUNNERS[kind](path, ids, gen, reps, threads, *options)
     once()  # warm-up
     runs = [once() for _ in range(reps)]
@@ -234,21 +245,26 @@ def _prompt_ids(tok, prompt_tokens: int) -> list[int]:
     return ids
 
 
-def _peers(vs: tuple[str, ...], source: Path) -> list[tuple[str, str, Path | str]]:
+def _peers(vs: tuple[str, ...], source: Path, speculative: str = "off") -> list[tuple[str, str, Path | str]]:
     """(runner, label, path) of each peer in VS, run on SOURCE (or what onnxruntime-genai's builder
-    makes of it); a peer that cannot be prepared (its builder fails) has its reason for a path."""
+    makes of it); a peer that cannot be prepared (its builder fails) has its reason for a path.
+    With `speculative` ngram each peer also runs with its own n-gram speculation."""
     peers = []
     for p in vs:
         if p == "llamacpp":
             if source.suffix.lower() != ".gguf":
                 raise LmforgeError("--vs llamacpp needs the first MODEL to be a .gguf file (or a known GGUF name)")
             peers.append(("llamacpp", "llama.cpp (the GGUF)", source))
+            if speculative == "ngram":
+                peers.append(("llamacpp-spec", "llama.cpp (the GGUF) +lookup", source))
         else:
             try:
                 folder: Path | str = _genai_folder(source)
             except LmforgeError as e:  # a row with the reason; the other runners are still measured
                 folder = str(e)
             peers.append(("ortgenai", "onnxruntime-genai (its builder's int4)", folder))
+            if speculative == "ngram":
+                peers.append(("ortgenai-spec", "onnxruntime-genai (its builder's int4) +ngram", folder))
     return peers
 
 
@@ -280,15 +296,16 @@ def _measure(runners, job: Path, rounds: int) -> list[list[dict]]:
 
 
 def _compare(rows: list[dict], runners, passes) -> None:
-    """Ratios to the first row (lmforge's plain decode); a speculative row also against the plain
-    row before it: its decode speed-up and whether its greedy tokens are the same."""
+    """Ratios to the first row (lmforge's plain decode); a speculative row (lmforge's or a peer's)
+    also against the plain row of the same runner before it: its decode speed-up and whether its
+    greedy tokens are the same."""
     base = rows[0]
     for i, r in enumerate(rows):
         if "error" not in r and "error" not in base:
             r["lmforge_prefill_ratio"] = round(base["prefill_mean"] / r["prefill_mean"], 2)
             r["lmforge_decode_ratio"] = round(base["decode_mean"] / r["decode_mean"], 2)
         plain = rows[i - 1]
-        if runners[i][0] == "lmforge-spec" and "error" not in r and "error" not in plain:
+        if runners[i][0].endswith("-spec") and "error" not in r and "error" not in plain:
             r["spec_speedup"] = round(r["decode_mean"] / plain["decode_mean"], 2)
             r["same_tokens"] = passes[i][-1]["tokens"] == passes[i - 1][-1]["tokens"]
 
@@ -341,7 +358,7 @@ def bench(
     source = resolve(models[0])
     if source.is_dir() and metas[0].get("source") and Path(metas[0]["source"]).exists():
         source = Path(metas[0]["source"])  # a folder lmforge wrote: its peers run what it came from
-    runners = _runners(models, folders, metas, _peers(vs, source), speculative)
+    runners = _runners(models, folders, metas, _peers(vs, source, speculative), speculative)
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         options = {"speculative": speculative, "draft": str(draft) if draft else None, "draft_max": draft_max}

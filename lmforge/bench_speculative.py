@@ -111,3 +111,90 @@ def pooled_stats(runs: list[dict[str, int]]) -> dict:
     verifies = total["verifies"]
     out["tokens_per_verify"] = round((total["accepted"] + verifies) / verifies, 2) if verifies else 0.0
     return out
+
+
+# ---- the peers' own speculation (with --vs): llama.cpp's prompt lookup, onnxruntime-genai's n-gram ----
+
+LOOKUP_TOKENS = 10  # LlamaPromptLookupDecoding's num_pred_tokens (its default)
+GENAI_NGRAM = {"ngram_size": 3, "max_draft_tokens": 8}
+
+
+def genai_model(path: str, threads: int | None):
+    """onnxruntime-genai's Model of `path` on the CPU with `threads` intra-op threads."""
+    import json
+
+    import onnxruntime_genai as og
+
+    config = og.Config(path)
+    config.clear_providers()
+    if threads:  # the same thread count as the other runners
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def run_llamacpp_lookup(path: str, ids: list[int], gen: int, reps: int, threads: int | None, options: dict):
+    """llama-cpp-python with `LlamaPromptLookupDecoding` through its own `generate` (greedy). It
+    keeps no counts: passes are its eval calls after the prompt's, drafts the extra tokens they
+    carry, accepted drafts the tokens beyond one per pass."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    t = time.perf_counter()
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)
+    # logits_all: a draft model makes the context keep every position's logits, but the Python side
+    # sizes its score rows by this flag (n_batch rows without it: a longer sequence fails)
+    llm = llama_cpp.Llama(
+        path, n_ctx=len(ids) + gen + 8 + LOOKUP_TOKENS, n_batch=len(ids), n_threads=threads,
+        n_threads_batch=threads, verbose=False, draft_model=draft, logits_all=True,
+    )  # fmt: skip
+    load = time.perf_counter() - t
+    calls: list[int] = []
+    evaluate = llm.eval
+    llm.eval = lambda tokens: (calls.append(len(tokens)), evaluate(tokens))[1]  # counts its passes
+
+    def once():
+        llm.reset()  # no prefix kept from the last run
+        calls.clear()
+        t0, first, tokens = time.perf_counter(), 0.0, []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            first = first or time.perf_counter()
+            tokens.append(int(token))
+            if len(tokens) > gen:
+                break
+        passes = calls[1:]
+        verifies = [n - 1 for n in passes if n > 1]
+        counts = {"passes": len(passes), "tokens": gen, "verifies": len(verifies), "drafted": sum(verifies)}
+        return first - t0, time.perf_counter() - first, first - t0, tokens, {**counts, "accepted": gen - len(passes)}
+
+    return load, once
+
+
+def run_ortgenai_ngram(path: str, ids: list[int], gen: int, reps: int, threads: int | None, options: dict):
+    """onnxruntime-genai with its n-gram speculative strategy (3-grams, up to 8 drafts), greedy;
+    its counts from `get_speculative_stats` (passes: its target passes and plain fallback steps)."""
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    model = genai_model(path, threads)
+    load = time.perf_counter() - t
+
+    def once():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + gen + 1, do_sample=False)
+        params.set_speculative_options(**GENAI_NGRAM)
+        g = og.Generator(model, params)
+        t0 = time.perf_counter()
+        g.append_tokens(ids)
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(gen):
+            g.generate_next_token()
+            tokens.append(int(g.get_next_tokens()[0]))
+        t2 = time.perf_counter()
+        s = g.get_speculative_stats()
+        passes = int(s["target_forward_passes"] + s["standard_fallback_steps"])
+        counts = {"passes": passes, "tokens": gen, "verifies": int(s["target_verify_forward_passes"])}
+        counts.update(drafted=int(s["draft_tokens_evaluated"]), accepted=int(s["draft_tokens_accepted"]))
+        return t1 - t0, t2 - t1, t1 - t0, tokens, counts
+
+    return load, once

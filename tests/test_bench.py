@@ -149,3 +149,20 @@ def test_bench_speculative_draft_model_and_bad_options(default_onnx, tiny_factor
     assert_user_error(run_cli("bench", default_onnx, "--draft", draft), "--speculative draft")
     r = run_cli("bench", default_onnx, "--prompt", "wiki")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_speculative_peers_run_their_own_lookup():
+    """--vs with --speculative ngram: llama-cpp-python with LlamaPromptLookupDecoding and
+    onnxruntime-genai with its n-gram strategy each get a row after their plain one, with counts."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    args = ("--vs", "llamacpp,ortgenai", "--speculative", "ngram", "--prompt", "grounded")
+    rows = _bench_json("smollm2-135m", *args, "--prompt-tokens", "128", "--gen-tokens", "32")
+    labels = [r["runner"] for r in rows]
+    assert labels[1].endswith("+ngram") and labels[3].endswith("+lookup") and labels[5].endswith("+ngram"), labels
+    for plain, spec in zip(rows[::2], rows[1::2]):
+        assert "error" not in plain and "error" not in spec, (plain, spec)
+        assert spec["tokens"] == 32 and 0 < spec["passes"] <= 32 and isinstance(spec["same_tokens"], bool)
+        assert spec["tokens_per_pass"] >= 1.0 and spec["spec_speedup"] > 0 and "tokens_per_pass" not in plain

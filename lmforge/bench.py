@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 
 from lmforge.bench_speculative import (
+    GENAI_NGRAM,
     PROMPTS,
     check_speculative,
+    genai_counts,
     genai_model,
     grounded_ids,
     pooled_stats,
     run_llamacpp_lookup,
     run_lmforge_speculative,
-    run_ortgenai_ngram,
 )
 from lmforge.errors import LmforgeError
 from lmforge.export.folder import GENAI_FILE, META_FILE
@@ -95,7 +96,9 @@ def _run_llamacpp(path: str, ids: list[int], gen: int, reps: int, threads: int |
     return load, once
 
 
-def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int | None):
+def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int | None, options: dict | None = None):
+    """onnxruntime-genai on its own folder, greedy; with `options` (speculative ngram) its n-gram
+    strategy (3-grams, up to 8 drafts) and its speculation counts."""
     import onnxruntime_genai as og
 
     t = time.perf_counter()
@@ -105,6 +108,8 @@ def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int |
     def once():
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + gen + 1, do_sample=False)
+        if options:
+            params.set_speculative_options(**GENAI_NGRAM)
         g = og.Generator(model, params)
         t0 = time.perf_counter()
         g.append_tokens(ids)
@@ -114,7 +119,10 @@ def _run_ortgenai(path: str, ids: list[int], gen: int, reps: int, threads: int |
         for _ in range(gen):
             g.generate_next_token()
         t3 = time.perf_counter()
-        return t1 - t0, t3 - t2, ttft, [int(t) for t in g.get_sequence(0)[len(ids) :]]
+        tokens = [int(t) for t in g.get_sequence(0)[len(ids) :]]
+        if options:
+            return t1 - t0, t3 - t2, ttft, tokens, {**genai_counts(g), "tokens": gen}
+        return t1 - t0, t3 - t2, ttft, tokens
 
     return load, once
 
@@ -127,7 +135,7 @@ RUNNERS = {
     "llamacpp": _run_llamacpp,
     "llamacpp-spec": run_llamacpp_lookup,
     "ortgenai": _run_ortgenai,
-    "ortgenai-spec": run_ortgenai_ngram,
+    "ortgenai-spec": _run_ortgenai,
 }
 
 

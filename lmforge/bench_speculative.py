@@ -169,32 +169,10 @@ def run_llamacpp_lookup(path: str, ids: list[int], gen: int, reps: int, threads:
     return load, once
 
 
-def run_ortgenai_ngram(path: str, ids: list[int], gen: int, reps: int, threads: int | None, options: dict):
-    """onnxruntime-genai with its n-gram speculative strategy (3-grams, up to 8 drafts), greedy;
-    its counts from `get_speculative_stats` (passes: its target passes and plain fallback steps)."""
-    import onnxruntime_genai as og
-
-    t = time.perf_counter()
-    model = genai_model(path, threads)
-    load = time.perf_counter() - t
-
-    def once():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + gen + 1, do_sample=False)
-        params.set_speculative_options(**GENAI_NGRAM)
-        g = og.Generator(model, params)
-        t0 = time.perf_counter()
-        g.append_tokens(ids)
-        t1 = time.perf_counter()
-        tokens = []
-        for _ in range(gen):
-            g.generate_next_token()
-            tokens.append(int(g.get_next_tokens()[0]))
-        t2 = time.perf_counter()
-        s = g.get_speculative_stats()
-        passes = int(s["target_forward_passes"] + s["standard_fallback_steps"])
-        counts = {"passes": passes, "tokens": gen, "verifies": int(s["target_verify_forward_passes"])}
-        counts.update(drafted=int(s["draft_tokens_evaluated"]), accepted=int(s["draft_tokens_accepted"]))
-        return t1 - t0, t2 - t1, t1 - t0, tokens, counts
-
-    return load, once
+def genai_counts(generator) -> dict[str, int]:
+    """Speculation counts of an onnxruntime-genai generator (`get_speculative_stats`): passes are
+    its target passes and its plain fallback steps."""
+    s = generator.get_speculative_stats()
+    counts = {"passes": int(s["target_forward_passes"] + s["standard_fallback_steps"])}
+    counts["verifies"] = int(s["target_verify_forward_passes"])
+    return {**counts, "drafted": int(s["draft_tokens_evaluated"]), "accepted": int(s["draft_tokens_accepted"])}

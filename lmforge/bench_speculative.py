@@ -1,7 +1,8 @@
 """`lmforge bench --speculative`: lmforge's decode with speculation on (n-gram prompt lookup or a
-draft model), measured beside its plain decode, with tokens per pass and per verify; and the
-grounded prompt (`--prompt grounded`) on which lookup can help: a code-editing request over
-standard-library source, whose answer copies much of the prompt.
+draft model), measured beside its plain decode, with tokens per pass and per verify; the peers'
+own n-gram speculation (llama-cpp-python's prompt lookup, onnxruntime-genai's n-gram strategy)
+with their counts; and the grounded prompt (`--prompt grounded`) on which lookup can help: a
+code-editing request over standard-library source, whose answer copies much of the prompt.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def run_lmforge_speculative(path: str, ids: list[int], gen: int, reps: int, thre
     params = SamplingParams(max_tokens=gen + 1)
 
     def once():
-        spec.stats = SpecStats()  # this run's counts (the learnt cost and rates carry over, as in a server)
+        spec.stats = SpecStats()  # this run's counts (the learnt verify cost carries over, as in a server)
         t0, first, tokens = time.perf_counter(), 0.0, []
         for r in stream_generate(engine, None, ids, params, (), speculation=spec):
             first = first or time.perf_counter()

@@ -236,3 +236,29 @@ def test_tensor_layout_is_checked(tmp_path, default_onnx):
     save_file(tensors, str(path), metadata={**meta, "sha256": _tensor_digest(tensors)})
     with pytest.raises(PromptCacheError, match="is damaged .*past_key_values.0.key"):
         read_prompt_cache(path, engine, 64)
+
+
+def test_any_damaged_byte_is_refused(tmp_path, default_onnx):
+    """A byte changed anywhere (header length, header JSON, metadata, token ids, KV) is one
+    PromptCacheError, never another exception and never a cache that loads."""
+    import random
+
+    from lmforge.prompt_cache import PromptCacheError
+
+    engine = OrtEngine(default_onnx, threads=2)
+    prefix = PrefixCache()
+    list(stream_generate(engine, None, list(range(100, 106)), SamplingParams(max_tokens=2), (), prefix))
+    path = tmp_path / "c.cache"
+    write_prompt_cache(path, engine, prefix)
+    good = path.read_bytes()
+    header = int.from_bytes(good[:8], "little") + 8
+    rng = random.Random(5)
+    spots = [rng.randrange(header) for _ in range(150)] + [rng.randrange(header, len(good)) for _ in range(50)]
+    for spot in spots:
+        data = bytearray(good)
+        data[spot] ^= rng.randrange(1, 256)
+        path.write_bytes(bytes(data))
+        if data[spot] in b" \t\n\r" and good[spot] in b" \t\n\r":
+            continue  # JSON whitespace for JSON whitespace: the same file
+        with pytest.raises(PromptCacheError):
+            read_prompt_cache(path, engine, 16)

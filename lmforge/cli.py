@@ -163,8 +163,10 @@ def _prompt(args) -> str:
 
 def cmd_run(args) -> int:
     from lmforge.model import load
+    from lmforge.prompt_cache import check_writable, load_prompt_cache, save_prompt_cache
 
     prompt = _prompt(args)
+    cache_file = check_writable(args.prompt_cache) if args.prompt_cache else None  # before any work
     model = load(
         args.model,
         device=args.device,
@@ -173,6 +175,8 @@ def cmd_run(args) -> int:
         engine=args.engine,
         **_speculative(args),
     )
+    if cache_file is not None:
+        load_prompt_cache(model, cache_file, len(model.prompt_ids(prompt, raw=args.raw)) + args.max_tokens)
     running = f"lmforge: running {args.model} as {model.form}"
     try:  # said with the first piece: an error before it (a prompt too long, ...) stays one line
         for piece in model.stream(prompt, raw=args.raw, **_sampling(args)):
@@ -187,6 +191,11 @@ def cmd_run(args) -> int:
         print(running, file=sys.stderr)
     sys.stdout.write("\n")
     print(_stats(model, args.verbose), file=sys.stderr)
+    if cache_file is not None:
+        saved = save_prompt_cache(model, cache_file)
+        if args.verbose and model.last is not None:
+            reused, whole = model.prefix.reused, model.last.prompt_tokens
+            print(f"prompt cache: reused {reused} of {whole} tokens from {cache_file}; saved {saved}", file=sys.stderr)
     return 0
 
 
@@ -343,9 +352,8 @@ def cmd_bench(args) -> int:
     vs = tuple(v for v in (args.vs or "").split(",") if v)
     if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise LmforgeError(f"the folder of --plot {args.plot} does not exist")
-    rows = bench(
-        args.models, args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads, vs, args.target, args.rounds
-    )
+    counts = (args.prompt_tokens, args.gen_tokens, args.repetitions, args.threads)
+    rows = bench(args.models, *counts, vs, args.target, args.rounds, prompt=args.prompt, **_speculative(args))
     print(json.dumps(rows) if args.json else table(rows, "csv" if args.csv else "md" if args.md else "text"))
     sys.stdout.flush()
     if args.plot:
@@ -540,6 +548,11 @@ def _run_parser(sub) -> None:
     prompt.add_argument("-p", "--prompt", help="the prompt; - (or a pipe and no -p) reads it from the standard input")
     prompt.add_argument("--file", metavar="PATH", help="read the prompt from this UTF-8 text file")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
+    p.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="reuse the KV of the longest token prefix shared with the prompt saved in FILE, and save this run's",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -571,6 +584,20 @@ def _bench_parser(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--target", default="cpu-int4", help="preset for MODELs that must be converted first")
     p.add_argument("--vs", help="peers measured on the first MODEL: llamacpp,ortgenai")
+    p.add_argument(
+        "--prompt",
+        choices=["text", "grounded"],
+        default="text",
+        help="text: English help text (default); grounded: a code-editing request whose answer quotes it",
+    )
+    p.add_argument(
+        "--speculative",
+        choices=["ngram", "draft", "off"],
+        default="off",
+        help="also measure lmforge decoding with speculation (a row per form): ngram, draft (--draft), off (default)",
+    )
+    p.add_argument("--draft", metavar="MODEL", help="draft model for --speculative draft (same vocabulary)")
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX, metavar="N", help="most tokens drafted per step")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")

@@ -107,3 +107,62 @@ def test_bench_failing_peer_is_a_row_and_the_others_are_measured(tiny_factory):
     lmforge, genai = json.loads(r.stdout)
     assert "error" not in lmforge and lmforge["decode_mean"] > 0
     assert genai["runner"].startswith("onnxruntime-genai") and "builder failed" in genai["error"]
+
+
+def _bench_json(*args):
+    r = run_cli("bench", *args, "--threads", "2", "--repetitions", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_bench_speculative_ngram_on_a_grounded_prompt(default_onnx):
+    """On the fp32 form (exact verify) n-gram speculation decodes plain decoding's greedy tokens,
+    with drafts kept on a request whose answer quotes the prompt; the table shows its columns."""
+    from lmforge.bench import table
+
+    args = ("--speculative", "ngram", "--prompt", "grounded", "--prompt-tokens", "256", "--gen-tokens", "48")
+    plain, spec = _bench_json(default_onnx, *args)
+    assert plain["runner"] == "lmforge cpu-fp32" and spec["runner"] == "lmforge cpu-fp32 +ngram"
+    assert "tokens_per_pass" not in plain and spec["same_tokens"] is True
+    assert spec["verifies"] > 0 and spec["accepted"] > 0 and spec["tokens"] == 48  # the first comes from prefill
+    assert spec["tokens_per_pass"] > 1.0 and spec["tokens_per_verify"] > 1.0 and spec["passes"] < 48
+    assert spec["spec_speedup"] == round(spec["decode_mean"] / plain["decode_mean"], 2)
+    header = table([plain, spec]).splitlines()[0]
+    assert "tok/pass" in header and "tok/verify" in header and "same tokens" in header
+    assert "tok/pass" not in table([plain]).splitlines()[0]  # no speculative row: the table as before
+
+
+def test_bench_speculative_draft_model_and_bad_options(default_onnx, tiny_factory):
+    """A tiny random Llama with SmolLM2's tokenizer drafts (its context is 256: a short prompt).
+    Whether its drafts pay is the cost model's call from measured pass times (on a busy machine it
+    may draft nothing), so only the row's wiring and the greedy tokens are checked here; the drafts
+    themselves are checked in test_speculative."""
+    draft = tiny_factory(("llama", "float32", False, None))
+    args = ("--speculative", "draft", "--draft", draft, "--draft-max", "4", "--prompt", "grounded")
+    plain, spec = _bench_json(default_onnx, *args, "--prompt-tokens", "96", "--gen-tokens", "24")
+    assert spec["runner"].endswith("+draft") and spec["same_tokens"] is True and spec["tokens"] == 24
+    assert 0 < spec["passes"] <= 24 and spec["drafted"] <= 4 * spec["verifies"]
+    assert_user_error(run_cli("bench", default_onnx, "--speculative", "ngram", "--draft-max", "0"), "--draft-max")
+    assert_user_error(run_cli("bench", default_onnx, "--speculative", "draft"), "--draft MODEL")
+    other = tiny_factory(("phi3", "float32", False, None))  # a SentencePiece vocabulary
+    assert_user_error(run_cli("bench", default_onnx, "--speculative", "draft", "--draft", other), "another vocabulary")
+    assert_user_error(run_cli("bench", default_onnx, "--draft", draft), "--speculative draft")
+    r = run_cli("bench", default_onnx, "--prompt", "wiki")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_speculative_peers_run_their_own_lookup():
+    """--vs with --speculative ngram: llama-cpp-python with LlamaPromptLookupDecoding and
+    onnxruntime-genai with its n-gram strategy each get a row after their plain one, with counts."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    args = ("--vs", "llamacpp,ortgenai", "--speculative", "ngram", "--prompt", "grounded")
+    rows = _bench_json("smollm2-135m", *args, "--prompt-tokens", "128", "--gen-tokens", "32")
+    labels = [r["runner"] for r in rows]
+    assert labels[1].endswith("+ngram") and labels[3].endswith("+lookup") and labels[5].endswith("+ngram"), labels
+    for plain, spec in zip(rows[::2], rows[1::2]):
+        assert "error" not in plain and "error" not in spec, (plain, spec)
+        assert spec["tokens"] == 32 and 0 < spec["passes"] <= 32 and isinstance(spec["same_tokens"], bool)
+        assert spec["tokens_per_pass"] >= 1.0 and spec["spec_speedup"] > 0 and "tokens_per_pass" not in plain

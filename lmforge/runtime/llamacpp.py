@@ -133,7 +133,7 @@ class LlamaCppEngine(Engine):
             )
         if kv_type not in KV_TYPES:
             raise LmforgeError(f"unknown KV cache type {kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
-        self.kv_type = KV_TYPES[kv_type]
+        self.kv_type, self.kv_type_name = KV_TYPES[kv_type], kv_type
         # an f16 cache (flash attention) rounds a batch of positions unlike one: only an f32 cache
         # makes verified tokens exactly those of plain decoding
         self.exact_verify = kv_type == "f32"
@@ -325,6 +325,42 @@ class LlamaCppEngine(Engine):
         if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), row, length, -1):
             raise LmforgeError(f"llama.cpp cannot remove positions {length}.. of a sequence{_why()}")
         cache.lengths[row] = length
+
+    # ---- a one-row cache as tensors, for prompt cache files (lmforge.prompt_cache) ---------------
+    def state_identity(self) -> tuple[list[Path], dict[str, str]]:
+        """The GGUF file, and what else the saved sequence state depends on (llama.cpp's own
+        state format changes between versions)."""
+        n_layers = int(self._lib.llama_model_n_layer(self.model))
+        info = {"engine": "llamacpp", "device": self.device, "dtype": self.kv_type_name, "n_layers": str(n_layers)}
+        version = getattr(self._lib, "__version__", "unknown")
+        return [self.path], {**info, "vocab_size": str(self.vocab_size), "llama_cpp": version}
+
+    def kv_tensors(self, cache: LlamaCppCache) -> dict[str, np.ndarray]:
+        """Row 0's KV as llama.cpp's sequence state (llama_state_seq_get_data): a byte copy of its
+        cells, so restoring it is exact."""
+        lib = self._lib
+        self._check_live(cache)
+        size = lib.llama_state_seq_get_size(self.ctx, 0)
+        blob = np.empty(size, dtype=np.uint8)
+        n = lib.llama_state_seq_get_data(self.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0)
+        return {"llama_state_seq": blob[:n]}
+
+    def cache_from_kv(self, tensors: dict[str, np.ndarray], length: int, capacity: int) -> LlamaCppCache:
+        """A one-row cache (earlier caches die) restored from `kv_tensors`' state, holding
+        `length` positions, with room for `capacity`; ValueError when llama.cpp refuses it."""
+        lib = self._lib
+        blob = tensors.get("llama_state_seq")
+        if set(tensors) != {"llama_state_seq"} or blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
+            raise ValueError("it holds no llama.cpp sequence state")
+        cache = self.new_cache(1, max(length, capacity))
+        blob = np.ascontiguousarray(blob)
+        ok = lib.llama_state_seq_set_data(self.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), blob.size, 0)
+        memory = lib.llama_get_memory(self.ctx)
+        if not ok or lib.llama_memory_seq_pos_max(memory, 0) != length - 1:
+            lib.llama_memory_clear(memory, True)
+            raise ValueError(f"llama.cpp cannot restore its {length} positions{_why()}")
+        cache.lengths[0] = length
+        return cache
 
     def close(self) -> None:
         """Free the context, batch and model (also done when the engine is collected)."""

@@ -508,3 +508,41 @@ class OrtEngine(Engine):
         lengths = cache.lengths.copy()
         lengths[row] = length
         cache.lengths = lengths
+
+    # ---- a one-row cache as tensors, for prompt cache files (lmforge.prompt_cache) ---------------
+    def state_identity(self) -> tuple[list[Path], dict[str, str]]:
+        """The files whose bytes make this model's KV (graphs and weights), and what else the KV
+        depends on: a saved cache is loaded only where both match."""
+        files = [self.folder / name for name in sorted(self.meta.get("files") or {})]
+        info = {"engine": "ort", "device": self.device, "dtype": np.dtype(self.np_dtype).name}
+        shape = {k: str(getattr(self, k)) for k in ("n_layers", "n_kv_heads", "head_dim", "vocab_size")}
+        return files or sorted(self.folder.glob("*.onnx*")), {**info, **shape}
+
+    def _kv_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+
+    def kv_tensors(self, cache: KVCache) -> dict[str, np.ndarray]:
+        """Row 0's positions in use, by the graph's input names: (kv_heads, length, head_dim) each."""
+        n = int(cache.lengths[0])
+        return {name: np.ascontiguousarray(buf.numpy()[0, :, :n]) for name, buf in zip(self._kv_names(), cache.buffers)}
+
+    def cache_from_kv(self, tensors: dict[str, np.ndarray], length: int, capacity: int) -> KVCache:
+        """A one-row cache holding `tensors` (as `kv_tensors` returns them) as its first `length`
+        positions, with room for `capacity`; ValueError when they do not fit this model."""
+        names = self._kv_names()
+        want = (self.n_kv_heads, length, self.head_dim)
+        for name in names:
+            t = tensors.get(name)
+            if t is None or t.shape != want or t.dtype != self.np_dtype:
+                raise ValueError(f"{name} is not {self.np_dtype.__name__} of shape {want}")
+        if set(tensors) != set(names):
+            raise ValueError(f"unexpected tensors {sorted(set(tensors) - set(names))[:3]}")
+        import onnxruntime as ort
+
+        cache = self.new_cache(1, max(length, capacity))
+        for k, name in enumerate(names):
+            arr = np.zeros((1, self.n_kv_heads, cache.capacity, self.head_dim), dtype=self.np_dtype)
+            arr[0, :, :length] = tensors[name]
+            cache.buffers[k] = ort.OrtValue.ortvalue_from_numpy(arr, self.ort_device, 0)
+        cache.lengths[0] = length
+        return cache

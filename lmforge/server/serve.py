@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
@@ -141,8 +142,11 @@ def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, 
     return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
 
 
-def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int], spin: str) -> None:
-    """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
+def _check_arguments(
+    engine: str, port: int, api_key: str | None, limits: dict[str, int], spin: str, spec: dict
+) -> None:
+    """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its
+    value, SPEC holds `load`'s speculative, draft and draft_max."""
     if engine not in ("auto", *ENGINES):
         raise LmforgeError(f"unknown engine {engine!r}; choose one of: auto, {', '.join(ENGINES)}")
     for what, value in limits.items():
@@ -154,6 +158,18 @@ def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[s
         raise LmforgeError(f"--port must be in 0..65535, not {port}")
     if api_key is not None and not api_key.strip():
         raise LmforgeError("--api-key is empty; give a key or leave the option out")
+    check_options(spec["speculative"] or "ngram", spec["draft_max"])
+    if spec["speculative"] == "draft" and spec["draft"] is None:
+        raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
+
+
+def _load_announced(name: str, *args):
+    """`load_for_serving(*args)`, announced on stderr when ready."""
+    loaded = load_for_serving(*args)
+    print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
+    if not loaded.chat_template:
+        log.warning("this model has no chat template: /v1/chat/completions answers 400, /v1/completions runs")
+    return loaded
 
 
 def serve(
@@ -190,9 +206,8 @@ def serve(
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
     (default: from the open-file limit); seconds a client has to send its headers; the KV cache
     budget in MiB (None: room for every batch row and one full context); how ONNX Runtime's
-    threads wait (auto|sleep|spin: lmforge.server.threads); speculative decoding as `load` takes
-    it (a sequence decoding alone drafts and verifies). Raises LmforgeError for
-    bad arguments, a model that does not exist or does not load."""
+    threads wait (lmforge.server.threads); speculative decoding as `load` takes it. Raises
+    LmforgeError for bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -207,10 +222,8 @@ def serve(
         api_key,
         {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
         spin,
+        spec := dict(speculative=speculative, draft=draft, draft_max=draft_max),
     )
-    check_options(speculative or "ngram", draft_max)
-    if speculative == "draft" and draft is None:
-        raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
@@ -225,16 +238,8 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    def load():
-        spec = dict(speculative=speculative, draft=draft, draft_max=draft_max)
-        loaded = load_for_serving(model, engine, device, target, threads, spin, spec)
-        print(f"lmforge: {name} is ready, running as {loaded.form}", file=sys.stderr, flush=True)
-        if not loaded.chat_template:
-            log.warning("this model has no chat template: /v1/chat/completions answers 400, /v1/completions runs")
-        return loaded
-
     app = create_app(
-        load,
+        functools.partial(_load_announced, name, model, engine, device, target, threads, spin, spec),
         name,
         api_key,
         Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb),

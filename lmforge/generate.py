@@ -122,8 +122,9 @@ class SequenceState:
         if p.logprobs:
             lp = log_softmax(logits)
             info = [TokenLogprob(token, float(lp[token]), _top_logprobs(lp, p.top_logprobs))]
-        if token in self.eos:
-            return self._finish(self.text[self.emitted :], token, [], "stop")
+        if token in self.eos:  # the text held back ends here, a cut character too (as at max_tokens)
+            rest = self.text[self.emitted :] + (self.detok.flush() if self.detok is not None else "")
+            return self._finish(rest, token, [], "stop")
         self.n += 1
         self.tokens.append(token)
         self.process.generated(token)

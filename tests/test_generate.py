@@ -297,3 +297,28 @@ def test_gguf_to_hf_generates_as_lmforge(arch, tiny_factory, tmp_path):
                 do_sample=False, pad_token_id=0,
             )[0, len(ids) :].tolist()  # fmt: skip
         assert theirs == greedy_tokens(model.engine, ids, 8), prompt
+
+
+@pytest.mark.parametrize("end", ["eos", "length"])
+def test_a_character_cut_by_the_end_is_flushed_as_transformers_decodes_it(default_onnx, end):
+    """The first byte token of a 3-token emoji, then EOS (or max_tokens): the reply's text is
+    what transformers' tokenizer decodes from the generated ids, held-back bytes included."""
+    from transformers import AutoTokenizer
+
+    from lmforge.generate import SequenceState
+
+    tok = Tokenizer.from_folder(default_onnx)
+    first = tok.encode("🦜")[0]
+    eos = 2
+    params = SamplingParams(max_tokens=2 if end == "length" else 8)
+    state = SequenceState(tok, [1, 2, 3], params, (eos,), 49152)
+    text = ""
+    for token in (first, first if end == "length" else eos):
+        logits = np.zeros(49152, dtype=np.float32)
+        logits[token] = 1.0
+        d = state.accept(logits)
+        text += d.text
+    assert d.finish_reason == ("length" if end == "length" else "stop")
+    ids = [first, first] if end == "length" else [first]
+    want = AutoTokenizer.from_pretrained(default_onnx).decode(ids)
+    assert text == want and text.startswith("\ufffd"), (text, want)

@@ -398,6 +398,7 @@ def cmd_serve(args) -> int:
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
         kv_budget_mb=args.kv_budget_mb,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     return 0
 
@@ -680,6 +681,12 @@ def _serve_parser(sub) -> None:
         type=int,
         help="KV cache memory the batching server may hold, in MiB (default: room for every batch row and one "
         "full-context sequence); longer requests wait for room or get a 400",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        help="memory for KV blocks of recent prompts, in MiB, beside --kv-budget-mb (default 256; 0: off): a "
+        "prompt that starts like a recent one (a shared system prompt, the next turn of a chat) prefills only the rest",
     )
     p.set_defaults(func=cmd_serve)
 

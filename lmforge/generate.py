@@ -166,6 +166,13 @@ def _live(engine, cache) -> bool:
     return check is None or check(cache)
 
 
+def decoded_kv_exact(engine) -> bool:
+    """Whether a decoded position's KV equals what a prefill of the same tokens writes (to float
+    rounding): only then may a kept cache hold decoded positions, else only prefilled ones
+    (int8-compute int4 graphs and llama.cpp round a one-row pass unlike a prefill)."""
+    return getattr(engine, "decoded_kv_exact", getattr(engine, "exact_verify", False))
+
+
 def _draft_room(engine, state: SequenceState) -> int:
     """How many tokens may be drafted now: the tokens left, and at most one batch of the engine
     (llama.cpp's n_batch) for the pending token and the draft together."""
@@ -244,8 +251,8 @@ def sequence_deltas(
     finally:
         # a newer call may own the engine's context or have kept its cache already
         if prefix is not None and clean and prefix.cache is None and _live(engine, cache):
-            if not getattr(engine, "decoded_kv_exact", getattr(engine, "exact_verify", False)):
-                keep = min(keep, len(state.prompt_ids))  # only what prefill wrote: see decoded_kv_exact
+            if not decoded_kv_exact(engine):
+                keep = min(keep, len(state.prompt_ids))  # only what prefill wrote
             engine.truncate(cache, 0, keep)
             prefix.cache, prefix.tokens = cache, state.tokens[:keep]
 

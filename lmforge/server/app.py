@@ -48,6 +48,8 @@ class Limits:
     max_queue: int = 256
     body_timeout_s: float = 30.0  # for a request's whole body to arrive
     kv_budget_mb: int | None = None  # KV cache budget of the batching scheduler (None: its default)
+    # the batching scheduler's prompt-prefix cache, beside the KV budget (None: its default; 0: off)
+    prefix_cache_mb: int | None = None
 
 
 @dataclass
@@ -98,12 +100,16 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     engine = model.engine
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
-        sched = BatchScheduler(engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget)
+        prefix = None if limits.prefix_cache_mb is None else limits.prefix_cache_mb * 2**20
+        sched = BatchScheduler(
+            engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget, prefix_cache_bytes=prefix
+        )
     else:
         sched = SerialScheduler(engine, metrics, limits.max_queue)
     metrics.queue_depth = sched.queue_depth
     metrics.active_sequences = sched.active_count
     metrics.kv_bytes = sched.kv_bytes
+    metrics.prefix_bytes = sched.prefix_bytes
     return sched.start()
 
 

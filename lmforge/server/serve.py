@@ -128,7 +128,9 @@ def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, 
     return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
 
 
-def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int]) -> None:
+def _check_arguments(
+    engine: str, port: int, api_key: str | None, limits: dict[str, int], prefix_cache_mb: int | None
+) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its value."""
     if engine not in ("auto", *ENGINES):
         raise LmforgeError(f"unknown engine {engine!r}; choose one of: auto, {', '.join(ENGINES)}")
@@ -139,6 +141,8 @@ def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[s
         raise LmforgeError(f"--port must be in 0..65535, not {port}")
     if api_key is not None and not api_key.strip():
         raise LmforgeError("--api-key is empty; give a key or leave the option out")
+    if prefix_cache_mb is not None and prefix_cache_mb < 0:
+        raise LmforgeError("--prefix-cache-mb must be >= 0 (0 turns prompt-prefix reuse off)")
 
 
 def serve(
@@ -161,6 +165,7 @@ def serve(
     max_connections: int | None = None,
     header_timeout_s: float = 10.0,
     kv_budget_mb: int | None = None,
+    prefix_cache_mb: int | None = None,
 ) -> None:
     """Serve MODEL with the OpenAI API on host:port until interrupted (SIGTERM/SIGINT drain it).
 
@@ -170,8 +175,9 @@ def serve(
     body size limit; uvicorn's log level; Host names to accept besides the loopback names and
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
     (default: from the open-file limit); seconds a client has to send its headers; the KV cache
-    budget in MiB (None: room for every batch row and one full context). Raises LmforgeError for
-    bad arguments, a model that does not exist or does not load."""
+    budget in MiB (None: room for every batch row and one full context); the prompt-prefix cache's
+    budget in MiB, beside the KV budget (None: 256; 0: no reuse). Raises LmforgeError for bad
+    arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -180,12 +186,8 @@ def serve(
     from lmforge.checkpoint import resolve
     from lmforge.server.app import Limits, create_app
 
-    _check_arguments(
-        engine,
-        port,
-        api_key,
-        {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
-    )
+    limits = {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes}
+    _check_arguments(engine, port, api_key, limits, prefix_cache_mb)
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
@@ -211,7 +213,7 @@ def serve(
         load,
         name,
         api_key,
-        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb),
+        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb, prefix_cache_mb=prefix_cache_mb),
         on_load_error=stop,
         access=access,
     )

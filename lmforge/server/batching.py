@@ -451,34 +451,38 @@ class BatchScheduler(Scheduler):
 
     def _prefill_batch(self) -> None:
         """Prefill waiting short prompts into the next free rows: each whose prefix the store
-        holds on its own over those blocks, the others together (right-padded, from empty rows)."""
+        holds on its own over those blocks (its first token out at once), then the others
+        together (right-padded: rows that start empty)."""
         solo, batch = self._pick_prefills()
-        if not solo and not batch:
-            return
+        for h in solo:
+            self._prefill_rows([h])
+        if batch:
+            self._prefill_rows(batch)
+
+    def _prefill_rows(self, batch: list[Handle]) -> None:
+        """Prefill `batch` into the next free rows: one prompt over its cached prefix, or several
+        from empty rows; they join the decode batch, their prompts' blocks go to the store."""
         start = len(self.active)
-        for i, h in enumerate(solo + batch):
+        for i, h in enumerate(batch):
             self.waiting.remove(h)
             h.row = start + i
             self.pool.clear_row(h.row)
-        self.prefilling = solo + batch  # off `waiting` and not yet active: an engine fault must still reach them
-        logits = []
-        for h in solo:
-            n = self._reuse(h, self.pool, h.row)
-            logits.append(self.engine.prefill(self.pool.rows(h.row, h.row + 1), [h.state.prompt_ids[n:]])[0])
-        if batch:
-            first = start + len(solo)
+        self.prefilling = batch  # off `waiting` and not yet active: an engine fault must still reach them
+        if len(batch) == 1:
+            reused = [self._reuse(batch[0], self.pool, start)]
+        else:  # rows of a right-padded batch start empty: none looked up
+            reused = [0] * len(batch)
             for _ in batch:
                 self._count_lookup(0)
-            logits += list(
-                self.engine.prefill(self.pool.rows(first, first + len(batch)), [h.state.prompt_ids for h in batch])
-            )
+        ids = [h.state.prompt_ids[n:] for h, n in zip(batch, reused)]
+        logits = self.engine.prefill(self.pool.rows(start, start + len(batch)), ids)
         self.prefilling = []
-        for h in solo + batch:
+        for h in batch:
             assert h.row == len(self.active)
             self.active.append(h)
             h.prefilled = len(h.state.prompt_ids)
             self._remember(h, self.pool, h.row)
-        self._sample(solo + batch, logits)
+        self._sample(batch, logits)
 
     def _pick_prefills(self) -> tuple[list[Handle], list[Handle]]:
         """(prompts to prefill alone over their cached prefix, prompts to prefill together): the

@@ -270,3 +270,53 @@ def test_clients_sharing_a_long_system_prompt_reuse_it(server, server_off, refer
 
 def test_prefix_cache_budget_must_not_be_negative():
     assert_user_error(run_cli("serve", NAME, "--prefix-cache-mb", "-1"), "--prefix-cache-mb")
+
+
+# ---- one sequence at a time (llama.cpp, or ONNX Runtime with --max-batch 1) ----------------------
+
+
+def _serve_in_turn(sched, model, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt through `sched` (started), one after the other: the replies' texts."""
+    import queue
+
+    from lmforge.sampling import SamplingParams
+    from lmforge.server.batching import Handle
+
+    texts = []
+    for prompt in prompts:
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        ids = model.prompt_ids(prompt, raw=True)
+        assert sched.submit(Handle(model.tokenizer, ids, params, model.eos_token_ids, model.engine.vocab_size, out.put))
+        pieces = [out.get(timeout=60)]
+        while pieces[-1].finish_reason is None:
+            pieces.append(out.get(timeout=60))
+        texts.append("".join(d.text for d in pieces))
+    return texts
+
+
+@pytest.mark.parametrize("engine", ["llamacpp", "ort"])
+def test_serial_scheduler_starts_from_the_last_sequences_cache(engine, default_model_path, int4_folder):
+    """A follow-up prompt starts from the previous sequence's cache and gets the reply a fresh
+    model gives; with a budget below the kept cache's size (ONNX Runtime) nothing is reused."""
+    from lmforge.model import load
+    from lmforge.server.batching import SerialScheduler
+    from lmforge.server.metrics import Metrics
+
+    if engine == "llamacpp":
+        pytest.importorskip("llama_cpp")
+    model = load(default_model_path if engine == "llamacpp" else int4_folder, engine=engine, threads=1)
+    fresh = load(default_model_path if engine == "llamacpp" else int4_folder, engine=engine, prefix_reuse=False)
+    story = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+    prompts = [story, story + " every morning walked to the harbor and", "The capital of France is"]
+    want = [fresh.generate(p, raw=True, max_tokens=12) for p in prompts]
+    budgets = [None, 1] if engine == "ort" else [None]
+    for budget in budgets:
+        metrics = Metrics()
+        sched = SerialScheduler(model.engine, metrics, prefix_cache_bytes=budget).start()
+        try:
+            assert _serve_in_turn(sched, model, prompts, 12) == want
+        finally:
+            sched.close()
+        reused = metrics.prefix_reused
+        assert metrics.prefix_lookups == 3 and (reused > 0 if budget is None else reused == 0), (budget, reused)

@@ -98,14 +98,14 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     from lmforge.runtime.ort import OrtEngine
 
     engine = model.engine
+    prefix = None if limits.prefix_cache_mb is None else limits.prefix_cache_mb * 2**20
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
-        prefix = None if limits.prefix_cache_mb is None else limits.prefix_cache_mb * 2**20
         sched = BatchScheduler(
             engine, limits.max_batch, metrics, limits.max_queue, kv_budget_bytes=budget, prefix_cache_bytes=prefix
         )
     else:
-        sched = SerialScheduler(engine, metrics, limits.max_queue)
+        sched = SerialScheduler(engine, metrics, limits.max_queue, prefix_cache_bytes=prefix)
     metrics.queue_depth = sched.queue_depth
     metrics.active_sequences = sched.active_count
     metrics.kv_bytes = sched.kv_bytes

@@ -28,7 +28,8 @@ A prompt whose leading blocks are stored gets them copied into its row and prefi
 least two tokens) in a one-row pass over them: right-padded batches assume rows that start empty.
 A long prompt whose rest is short enough goes to the pool instead of the lane.
 
-`SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time.
+`SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time,
+starting each from the last one's cache where their prompts share a prefix (`PrefixCache`).
 
 Both keep every sequence's own sampler and stops (`SequenceState`), so a greedy sequence gets the
 same tokens batched as alone.
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import Delta, SequenceState, decoded_kv_exact, sequence_deltas
+from lmforge.generate import Delta, PrefixCache, SequenceState, decoded_kv_exact, sequence_deltas
 from lmforge.sampling import SamplingParams
 from lmforge.server.prefix import PrefixStore
 
@@ -609,11 +610,22 @@ class BatchScheduler(Scheduler):
 
 
 class SerialScheduler(Scheduler):
-    """One sequence at a time through any Engine (new_cache / prefill / decode), queued FIFO."""
+    """One sequence at a time through any Engine (new_cache / prefill / decode), queued FIFO.
+    Each starts from the last one's KV cache where their prompts agree, unless
+    `prefix_cache_bytes` is 0; a kept cache larger than that budget (where the engine says its
+    size: ONNX Runtime) is dropped."""
 
-    def __init__(self, engine, metrics=None, max_queue: int = 256):
+    def __init__(self, engine, metrics=None, max_queue: int = 256, prefix_cache_bytes: int | None = None):
         super().__init__(engine, metrics, max_queue)
         self.current: Handle | None = None
+        self.prefix = PrefixCache() if prefix_cache_bytes != 0 else None
+        self.prefix_budget = PREFIX_CACHE_MB * 2**20 if prefix_cache_bytes is None else prefix_cache_bytes
+
+    def prefix_bytes(self) -> int:
+        """Bytes of the kept cache, where the engine says a position's size (else 0: its own)."""
+        cache = self.prefix.cache if self.prefix is not None else None
+        per = getattr(self.engine, "kv_bytes_per_position", None)
+        return cache.batch_size * cache.capacity * per if cache is not None and per else 0
 
     def active_count(self) -> int:
         return int(self.current is not None)
@@ -627,9 +639,11 @@ class SerialScheduler(Scheduler):
             return
         self.waiting.popleft()
         self.current = h  # an engine fault leaves it here for fail_active
-        steps = sequence_deltas(self.engine, h.state)
+        steps = sequence_deltas(self.engine, h.state, self.prefix)
         try:
-            for delta in steps:
+            for i, delta in enumerate(steps):
+                if i == 0 and self.metrics and self.prefix is not None:
+                    self.metrics.prefix_lookup(self.prefix.reused)
                 self.emit(h, delta)
                 if h.cancelled:
                     break
@@ -638,6 +652,8 @@ class SerialScheduler(Scheduler):
                     self.metrics.decode_step(1)
         finally:
             steps.close()
+        if self.prefix_bytes() > self.prefix_budget:
+            self.prefix.cache, self.prefix.tokens = None, []
         self._retire(h)
         self.current = None
 

@@ -150,6 +150,19 @@ class Recorder:
         return logits
 
 
+def _serve_alone(sched, engine, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of `prompt` through `sched`, stepped by hand until it finishes."""
+    from lmforge.sampling import SamplingParams
+    from lmforge.server.batching import Handle
+
+    got = []
+    h = Handle(None, prompt, SamplingParams(max_tokens=n), (), engine.vocab_size, got.append)
+    sched.waiting.append(h)
+    while not h.done:
+        sched.step()
+    return [d.token for d in got]
+
+
 def _fresh(engine, prompt):
     cache = engine.new_cache(1, len(prompt))
     logits = engine.prefill(cache, [prompt])[0]
@@ -162,8 +175,7 @@ def test_reused_prefix_gives_a_fresh_prefills_logits_and_kv(reference):
     logits and KV within 1e-5 of a fresh prefill of the whole prompt, and each greedy reply equals
     the prompt generated alone."""
     from lmforge.generate import greedy_tokens
-    from lmforge.sampling import SamplingParams
-    from lmforge.server.batching import BatchScheduler, Handle
+    from lmforge.server.batching import BatchScheduler
 
     engine = Recorder(reference.engine)
     rng = np.random.default_rng(1)
@@ -175,22 +187,45 @@ def test_reused_prefix_gives_a_fresh_prefills_logits_and_kv(reference):
     reused = []
     for prompt, n in cases:
         engine.calls.clear()
-        got = []
-        h = Handle(None, prompt, SamplingParams(max_tokens=n), (), engine.vocab_size, got.append)
-        sched.waiting.append(h)
-        while not h.done:
-            sched.step()
+        tokens = _serve_alone(sched, engine, prompt, n)
         past, logits, kv = engine.calls[0]
         reused.append(past)
         want_logits, want_kv = _fresh(reference.engine, prompt)
         np.testing.assert_allclose(engine.calls[-1][1], want_logits, rtol=0, atol=1e-5)
         for got_kv, want in zip(engine.calls[-1][2], want_kv):
             np.testing.assert_allclose(got_kv, want, rtol=0, atol=1e-5)
-        assert [d.token for d in got] == greedy_tokens(reference.engine, prompt, n)
+        assert tokens == greedy_tokens(reference.engine, prompt, n)
     # none; 2 blocks of the first (its third reaches past the second's prompt less two tokens);
     # the first's 3 blocks; 20 blocks of the third (640 of the 650 tokens they share)
     assert reused == [0, 64, 96, 640]
     assert sched.prefix.nbytes == len(sched.prefix.nodes) * 32 * engine.kv_bytes_per_position
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma3"])
+def test_float_forms_reuse_the_reply_too(arch, tiny_factory, tmp_path):
+    """On a float ONNX form (decoded KV equals a prefill's to float rounding) a sequence stores its
+    reply's blocks as it leaves: the next turn reuses them, with a fresh prefill's logits and KV
+    (1e-5) and the greedy tokens of the prompt alone; five architectures."""
+    from lmforge.export.convert import convert
+    from lmforge.generate import greedy_tokens
+    from lmforge.runtime.ort import OrtEngine
+    from lmforge.server.batching import BatchScheduler
+
+    real = OrtEngine(convert(tiny_factory((arch, "float32", False, None)), tmp_path / "m", progress=False))
+    assert real.exact_verify
+    engine = Recorder(real)
+    sched = BatchScheduler(engine, max_batch=2)
+    first = np.random.default_rng(2).integers(3, real.vocab_size, 70).tolist()
+    reply = _serve_alone(sched, engine, first, 40)  # 70 + 39 positions in its row as it leaves: 3 blocks
+    second = first + reply + [5, 6, 7, 8, 9, 10]
+    engine.calls.clear()
+    assert _serve_alone(sched, engine, second, 8) == greedy_tokens(real, second, 8)
+    past, logits, kv = engine.calls[0]
+    assert past == 96  # past the first prompt's 70 tokens: 26 of the reply's came from the cache
+    want_logits, want_kv = _fresh(real, second)
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5)
+    for got_kv, want in zip(kv, want_kv):
+        np.testing.assert_allclose(got_kv, want, rtol=0, atol=1e-5)
 
 
 # ---- a real server -----------------------------------------------------------------------------

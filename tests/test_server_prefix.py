@@ -201,6 +201,25 @@ def test_reused_prefix_gives_a_fresh_prefills_logits_and_kv(reference):
     assert sched.prefix.nbytes == len(sched.prefix.nodes) * 32 * engine.kv_bytes_per_position
 
 
+def test_reuse_ends_its_pass_as_one_pass_would(reference):
+    """ONNX Runtime computes the last query of a pass of 128j + 1 tokens as a decode step does
+    (logits ~0.5 apart on the default model): a prompt reuses fewer blocks where the rest would
+    end unlike one pass of the whole prompt, so the logits still equal a fresh prefill's (1e-5)."""
+    from lmforge.server.batching import BatchScheduler
+
+    engine = Recorder(reference.engine)
+    base = np.random.default_rng(3).integers(100, 40000, 500).tolist()
+    sched = BatchScheduler(engine, max_batch=2)
+    _serve_alone(sched, engine, base[:300], 2)  # stores 9 blocks (288 tokens)
+    # 321 tokens: reusing 288 or 192 leaves 33 or 129 (a lone last query, unlike one pass of 321)
+    # -> 160 where it shares 200; 385 = 3 * 128 + 1 ends on a lone query: the rest must too -> 256
+    for prompt, past in ((base[:200] + base[300:421], 160), (base[:385], 256), (base[:330], 320)):
+        engine.calls.clear()
+        _serve_alone(sched, engine, prompt, 2)
+        assert engine.calls[0][0] == past
+        np.testing.assert_allclose(engine.calls[0][1], _fresh(reference.engine, prompt)[0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma3"])
 def test_float_forms_reuse_the_reply_too(arch, tiny_factory, tmp_path):
     """On a float ONNX form (decoded KV equals a prefill's to float rounding) a sequence stores its

@@ -51,7 +51,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import Delta, PrefixCache, SequenceState, decoded_kv_exact, sequence_deltas
+from lmforge.generate import (
+    PREFILL_TILE,
+    Delta,
+    PrefixCache,
+    SequenceState,
+    decoded_kv_exact,
+    exact_split,
+    sequence_deltas,
+)
 from lmforge.sampling import SamplingParams
 from lmforge.server.prefix import PrefixStore
 
@@ -103,6 +111,21 @@ def _malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _exact_chunk(rest: int, size: int) -> int:
+    """About `size` tokens (at most, or PREFILL_TILE where no smaller one will do) of the `rest`
+    a lane prompt has left to prefill, such that its chunks together give what one pass gives
+    (`exact_split`): the chunk does not end on a one-row tile and leaves a rest that ends as one
+    pass would end. Holds as long as the rest before it would (true from the start)."""
+    if size >= rest:
+        return rest
+    k = exact_split(rest, size)
+    while k % PREFILL_TILE == 1:
+        k = exact_split(rest, k - 1)
+    if k == 0:  # a rest of 128j + 1 splits at multiples of 128 only
+        k = PREFILL_TILE if rest - PREFILL_TILE >= 2 else rest
+    return k
 
 
 class Failed(Exception):
@@ -398,11 +421,13 @@ class BatchScheduler(Scheduler):
         return n <= self.prefill_chunk or n - self._cached(h) <= self.prefill_chunk
 
     def _cached(self, h: Handle) -> int:
-        """Prompt tokens of `h` the prefix store holds now, leaving two at least to prefill."""
+        """Prompt tokens of `h` the prefix store holds now that it may reuse (`exact_split`)."""
         if self.prefix is None:
             return 0
         if h.cached[0] != self.prefix.version:  # asked again only once blocks came or went
-            h.cached = (self.prefix.version, self.prefix.match(h.state.prompt_ids[:-2]))
+            n = len(h.state.prompt_ids)
+            held = self.prefix.match(h.state.prompt_ids[:-2])
+            h.cached = (self.prefix.version, exact_split(n, held, self.prefix.block))
         return h.cached[1]
 
     def _admit(self) -> None:
@@ -510,11 +535,13 @@ class BatchScheduler(Scheduler):
 
     # ---- the prefix cache -----------------------------------------------------------------------
     def _reuse(self, h: Handle, pool, row: int) -> int:
-        """Copy the stored blocks of h's prompt prefix (leaving two tokens at least) into `row` of
-        `pool`, which is empty; returns the prompt tokens they hold."""
+        """Copy the stored blocks of h's prompt prefix that it may reuse (`exact_split`) into
+        `row` of `pool`, which is empty; returns the prompt tokens they hold."""
         if self.prefix is None:
             return 0
-        n, blocks = self.prefix.lookup(h.state.prompt_ids[:-2])
+        held, blocks = self.prefix.lookup(h.state.prompt_ids[:-2])
+        n = exact_split(len(h.state.prompt_ids), held, self.prefix.block)
+        blocks = blocks[: n // self.prefix.block]
         if n:
             pool.write_prefix(row, blocks)
         self._count_lookup(n)
@@ -541,9 +568,9 @@ class BatchScheduler(Scheduler):
         h = next((h for h in self.lane if h.prefilled < len(h.state.prompt_ids)), None)
         if h is None:
             return
-        size = self.lane_chunk if self.active else self.prefill_chunk
-        if len(h.state.prompt_ids) - h.prefilled - size == 1:
-            size -= 1  # no one-token last chunk: a one-row pass rounds unlike a prefill (int4)
+        size = _exact_chunk(
+            len(h.state.prompt_ids) - h.prefilled, self.lane_chunk if self.active else self.prefill_chunk
+        )
         ids = h.state.prompt_ids[h.prefilled : h.prefilled + size]
         t = time.perf_counter()
         logits = self.engine.prefill(h.lane_pool.rows(0, 1), [ids])

@@ -136,6 +136,7 @@ def measure(args) -> tuple[dict, dict, dict]:
     """Both workloads on both servers, interleaved: ({server: [chat turns per round]},
     {server: [shared-prompt result per round]}, the cache-on server's prefix metrics)."""
     cmds, ports = servers(args)
+    args.load = [os.getloadavg()[0]]
     chats: dict[str, list] = {n: [] for n in cmds}
     shared: dict[str, list] = {n: [] for n in cmds}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +166,7 @@ def measure(args) -> tuple[dict, dict, dict]:
                         f"{r['ttft_p50'] * 1000:5.0f} p99 {r['ttft_p99'] * 1000:5.0f} ms",
                         flush=True,
                     )
+            args.load.append(os.getloadavg()[0])
             metrics = {
                 line.split()[0]: float(line.split()[1])
                 for line in httpx.get(urls["on"] + "/metrics").text.splitlines()
@@ -187,8 +189,9 @@ def report(args, chats: dict, shared: dict, metrics: dict) -> None:
         f"`python benchmarks/serve_prefix.py --rounds {args.rounds} --tokens {args.tokens} --clients "
         f"{args.clients} --requests {args.requests} --threads {args.threads}`: the same server with its prefix "
         f"cache on (default, 256 MiB) and off (`--prefix-cache-mb 0`), `--max-batch {args.clients}`, greedy, "
-        f"interleaved rounds (order alternating), best of {args.rounds} per cell; clients and servers share the "
-        "machine's cores.",
+        f"interleaved rounds (order alternating), each figure its best of {args.rounds} rounds; clients and servers "
+        f"share the machine's cores (1-minute load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at "
+        "the end).",
         "",
         f"## (i) 6-turn chat (replies up to {args.tokens} tokens; each turn resends the conversation)",
         "",

@@ -25,8 +25,9 @@ Prompt prefixes are reused through a `PrefixStore` (its own byte budget, beside 
 once a sequence's prompt is prefilled, the whole blocks of it go into the store (and at its exit
 the decoded positions too, where the engine's decoded KV equals a prefill's: `decoded_kv_exact`).
 A prompt whose leading blocks are stored gets them copied into its row and prefills the rest (at
-least two tokens) in a one-row pass over them: right-padded batches assume rows that start empty.
-A long prompt whose rest is short enough goes to the pool instead of the lane.
+least two tokens, ending as one pass of the whole prompt would: `exact_split`) in a pass of its
+own over them: right-padded batches assume rows that start empty. A long prompt whose rest is
+short enough goes to the pool instead of the lane.
 
 `SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time,
 starting each from the last one's cache where their prompts share a prefix (`PrefixCache`).

@@ -86,6 +86,27 @@ def start(name: str, cmd: list[str], port: int, env: dict, log_dir: Path) -> sub
     raise SystemExit(f"{name} did not start")
 
 
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed chat completion of `body` (stream set here): {"t0": when it was sent, "times":
+    when each chunk with content arrived, "text", "finish" (its finish reason), "usage" (when
+    the body asks for it)}."""
+    t0 = time.perf_counter()
+    out = {"t0": t0, "times": [], "text": "", "finish": None, "usage": None}
+    async with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            out["usage"] = chunk.get("usage") or out["usage"]
+            choices = chunk.get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                out["times"].append(time.perf_counter())
+                out["text"] += choices[0]["delta"]["content"]
+            out["finish"] = choices[0].get("finish_reason") or out["finish"]
+    return out
+
+
 async def one_request(client: httpx.AsyncClient, url: str, content: str, tokens: int) -> tuple[float, list[float]]:
     """(time to first token, gaps between streamed chunks) of one streamed chat reply of exactly
     `tokens` tokens."""
@@ -94,23 +115,13 @@ async def one_request(client: httpx.AsyncClient, url: str, content: str, tokens:
         "messages": [{"role": "user", "content": content}],
         "max_tokens": tokens,
         "temperature": 0.7,
-        "stream": True,
         "logit_bias": EOS_BIAS,
     }
-    t0 = time.perf_counter()
-    times, finish = [], None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("delta", {}).get("content"):
-                times.append(time.perf_counter())
-            finish = choices[0].get("finish_reason") or finish
+    r = await stream_chat(client, url, body)
+    times, finish = r["times"], r["finish"]
     if finish != "length" or not times:
         raise RuntimeError(f"{url}: a reply ended with {finish!r} after {len(times)} chunks")
-    return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
+    return times[0] - r["t0"], [b - a for a, b in zip(times, times[1:])]
 
 
 def pct(values: list[float], q: float) -> float:

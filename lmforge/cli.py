@@ -408,6 +408,7 @@ def cmd_serve(args) -> int:
         kv_budget_mb=args.kv_budget_mb,
         spin=args.spin,
         **_speculative(args),
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     return 0
 
@@ -717,6 +718,12 @@ def _serve_parser(sub) -> None:
         choices=["auto", "sleep", "spin"],
         help="how ONNX Runtime's threads wait: sleep, spin within each pass, or auto (default: a second session "
         "of a model up to 1 GiB, decoding on whichever of the two measures faster as the machine's load changes)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        help="memory for KV blocks of recent prompts, in MiB, beside --kv-budget-mb (default 256; 0: off): a "
+        "prompt that starts like a recent one (a shared system prompt, the next turn of a chat) prefills only the rest",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -167,6 +167,28 @@ def _live(engine, cache) -> bool:
     return check is None or check(cache)
 
 
+def decoded_kv_exact(engine) -> bool:
+    """Whether a decoded position's KV equals what a prefill of the same tokens writes (to float
+    rounding): only then may a kept cache hold decoded positions, else only prefilled ones
+    (int8-compute int4 graphs and llama.cpp round a one-row pass unlike a prefill)."""
+    return getattr(engine, "decoded_kv_exact", getattr(engine, "exact_verify", False))
+
+
+PREFILL_TILE = 128  # ONNX Runtime's CPU attention takes a prefill's queries in tiles of this many
+
+
+def exact_split(n: int, k: int, step: int = 1) -> int:
+    """The largest k' <= k, a multiple of `step` (or 0), such that prefilling the last n - k' of n
+    tokens over the first k' (as one pass wrote them) gives what one pass of all n gives. The pass
+    must hold two tokens at least and end as one pass does: ONNX Runtime's CPU attention computes
+    a tile of one query row (the last row of a pass of 128j + 1 tokens) as a decode step does,
+    which rounds unlike a row of a larger tile (logits ~0.5 apart on the default int4 model)."""
+    k = max(0, min(k, n - 2)) // step * step
+    while k > 0 and ((n - k) % PREFILL_TILE == 1) != (n % PREFILL_TILE == 1):
+        k -= step
+    return k
+
+
 def _draft_room(engine, state: SequenceState) -> int:
     """How many tokens may be drafted now: the tokens left, and at most one batch of the engine
     (llama.cpp's n_batch) for the pending token and the draft together."""
@@ -198,10 +220,10 @@ def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     n = 0
     fits = cache is not None and (need <= cache.capacity or hasattr(cache, "reserve"))  # ORT's caches grow
     if fits and _live(engine, cache):
-        # two tokens at least: some kernels round a one-row pass unlike a row of several
-        limit = min(len(prefix.tokens), len(prompt) - 2, int(cache.lengths[0]))
+        limit = min(len(prefix.tokens), len(prompt), int(cache.lengths[0]))
         while n < limit and prefix.tokens[n] == prompt[n]:
             n += 1
+        n = exact_split(len(prompt), n)
         engine.truncate(cache, 0, n)
     else:
         cache = engine.new_cache(1, need)
@@ -251,8 +273,8 @@ def sequence_deltas(
     finally:
         # a newer call may own the engine's context or have kept its cache already
         if prefix is not None and clean and prefix.cache is None and _live(engine, cache):
-            if not getattr(engine, "decoded_kv_exact", getattr(engine, "exact_verify", False)):
-                keep = min(keep, len(state.prompt_ids))  # only what prefill wrote: see decoded_kv_exact
+            if not decoded_kv_exact(engine):
+                keep = min(keep, len(state.prompt_ids))  # only what prefill wrote
             engine.truncate(cache, 0, keep)
             prefix.cache, prefix.tokens = cache, state.tokens[:keep]
 

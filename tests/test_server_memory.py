@@ -130,7 +130,8 @@ def test_lane_sequences_get_what_each_prompt_gets_alone(reference):
     engine = reference.engine
     text = " ".join(f"Item {i} is on the shelf." for i in range(80))  # ~600 tokens
     prompts = [("The capital of France is", 12), ("def fibonacci(n):", 12), (text, 12), ("1, 2, 3, 4,", 300)]
-    prompts.append((text[:200], 12))  # ~70 tokens: over the 64-token chunk, its sequence fits a pool row
+    # ~70 tokens: over the 64-token chunk, its sequence fits a pool row (its own start: no cached prefix)
+    prompts.append(("Shelf list: " + text[:200], 12))
     ids = [reference.prompt_ids(p, raw=True) for p, _ in prompts]
     want = [engine_alone(reference, i, n) for i, (_, n) in zip(ids, prompts)]
     per = engine.kv_bytes_per_position

@@ -231,6 +231,30 @@ class KVPool:
             mine[dst, :, :n] = theirs[src, :, :n]
         self.lengths[dst] = n
 
+    def read_positions(self, row: int, start: int, stop: int) -> np.ndarray:
+        """A copy of row `row`'s positions start..stop-1, every layer's K and V:
+        (2 * n_layers, kv_heads, stop - start, head_dim), in its own memory map (freed whole)."""
+        assert stop <= self.lengths[row]
+        out = _zeros(
+            (len(self.arrays), self.engine.n_kv_heads, stop - start, self.engine.head_dim), self.engine.np_dtype
+        )
+        for part, arr in zip(out, self.arrays):
+            part[...] = arr[row, :, start:stop]
+        return out
+
+    def write_prefix(self, row: int, blocks: list[np.ndarray]) -> None:
+        """Fill row `row` from position 0 with `blocks` (each as `read_positions` returns them, in
+        order) and set its length to their positions."""
+        n = sum(b.shape[2] for b in blocks)
+        self.reserve(n)
+        pos = 0
+        for b in blocks:
+            m = b.shape[2]
+            for arr, part in zip(self.arrays, b):
+                arr[row, :, pos : pos + m] = part
+            pos += m
+        self.lengths[row] = n
+
 
 class KVRows(Cache):
     """Consecutive rows of a KVPool with KVCache's interface (batch_size, lengths, buffers, key,

@@ -49,6 +49,8 @@ class Limits:
     max_queue: int = 256
     body_timeout_s: float = 30.0  # for a request's whole body to arrive
     kv_budget_mb: int | None = None  # KV cache budget of the batching scheduler (None: its default)
+    # the batching scheduler's prompt-prefix cache, beside the KV budget (None: its default; 0: off)
+    prefix_cache_mb: int | None = None
 
 
 @dataclass
@@ -97,6 +99,7 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     from lmforge.runtime.ort import OrtEngine
 
     engine = model.engine
+    prefix = None if limits.prefix_cache_mb is None else limits.prefix_cache_mb * 2**20
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
         chooser = SessionChooser(time.perf_counter()) if len(engine.sessions) > 1 else None
@@ -106,16 +109,20 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
             metrics,
             limits.max_queue,
             kv_budget_bytes=budget,
+            prefix_cache_bytes=prefix,
             chooser=chooser,
             speculation=model.speculation,
         )
         metrics.spinning = None if chooser is None else (lambda: chooser.current)
         metrics.session_switches = None if chooser is None else (lambda: chooser.switches)
     else:
-        sched = SerialScheduler(engine, metrics, limits.max_queue, model.speculation)
+        sched = SerialScheduler(
+            engine, metrics, limits.max_queue, prefix_cache_bytes=prefix, speculation=model.speculation
+        )
     metrics.queue_depth = sched.queue_depth
     metrics.active_sequences = sched.active_count
     metrics.kv_bytes = sched.kv_bytes
+    metrics.prefix_bytes = sched.prefix_bytes
     metrics.speculation = sched.speculation
     return sched.start()
 

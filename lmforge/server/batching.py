@@ -21,7 +21,16 @@ from the CPU's caches: the next steps run ~17% slower here), which a count of th
 seconds alone misses (streams kept 57% of their rate, not 3/4). When the server goes idle the
 pool shrinks back and the C heap is trimmed.
 
-`SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time.
+Prompt prefixes are reused through a `PrefixStore` (its own byte budget, beside the KV budget):
+once a sequence's prompt is prefilled, the whole blocks of it go into the store (and at its exit
+the decoded positions too, where the engine's decoded KV equals a prefill's: `decoded_kv_exact`).
+A prompt whose leading blocks are stored gets them copied into its row and prefills the rest (at
+least two tokens, ending as one pass of the whole prompt would: `exact_split`) in a pass of its
+own over them: right-padded batches assume rows that start empty. A long prompt whose rest is
+short enough goes to the pool instead of the lane.
+
+`SerialScheduler` serves any engine of the Engine protocol (llama.cpp) one sequence at a time,
+starting each from the last one's cache where their prompts share a prefix (`PrefixCache`).
 
 Both keep every sequence's own sampler and stops (`SequenceState`), so a greedy sequence gets the
 same tokens batched as alone.
@@ -43,8 +52,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import Delta, SequenceState, next_draft, sequence_deltas
+from lmforge.generate import (
+    PREFILL_TILE,
+    Delta,
+    PrefixCache,
+    SequenceState,
+    decoded_kv_exact,
+    exact_split,
+    next_draft,
+    sequence_deltas,
+)
 from lmforge.sampling import SamplingParams
+from lmforge.server.prefix import PrefixStore
 
 log = logging.getLogger("lmforge.server")
 
@@ -55,6 +74,7 @@ LANE_FLOOR = 0.1  # the lane gets at least this part of the wall time, however s
 LANE_SLICE_S = 0.25  # the lane's chunk is sized to take about this long while streams decode
 MIN_CHUNK = 16
 POOL_ROW_POSITIONS = 2560  # default budget: a pool row holds a short prompt and a 2048-token reply
+PREFIX_CACHE_MB = 256  # default prefix cache: ~5,700 positions of the default model (fp32 KV)
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,21 @@ def _malloc_trim() -> None:
         pass
 
 
+def _exact_chunk(rest: int, size: int) -> int:
+    """About `size` tokens (at most, or PREFILL_TILE where no smaller one will do) of the `rest`
+    a lane prompt has left to prefill, such that its chunks together give what one pass gives
+    (`exact_split`): the chunk does not end on a one-row tile and leaves a rest that ends as one
+    pass would end. Holds as long as the rest before it would (true from the start)."""
+    if size >= rest:
+        return rest
+    k = exact_split(rest, size)
+    while k % PREFILL_TILE == 1:
+        k = exact_split(rest, k - 1)
+    if k == 0:  # a rest of 128j + 1 splits at multiples of 128 only
+        k = PREFILL_TILE if rest - PREFILL_TILE >= 2 else rest
+    return k
+
+
 class Failed(Exception):
     """The engine failed on a step that held this sequence (reported to its client as a 500)."""
 
@@ -125,6 +160,7 @@ class Handle:
         self.row = -1  # KV row in a BatchScheduler's pool
         self.lane_pool = None  # its own one-row KVPool while in a BatchScheduler's lane
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.cached = (-1, 0)  # (prefix store version, prompt tokens it held then)
         self.scheduler: Scheduler | None = None
         self.spec = None  # its drafter (lmforge.speculative), where the scheduler speculates
 
@@ -184,6 +220,10 @@ class Scheduler:
 
     def kv_bytes(self) -> int:
         """Bytes of KV cache the scheduler holds (0 where the engine keeps its own)."""
+        return 0
+
+    def prefix_bytes(self) -> int:
+        """Bytes of KV blocks the scheduler's prefix cache holds."""
         return 0
 
     # ---- the scheduler thread -------------------------------------------------------------------
@@ -277,6 +317,7 @@ class BatchScheduler(Scheduler):
         prefill_chunk: int = PREFILL_CHUNK,
         initial_capacity: int = 256,
         kv_budget_bytes: int | None = None,
+        prefix_cache_bytes: int | None = None,
         chooser=None,
         speculation=None,
     ):
@@ -296,6 +337,10 @@ class BatchScheduler(Scheduler):
         self.step_cost: dict[int, float] = {}  # a decode step's seconds by batch size, timed while the lane is empty
         self.released = True  # memory given back since the last work
         self.lane_used = False  # a lane sequence ran since the last release
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = PREFIX_CACHE_MB * 2**20
+        self.prefix = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.decoded_exact = decoded_kv_exact(engine)  # whether decoded positions may be stored
 
     def active_count(self) -> int:
         return len(self.active) + len(self.lane)
@@ -319,6 +364,9 @@ class BatchScheduler(Scheduler):
         """Bytes of KV cache held now: the pool and every lane sequence's own rows."""
         lanes = [h.lane_pool for h in list(self.lane)]  # read from the metrics' thread: one snapshot
         return self.pool.nbytes + sum(p.nbytes for p in lanes if p is not None)
+
+    def prefix_bytes(self) -> int:
+        return self.prefix.nbytes if self.prefix is not None else 0
 
     def step(self) -> None:
         for h in [h for h in (*self.active, *self.lane) if h.cancelled]:
@@ -374,9 +422,22 @@ class BatchScheduler(Scheduler):
         return list(self.waiting)
 
     def _for_pool(self, h: Handle) -> bool:
-        """A short prompt whose whole sequence fits a pool row prefills straight into the pool."""
+        """A prompt short (once its cached prefix is left out) whose whole sequence fits a pool
+        row prefills straight into the pool."""
         n = len(h.state.prompt_ids)
-        return n <= self.prefill_chunk and n + h.state.params.max_tokens <= self.budget.pool_capacity
+        if n + h.state.params.max_tokens > self.budget.pool_capacity:
+            return False
+        return n <= self.prefill_chunk or n - self._cached(h) <= self.prefill_chunk
+
+    def _cached(self, h: Handle) -> int:
+        """Prompt tokens of `h` the prefix store holds now that it may reuse (`exact_split`)."""
+        if self.prefix is None:
+            return 0
+        if h.cached[0] != self.prefix.version:  # asked again only once blocks came or went
+            n = len(h.state.prompt_ids)
+            held = self.prefix.match(h.state.prompt_ids[:-2])
+            h.cached = (self.prefix.version, exact_split(n, held, self.prefix.block))
+        return h.cached[1]
 
     def _admit(self) -> None:
         """Lane sequences that now fit move into free pool rows; waiting short prompts prefill
@@ -410,7 +471,8 @@ class BatchScheduler(Scheduler):
         if used + need * per > self.budget.lane_bytes and self.lane:
             return  # waits for lane memory
         self.waiting.remove(h)
-        h.lane_pool, h.prefilled = self.engine.new_pool(1, need, need), 0
+        h.lane_pool = self.engine.new_pool(1, need, need)
+        h.prefilled = self._reuse(h, h.lane_pool, 0)
         self.lane.append(h)
         self.lane_used = True
 
@@ -421,37 +483,92 @@ class BatchScheduler(Scheduler):
         self.lane.remove(h)
         h.lane_pool = None
         self.active.append(h)
+        h.spec = self._drafter(h)  # a long prompt (a document and a question) is where lookup pays most
 
     def _prefill_batch(self) -> None:
-        """Prefill waiting short prompts together (right-padded) into the next free rows."""
-        batch: list[Handle] = []
-        width = 0
-        for h in self._pending():
-            if len(self.active) + len(batch) >= self.max_batch:
-                break
-            if not self._for_pool(h):
-                continue
-            n = len(h.state.prompt_ids)
-            if batch and max(width, n) * (len(batch) + 1) > self.prefill_chunk:
-                break
-            width = max(width, n)
-            batch.append(h)
-        if not batch:
-            return
+        """Prefill waiting short prompts into the next free rows: each whose prefix the store
+        holds on its own over those blocks (its first token out at once), then the others
+        together (right-padded: rows that start empty)."""
+        solo, batch = self._pick_prefills()
+        for h in solo:
+            self._prefill_rows([h])
+        if batch:
+            self._prefill_rows(batch)
+
+    def _prefill_rows(self, batch: list[Handle]) -> None:
+        """Prefill `batch` into the next free rows: one prompt over its cached prefix, or several
+        from empty rows; they join the decode batch, their prompts' blocks go to the store."""
         start = len(self.active)
         for i, h in enumerate(batch):
             self.waiting.remove(h)
             h.row = start + i
             self.pool.clear_row(h.row)
         self.prefilling = batch  # off `waiting` and not yet active: an engine fault must still reach them
-        logits = self.engine.prefill(self.pool.rows(start, start + len(batch)), [h.state.prompt_ids for h in batch])
+        if len(batch) == 1:
+            reused = [self._reuse(batch[0], self.pool, start)]
+        else:  # rows of a right-padded batch start empty: none looked up
+            reused = [0] * len(batch)
+            for _ in batch:
+                self._count_lookup(0)
+        ids = [h.state.prompt_ids[n:] for h, n in zip(batch, reused)]
+        logits = self.engine.prefill(self.pool.rows(start, start + len(batch)), ids)
         self.prefilling = []
         for h in batch:
             assert h.row == len(self.active)
             self.active.append(h)
             h.prefilled = len(h.state.prompt_ids)
             h.spec = self._drafter(h)
+            self._remember(h, self.pool, h.row)
         self._sample(batch, logits)
+
+    def _pick_prefills(self) -> tuple[list[Handle], list[Handle]]:
+        """(prompts to prefill alone over their cached prefix, prompts to prefill together): the
+        oldest waiting ones for the pool, up to about `prefill_chunk` tokens in all."""
+        solo: list[Handle] = []
+        batch: list[Handle] = []
+        width = alone = 0  # the batch's width; the tokens the solo prompts prefill
+        for h in self._pending():
+            if len(self.active) + len(solo) + len(batch) >= self.max_batch:
+                break
+            if not self._for_pool(h):
+                continue
+            n, cached = len(h.state.prompt_ids), self._cached(h)
+            tokens = alone + n - cached + width * len(batch) if cached else alone + max(width, n) * (len(batch) + 1)
+            if (solo or batch) and tokens > self.prefill_chunk:
+                break
+            if cached:
+                solo.append(h)
+                alone += n - cached
+            else:
+                batch.append(h)
+                width = max(width, n)
+        return solo, batch
+
+    # ---- the prefix cache -----------------------------------------------------------------------
+    def _reuse(self, h: Handle, pool, row: int) -> int:
+        """Copy the stored blocks of h's prompt prefix that it may reuse (`exact_split`) into
+        `row` of `pool`, which is empty; returns the prompt tokens they hold."""
+        if self.prefix is None:
+            return 0
+        held, blocks = self.prefix.lookup(h.state.prompt_ids[:-2])
+        n = exact_split(len(h.state.prompt_ids), held, self.prefix.block)
+        blocks = blocks[: n // self.prefix.block]
+        if n:
+            pool.write_prefix(row, blocks)
+        self._count_lookup(n)
+        return n
+
+    def _count_lookup(self, reused: int) -> None:
+        if self.metrics and self.prefix is not None:
+            self.metrics.prefix_lookup(reused)
+
+    def _remember(self, h: Handle, pool, row: int) -> None:
+        """Store the whole blocks of `row` of `pool` (h's KV) that a prefill of the same tokens
+        would write: its prompt, and its decoded positions where the engine makes them equal."""
+        if self.prefix is None or h.prefilled < len(h.state.prompt_ids):
+            return
+        n = int(pool.lengths[row]) if self.decoded_exact else len(h.state.prompt_ids)
+        self.prefix.insert(h.state.tokens[:n], lambda start, stop: pool.read_positions(row, start, stop))
 
     # ---- the work of one step -------------------------------------------------------------------
     def _lane_step(self) -> None:
@@ -462,7 +579,9 @@ class BatchScheduler(Scheduler):
         h = next((h for h in self.lane if h.prefilled < len(h.state.prompt_ids)), None)
         if h is None:
             return
-        size = self.lane_chunk if self.active else self.prefill_chunk
+        size = _exact_chunk(
+            len(h.state.prompt_ids) - h.prefilled, self.lane_chunk if self.active else self.prefill_chunk
+        )
         ids = h.state.prompt_ids[h.prefilled : h.prefilled + size]
         t = time.perf_counter()
         logits = self.engine.prefill(h.lane_pool.rows(0, 1), [ids])
@@ -470,6 +589,7 @@ class BatchScheduler(Scheduler):
         self.lane_chunk = max(MIN_CHUNK, min(self.prefill_chunk, int(LANE_SLICE_S / per_token)))
         h.prefilled += len(ids)
         if h.prefilled == len(h.state.prompt_ids):
+            self._remember(h, h.lane_pool, 0)
             self._sample([h], logits)
 
     def _drafter(self, h: Handle):
@@ -539,10 +659,14 @@ class BatchScheduler(Scheduler):
         """Free h's memory now: a lane sequence drops its own row; in the pool, the last active
         row moves into h's."""
         if h.lane_pool is not None:
+            if self.decoded_exact:
+                self._remember(h, h.lane_pool, 0)
             self.lane.remove(h)
             h.lane_pool = None
             self._retire(h)
             return
+        if self.decoded_exact:
+            self._remember(h, self.pool, h.row)
         last = len(self.active) - 1
         i = h.row
         if i != last:
@@ -563,11 +687,24 @@ class BatchScheduler(Scheduler):
 
 
 class SerialScheduler(Scheduler):
-    """One sequence at a time through any Engine (new_cache / prefill / decode), queued FIFO."""
+    """One sequence at a time through any Engine (new_cache / prefill / decode), queued FIFO.
+    Each starts from the last one's KV cache where their prompts agree, unless
+    `prefix_cache_bytes` is 0; a kept cache larger than that budget (where the engine says its
+    size: ONNX Runtime) is dropped."""
 
-    def __init__(self, engine, metrics=None, max_queue: int = 256, speculation=None):
+    def __init__(
+        self, engine, metrics=None, max_queue: int = 256, prefix_cache_bytes: int | None = None, speculation=None
+    ):
         super().__init__(engine, metrics, max_queue, speculation)
         self.current: Handle | None = None
+        self.prefix = PrefixCache() if prefix_cache_bytes != 0 else None
+        self.prefix_budget = PREFIX_CACHE_MB * 2**20 if prefix_cache_bytes is None else prefix_cache_bytes
+
+    def prefix_bytes(self) -> int:
+        """Bytes of the kept cache, where the engine says a position's size (else 0: its own)."""
+        cache = self.prefix.cache if self.prefix is not None else None
+        per = getattr(self.engine, "kv_bytes_per_position", None)
+        return cache.batch_size * cache.capacity * per if cache is not None and per else 0
 
     def active_count(self) -> int:
         return int(self.current is not None)
@@ -581,11 +718,12 @@ class SerialScheduler(Scheduler):
             return
         self.waiting.popleft()
         self.current = h  # an engine fault leaves it here for fail_active
-        steps = sequence_deltas(
-            self.engine, h.state, speculation=None if h.state.params.constraint else self.speculation
-        )
+        speculation = None if h.state.params.constraint else self.speculation
+        steps = sequence_deltas(self.engine, h.state, self.prefix, speculation)
         try:
-            for delta in steps:
+            for i, delta in enumerate(steps):
+                if i == 0 and self.metrics and self.prefix is not None:
+                    self.metrics.prefix_lookup(self.prefix.reused)
                 self.emit(h, delta)
                 if h.cancelled:
                     break
@@ -594,6 +732,8 @@ class SerialScheduler(Scheduler):
                     self.metrics.decode_step(1)
         finally:
             steps.close()
+        if self.prefix_bytes() > self.prefix_budget:
+            self.prefix.cache, self.prefix.tokens = None, []
         self._retire(h)
         self.current = None
 

@@ -46,6 +46,9 @@ class Metrics:
         self.n_cancelled = 0
         self.decode_steps = 0
         self.decode_rows = 0
+        self.prefix_lookups = 0
+        self.prefix_hits = 0
+        self.prefix_reused = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tps = Histogram(TPS_BUCKETS)
         self.queue_depth: Callable[[], int] = lambda: 0
@@ -55,6 +58,7 @@ class Metrics:
         self.spinning: Callable[[], int] | None = None
         self.session_switches: Callable[[], int] | None = None
         self.speculation = None  # the scheduler's lmforge.speculative.Speculation, where it speculates
+        self.prefix_bytes: Callable[[], int] = lambda: 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -75,6 +79,13 @@ class Metrics:
         with self.lock:
             self.decode_steps += 1
             self.decode_rows += rows
+
+    def prefix_lookup(self, reused_tokens: int) -> None:
+        """A sequence looked its prompt up in the prefix cache and took `reused_tokens` from it."""
+        with self.lock:
+            self.prefix_lookups += 1
+            self.prefix_hits += reused_tokens > 0
+            self.prefix_reused += reused_tokens
 
     def cancelled(self) -> None:
         with self.lock:
@@ -111,6 +122,20 @@ class Metrics:
                 ("kv_cache_bytes", "gauge", "Bytes of KV cache held by the scheduler.", self.kv_bytes()),
                 *self._sessions(),
                 *self._speculation(),
+                (
+                    "prefix_cache_lookups_total",
+                    "counter",
+                    "Prompts looked up in the prefix cache.",
+                    self.prefix_lookups,
+                ),
+                ("prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix.", self.prefix_hits),
+                (
+                    "prefix_cache_reused_tokens_total",
+                    "counter",
+                    "Prompt tokens taken from the prefix cache instead of prefilled.",
+                    self.prefix_reused,
+                ),
+                ("prefix_cache_bytes", "gauge", "Bytes of KV blocks held by the prefix cache.", self.prefix_bytes()),
             ):
                 lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
             for name, text, hist in (

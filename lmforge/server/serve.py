@@ -142,24 +142,24 @@ def _access(host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, 
     return Access(tuple(sorted(names)), tuple(o.rstrip("/") for o in cors_origins))
 
 
-def _check_arguments(
-    engine: str, port: int, api_key: str | None, limits: dict[str, int], spin: str, spec: dict
-) -> None:
+def _check_arguments(engine: str, port: int, api_key: str | None, limits: dict[str, int], extra: dict) -> None:
     """A user error for the first bad argument of `serve`; LIMITS maps each limit's name to its
-    value, SPEC holds `load`'s speculative, draft and draft_max."""
+    value, EXTRA holds spin, prefix_cache_mb and `load`'s speculative, draft and draft_max."""
     if engine not in ("auto", *ENGINES):
         raise LmforgeError(f"unknown engine {engine!r}; choose one of: auto, {', '.join(ENGINES)}")
     for what, value in limits.items():
         if value < 1:
             raise LmforgeError(f"{what} must be >= 1")
-    if spin not in SPIN_POLICIES:
-        raise LmforgeError(f"unknown --spin {spin!r}; choose one of: {', '.join(SPIN_POLICIES)}")
+    if extra["spin"] not in SPIN_POLICIES:
+        raise LmforgeError(f"unknown --spin {extra['spin']!r}; choose one of: {', '.join(SPIN_POLICIES)}")
     if not 0 <= port <= 65535:
         raise LmforgeError(f"--port must be in 0..65535, not {port}")
     if api_key is not None and not api_key.strip():
         raise LmforgeError("--api-key is empty; give a key or leave the option out")
-    check_options(spec["speculative"] or "ngram", spec["draft_max"])
-    if spec["speculative"] == "draft" and spec["draft"] is None:
+    if extra["prefix_cache_mb"] is not None and extra["prefix_cache_mb"] < 0:
+        raise LmforgeError("--prefix-cache-mb must be >= 0 (0 turns prompt-prefix reuse off)")
+    check_options(extra["speculative"] or "ngram", extra["draft_max"])
+    if extra["speculative"] == "draft" and extra["draft"] is None:
         raise LmforgeError("--speculative draft needs a draft model: give --draft MODEL")
 
 
@@ -192,6 +192,7 @@ def serve(
     max_connections: int | None = None,
     header_timeout_s: float = 10.0,
     kv_budget_mb: int | None = None,
+    prefix_cache_mb: int | None = None,
     spin: str = "auto",
     speculative: str | None = None,
     draft: str | None = None,
@@ -205,9 +206,10 @@ def serve(
     body size limit; uvicorn's log level; Host names to accept besides the loopback names and
     `host`; CORS origins; seconds running replies get at shutdown; connections open at once
     (default: from the open-file limit); seconds a client has to send its headers; the KV cache
-    budget in MiB (None: room for every batch row and one full context); how ONNX Runtime's
-    threads wait (lmforge.server.threads); speculative decoding as `load` takes it. Raises
-    LmforgeError for bad arguments, a model that does not exist or does not load."""
+    budget in MiB (None: room for every batch row and one full context); the prompt-prefix cache's
+    budget in MiB, beside the KV budget (None: 256; 0: no reuse); how ONNX Runtime's threads wait
+    (lmforge.server.threads); speculative decoding as `load` takes it. Raises LmforgeError for
+    bad arguments, a model that does not exist or does not load."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -216,14 +218,9 @@ def serve(
     from lmforge.checkpoint import resolve
     from lmforge.server.app import Limits, create_app
 
-    _check_arguments(
-        engine,
-        port,
-        api_key,
-        {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes},
-        spin,
-        spec := dict(speculative=speculative, draft=draft, draft_max=draft_max),
-    )
+    limits = {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes}
+    spec = dict(speculative=speculative, draft=draft, draft_max=draft_max)
+    _check_arguments(engine, port, api_key, limits, dict(spin=spin, prefix_cache_mb=prefix_cache_mb, **spec))
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
@@ -242,7 +239,7 @@ def serve(
         functools.partial(_load_announced, name, model, engine, device, target, threads, spin, spec),
         name,
         api_key,
-        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb),
+        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb, prefix_cache_mb=prefix_cache_mb),
         on_load_error=stop,
         access=access,
     )

@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
     from lmforge.prompt_cache import check_writable, load_prompt_cache, save_prompt_cache
 
     prompt = _prompt(args)
-    cache_file = check_writable(args.prompt_cache) if args.prompt_cache else None  # before any work
+    cache_file = check_writable(args.prompt_cache) if args.prompt_cache is not None else None  # before any work
     model = load(
         args.model,
         device=args.device,

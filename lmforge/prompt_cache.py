@@ -92,6 +92,8 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
 
 def check_writable(path: str | os.PathLike) -> Path:
     """`path`, or a user error (before any generating) when a cache file cannot be written there."""
+    if not str(path).strip():
+        raise PromptCacheError("--prompt-cache is empty; give a file path")
     path = Path(path).expanduser()
     if path.is_dir():
         raise PromptCacheError(f"--prompt-cache {path} is a folder; give a file path")
@@ -118,12 +120,16 @@ def _check_metadata(path: Path, meta: dict[str, str], mine: dict[str, str]) -> N
             )
 
 
-def _read_file(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def _read_file(path: Path, mine: dict[str, str]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and tensors of `path`, its metadata checked against `mine` before any tensor
+    is read (a large file of something else is refused without loading it)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, "np") as f:
-            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+            meta = f.metadata() or {}
+            _check_metadata(path, meta, mine)
+            return meta, {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
         raise PromptCacheError(f"{path} is not a complete prompt cache ({reason}); {HINT}") from None
@@ -138,14 +144,15 @@ def read_prompt_cache(path: str | os.PathLike, engine, capacity: int) -> PrefixC
         return None
     if not path.is_file():
         raise PromptCacheError(f"--prompt-cache {path} is not a file; {HINT}")
-    meta, tensors = _read_file(path)
-    _check_metadata(path, meta, identity(engine))
+    meta, tensors = _read_file(path, identity(engine))
     tokens = tensors.pop("tokens", None)
     damaged = f"{path} is damaged"
     if tokens is None or tokens.ndim != 1 or tokens.dtype != np.int64 or meta.get("n_tokens") != str(len(tokens)):
         raise PromptCacheError(f"{damaged} (no token ids); {HINT}")
     if meta.get("sha256") != _tensor_digest({**tensors, "tokens": tokens}):
         raise PromptCacheError(f"{damaged} (its checksum does not match); {HINT}")
+    if any(t.dtype.kind == "f" and not np.isfinite(t).all() for t in tensors.values()):
+        raise PromptCacheError(f"{damaged} (its KV holds NaN or infinity); {HINT}")
     try:
         cache = engine.cache_from_kv(tensors, len(tokens), max(capacity, len(tokens)))
     except ValueError as e:
@@ -174,7 +181,22 @@ def write_prompt_cache(path: str | os.PathLike, engine, prefix: PrefixCache | No
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+    _sync_folder(path.parent)
     return len(prefix.tokens)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the file system lets a folder be synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_prompt_cache(model, path: str | os.PathLike, capacity: int) -> int:

@@ -226,7 +226,8 @@ class DraftModelSpeculator(_Adaptive):
     def __init__(self, engine, tokens: list[int], capacity: int, draft_max: int, cost: VerifyCost, stats: SpecStats):
         super().__init__(draft_max, cost, stats, 1)
         self.engine = engine
-        self.cache = engine.new_cache(1, min(capacity, engine.context_length))
+        self.capacity = min(capacity, engine.context_length)
+        self.cache = engine.new_cache(1, self.capacity)
         self.fed: list[int] = []  # the tokens in the draft model's cache
         self.step = 0.0  # seconds of one draft decode step (0: not measured yet)
 
@@ -237,6 +238,9 @@ class DraftModelSpeculator(_Adaptive):
         if not k:
             return []
         e, n = self.engine, 0
+        check = getattr(e, "cache_is_live", None)
+        if check is not None and not check(self.cache):  # llama.cpp's one context served another sequence since
+            self.cache, self.fed = e.new_cache(1, self.capacity), []
         limit = min(len(self.fed), len(tokens) - 1)
         while n < limit and self.fed[n] == tokens[n]:
             n += 1

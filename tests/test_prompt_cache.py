@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmforge.generate import PrefixCache, SequenceState, _open_cache, stream_generate
-from lmforge.prompt_cache import read_prompt_cache, write_prompt_cache
+from lmforge.prompt_cache import _tensor_digest, read_prompt_cache, write_prompt_cache
 from lmforge.runtime.ort import OrtEngine
 from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -158,6 +158,14 @@ def test_bad_cache_files_are_refused_and_kept(tmp_path, saved_cache, int4_folder
     assert r.returncode == 0, r.stderr
     _refused(int4_folder, fp32, hashlib.sha256(fp32.read_bytes()).hexdigest(), "model_digest")
     _refused(default_onnx, good_path, hashlib.sha256(good).hexdigest(), "another model")
+    nan = tmp_path / "nan"  # well formed, its checksum recomputed, a NaN in its KV
+    with safe_open(good_path, "np") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in tensors if k != "tokens")
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    save_file(tensors, nan, metadata={**meta, "sha256": _tensor_digest(tensors)})
+    _refused(int4_folder, nan, hashlib.sha256(nan.read_bytes()).hexdigest(), "NaN")
 
 
 def test_paths_that_cannot_be_written_are_refused_before_generating(tmp_path, int4_folder):
@@ -168,6 +176,7 @@ def test_paths_that_cannot_be_written_are_refused_before_generating(tmp_path, in
         (a_file / "c.cache", "Not a directory"),
         ("/proc/c.cache", "cannot write"),
         (tmp_path, "is a folder"),
+        ("", "is empty"),
     ):
         r = run_cli("run", int4_folder, "-p", PROMPT, "--max-tokens", "4", "--prompt-cache", path)
         assert_user_error(r, "--prompt-cache", needle)  # nothing on stdout: no text was generated

@@ -45,10 +45,36 @@ def test_a_lone_sequence_speculates_and_keeps_the_greedy_text(default_onnx, plai
         assert m["lmforge_speculative_verifies_total"] > 0, m
         assert m["lmforge_speculative_accepted_total"] > 0, m  # the copied functions are drafted and kept
         assert m["lmforge_speculative_tokens_total"] > m["lmforge_speculative_passes_total"]
+        # a prompt over 256 tokens prefills in the lane, then decodes in the pool: it speculates too
+        before = m["lmforge_speculative_verifies_total"]
+        long = "Copy this code exactly.\n\n" + GROUNDED * 4
+        assert _complete(s.url, long) == plain.generate(long, raw=True, max_tokens=48)
+        assert s.metrics()["lmforge_speculative_verifies_total"] > before
         # requests that join and leave: rows speculate while alone, decode in the batch otherwise
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: _complete(s.url, p), PROMPTS))
         assert got == [plain.generate(p, raw=True, max_tokens=48) for p in PROMPTS]
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_a_llamacpp_draft_model_outlives_the_requests_around_it(default_onnx, default_model_path, plain, tmp_path):
+    """A GGUF draft runs on llama.cpp, whose one context serves its newest cache only: a drafter
+    whose cache another request's drafter took over starts a new one (it failed every request)."""
+    s = Server(
+        default_onnx,
+        *("--name", NAME, "--max-batch", 4, "--threads", 2),
+        *("--speculative", "draft", "--draft", default_model_path),
+        log=tmp_path / "serve.log",
+    )
+    try:
+        lengths = [40, 4, 24]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda n: _complete(s.url, GROUNDED, n), lengths))
+        assert got == [plain.generate(GROUNDED, raw=True, max_tokens=n) for n in lengths]
+        assert _complete(s.url, GROUNDED, 32) == plain.generate(GROUNDED, raw=True, max_tokens=32)
+        assert s.metrics()["lmforge_speculative_verifies_total"] > 0
     finally:
         s.stop()
 

@@ -16,7 +16,7 @@ from lmforge.generate import PrefixCache, SequenceState, _open_cache, stream_gen
 from lmforge.model import load
 from lmforge.runtime.ort import OrtEngine
 from lmforge.sampling import SamplingParams
-from lmforge.speculative import NgramIndex, Speculation, VerifyCost, expected_tokens
+from lmforge.speculative import DraftModelSpeculator, NgramIndex, SpecStats, Speculation, VerifyCost, expected_tokens
 from lmforge.tokenizer import Tokenizer
 from tests.test_errors import assert_user_error, run_cli
 
@@ -408,3 +408,20 @@ def test_cli_speculative_options(default_onnx, tiny_factory):
     assert_user_error(run_cli("run", default_onnx, "-p", "hi", "--speculative", "draft"), "--draft MODEL")
     other = tiny_factory(("phi3", "float32", False, None))  # a SentencePiece vocabulary
     assert_user_error(run_cli("run", default_onnx, "-p", "hi", "--draft", other), "another vocabulary")
+
+
+def test_a_llamacpp_drafter_whose_cache_was_taken_starts_a_new_one(default_model_path):
+    """llama.cpp's one context serves its newest cache: a drafter whose cache a later drafter
+    took over drafts on a new one, the same tokens a fresh drafter drafts (it raised)."""
+    engine = _llamacpp(default_model_path)
+    tokens = [1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 504, 3458]
+
+    def drafter():
+        return DraftModelSpeculator(engine, tokens, 64, 4, VerifyCost(), SpecStats())
+
+    a = drafter()
+    first = a.draft(tokens, 4)
+    assert first  # the cost model's prior drafts on a fresh drafter
+    b = drafter()  # its new_cache clears a's
+    assert b.draft(tokens, 4) == first
+    assert a.draft(tokens + first[:1], 4) == drafter().draft(tokens + first[:1], 4)

@@ -538,7 +538,10 @@ class OrtEngine(Engine):
         """The files whose bytes make this model's KV (graphs and weights), and what else the KV
         depends on: a saved cache is loaded only where both match."""
         files = [self.folder / name for name in sorted(self.meta.get("files") or {})]
+        import onnxruntime as ort
+
         info = {"engine": "ort", "device": self.device, "dtype": np.dtype(self.np_dtype).name}
+        info["onnxruntime"] = ort.__version__  # another version's kernels may round the KV otherwise
         shape = {k: str(getattr(self, k)) for k in ("n_layers", "n_kv_heads", "head_dim", "vocab_size")}
         return files or sorted(self.folder.glob("*.onnx*")), {**info, **shape}
 

@@ -33,7 +33,7 @@ from lmforge.server.batching import BatchScheduler, Handle, Scheduler, SerialSch
 from lmforge.server.guard import Access, Guard
 from lmforge.server.metrics import Metrics
 from lmforge.server.streaming import SSE_HEADERS, deltas, event_stream
-from lmforge.server.threads import SessionChooser
+from lmforge.server.threads import SPIN_IN_RUN, TWIN_MAX_BYTES, SessionChooser, model_bytes
 from lmforge.tools import ToolError
 
 log = logging.getLogger("lmforge.server")
@@ -51,6 +51,7 @@ class Limits:
     kv_budget_mb: int | None = None  # KV cache budget of the batching scheduler (None: its default)
     # the batching scheduler's prompt-prefix cache, beside the KV budget (None: its default; 0: off)
     prefix_cache_mb: int | None = None
+    spin: str = "auto"  # how ONNX Runtime's threads wait (lmforge.server.threads)
 
 
 @dataclass
@@ -102,7 +103,10 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
     prefix = None if limits.prefix_cache_mb is None else limits.prefix_cache_mb * 2**20
     if isinstance(engine, OrtEngine) and engine.ort_device == "cpu" and limits.max_batch > 1:
         budget = None if limits.kv_budget_mb is None else limits.kv_budget_mb * 2**20
-        chooser = SessionChooser(time.perf_counter()) if len(engine.sessions) > 1 else None
+        chooser = None
+        if limits.spin == "auto" and engine.threads != 1 and model_bytes(engine.model_path) <= TWIN_MAX_BYTES:
+            engine.add_session(SPIN_IN_RUN)  # and decode on whichever of the two measures faster
+            chooser = SessionChooser(time.perf_counter())
         sched = BatchScheduler(
             engine,
             limits.max_batch,

@@ -162,7 +162,8 @@ class Handle:
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.cached = (-1, 0)  # (prefix store version, prompt tokens it held then)
         self.scheduler: Scheduler | None = None
-        self.spec = None  # its drafter (lmforge.speculative), where the scheduler speculates
+        self.spec = None  # its drafter (lmforge.speculative), made when it first decodes alone
+        self.spec_off = False  # no drafter for it: none configured, an output constraint, or one failed
 
     def cancel(self) -> None:
         if not self.done and not self.cancelled:
@@ -289,6 +290,7 @@ class Scheduler:
 
     def _retire(self, h: Handle, error: Failed | None = None) -> None:
         """A handle leaves without finishing: cancelled (nothing sent) or failed."""
+        h.spec = None  # a draft model's cache goes with its drafter
         if h.done:
             return
         h.done = True
@@ -375,9 +377,9 @@ class BatchScheduler(Scheduler):
         self._admit()
         if self.active:
             t1, n = time.perf_counter(), len(self.active)
-            self._decode()
+            plain = self._decode()
             took = time.perf_counter() - t1
-            if not self.lane:
+            if not self.lane and plain:  # a verify pass is not a decode step's cost
                 self.step_cost[n] = 0.9 * self.step_cost.get(n, took) + 0.1 * took
             self.fair += t1 - t0 + min(took, self.step_cost.get(n, took))
         now = time.perf_counter()
@@ -409,6 +411,10 @@ class BatchScheduler(Scheduler):
             self.pool.resize(self.initial_capacity)
         if grown or self.lane_used:  # the binding may hold a large cache: let it go
             self.engine.release()
+        draft = self.speculation.draft_engine if self.speculation is not None else None
+        if draft is not None and hasattr(draft, "release"):  # its binding holds the last drafter's cache
+            draft.release()
+        if grown or self.lane_used:
             gc.collect()  # pools and their views refer to each other: an idle server allocates nothing to trigger it
             _malloc_trim()
         self.released, self.lane_used = True, False
@@ -483,7 +489,6 @@ class BatchScheduler(Scheduler):
         self.lane.remove(h)
         h.lane_pool = None
         self.active.append(h)
-        h.spec = self._drafter(h)  # a long prompt (a document and a question) is where lookup pays most
 
     def _prefill_batch(self) -> None:
         """Prefill waiting short prompts into the next free rows: each whose prefix the store
@@ -517,7 +522,6 @@ class BatchScheduler(Scheduler):
             assert h.row == len(self.active)
             self.active.append(h)
             h.prefilled = len(h.state.prompt_ids)
-            h.spec = self._drafter(h)
             self._remember(h, self.pool, h.row)
         self._sample(batch, logits)
 
@@ -593,30 +597,44 @@ class BatchScheduler(Scheduler):
             self._sample([h], logits)
 
     def _drafter(self, h: Handle):
+        """h's drafter, made the first time it decodes alone (None: it decodes plainly)."""
         s = self.speculation
-        if s is None or h.state.params.constraint is not None:  # a grammar's mask per drafted row costs more
-            return None
-        return s.start(h.state.tokens, len(h.state.prompt_ids) + h.state.params.max_tokens)
+        if h.spec is None and not h.spec_off:
+            if s is None or h.state.params.constraint is not None:  # a grammar's mask per drafted row costs more
+                h.spec_off = True
+            else:
+                h.spec = s.start(h.state.tokens, len(h.state.prompt_ids) + h.state.params.max_tokens)
+        return h.spec
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
         """One batched decode step of every active sequence (rows 0..n-1); a sequence alone with
-        a drafter verifies its pending token and a draft in one pass instead, where one pays."""
+        a drafter verifies its pending token and a draft in one pass instead, where one pays.
+        Returns whether the step was a plain decode."""
         lone = self.active[0] if len(self.active) == 1 else None
-        if lone is not None and lone.spec is not None:
-            draft = next_draft(self.engine, lone.spec, lone.state)
+        spec = self._drafter(lone) if lone is not None else None
+        if spec is not None:
+            try:
+                draft = next_draft(self.engine, spec, lone.state)
+            except Exception:  # the drafter's own fault (its model): this sequence goes on plainly
+                log.exception("drafting failed for request %d; it decodes without speculation", lone.id)
+                lone.spec, lone.spec_off, spec, draft = None, True, None, []
             if draft:
                 self._verify(lone, draft)
-                return
+                return False
         tokens = [h.state.next_token for h in self.active]
+        trial = False
         if self.chooser is not None:
-            self.engine.use(self.chooser.choose(len(tokens), time.perf_counter(), self.engine.passes))
+            session = self.chooser.choose(len(tokens), time.perf_counter(), self.engine.passes)
+            trial = session != self.chooser.current
+            self.engine.use(session)
         t0 = time.perf_counter()
         logits = self.engine.decode(self.pool.rows(0, len(self.active)), tokens)
-        if lone is not None and lone.spec is not None:
-            lone.spec.update(0, 0, time.perf_counter() - t0)  # what a plain pass costs, for the draft length
+        if spec is not None and not trial:  # what a plain pass costs (on the session in use), for the draft length
+            spec.update(0, 0, time.perf_counter() - t0)
         if self.metrics:
             self.metrics.decode_step(len(tokens))
         self._sample(list(self.active), logits)
+        return True
 
     def _verify(self, h: Handle, draft: list[int]) -> None:
         """One pass over h's pending token and `draft` (h alone in row 0): h takes the rows in

@@ -28,12 +28,10 @@ def load_for_serving(
     speculative: dict | None = None,
 ):
     """A `Model` for the server: what `lmforge.model.load` gives, its ONNX Runtime engine opened
-    with the thread waiting of `spin` (lmforge.server.threads): threads that sleep, that spin
-    within runs, or (auto) a second session of each kind for a model small enough, the scheduler
-    decoding on whichever measures faster; `speculative` holds `load`'s speculative, draft and
-    draft_max."""
+    with threads that spin within runs (`spin` "spin") or sleep (else; with "auto" the batching
+    scheduler may add a spinning session: lmforge.server.threads); `speculative` holds `load`'s
+    speculative, draft and draft_max."""
     from lmforge.model import load
-    from lmforge.runtime.ort import OrtEngine
     from lmforge.server import threads as T
 
     first = T.SPIN_IN_RUN if spin == "spin" else T.SLEEP
@@ -47,9 +45,6 @@ def load_for_serving(
         session_config=first if engine == "ort" else None,
         **(speculative or {}),
     )
-    if spin == "auto" and isinstance(m.engine, OrtEngine) and m.engine.ort_device == "cpu":
-        if T.model_bytes(m.engine.model_path) <= T.TWIN_MAX_BYTES:
-            m.engine.add_session(T.SPIN_IN_RUN)
     return m
 
 
@@ -220,7 +215,8 @@ def serve(
 
     limits = {"--max-batch": max_batch, "--max-tokens-limit": max_tokens_limit, "the body size limit": max_body_bytes}
     spec = dict(speculative=speculative, draft=draft, draft_max=draft_max)
-    _check_arguments(engine, port, api_key, limits, dict(spin=spin, prefix_cache_mb=prefix_cache_mb, **spec))
+    extra = dict(prefix_cache_mb=prefix_cache_mb, spin=spin)
+    _check_arguments(engine, port, api_key, limits, {**extra, **spec})
     max_connections, backlog = _connection_limits(max_connections, shutdown_grace_s, header_timeout_s)
     access = _access(host, allowed_hosts, cors_origins)
     from lmforge.model import pick_engine
@@ -239,7 +235,7 @@ def serve(
         functools.partial(_load_announced, name, model, engine, device, target, threads, spin, spec),
         name,
         api_key,
-        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb, prefix_cache_mb=prefix_cache_mb),
+        Limits(max_batch, max_tokens_limit, max_body_bytes, kv_budget_mb=kv_budget_mb, **extra),
         on_load_error=stop,
         access=access,
     )

@@ -148,6 +148,7 @@ async def load(url: str, clients: int, tokens: int, per_client: int, mixed: bool
     gaps = [g for _, gs in results for g in gs]
     return {
         "clients": clients,
+        "stream_tps": statistics.median(len(gs) / sum(gs) for _, gs in results if gs),  # one reply's own rate
         "requests": len(results),
         "tokens_per_s": len(results) * tokens / wall,
         "ttft_p50": pct(ttfts, 50),
@@ -202,9 +203,14 @@ def cells(names: list[str], levels: list[int], mixed: int) -> list[tuple[str, in
     return out
 
 
-def measure(args, levels: list[int]) -> tuple[dict, dict]:
+def measure(args, levels: list[int]) -> tuple[dict, dict, list[float]]:
+    """Every cell's rounds, the commands, and `lmforge bench`'s decode rate of the same folder
+    (run after each round's 1-client cells, the servers idle)."""
+    from lmforge.model import cached_onnx
+
     cmds, envs, ports = servers(args, levels)
     results: dict[tuple[str, int, bool], list[dict]] = {}
+    bench: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         try:
@@ -228,14 +234,25 @@ def measure(args, levels: list[int]) -> tuple[dict, dict]:
                             f"p99 {r['itl_p99'] * 1000:5.0f} ms",
                             flush=True,
                         )
+                    if group[0][1:] == (1, False):
+                        bench.append(bench_decode(args, cached_onnx("smollm2-135m", "cpu-int4", progress=False)))
+                        print(f"round {rnd + 1} lmforge bench decode: {bench[-1]:6.1f} tok/s", flush=True)
         finally:
             for p in procs.values():
                 p.terminate()
                 p.wait(10)
-    return results, cmds
+    return results, cmds, bench
 
 
-def report(args, levels: list[int], results: dict, cmds: dict) -> None:
+def bench_decode(args, folder) -> float:
+    """`lmforge bench`'s decode tok/s on the same folder and threads, in its own process."""
+    cmd = [sys.executable, "-m", "lmforge", "bench", str(folder), "--threads", str(args.threads)]
+    cmd += ["--prompt-tokens", "32", "--gen-tokens", str(args.tokens), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)[0]["decode_mean"]
+
+
+def report(args, levels: list[int], results: dict, cmds: dict, bench: list[float]) -> None:
     best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
     peers = [n for n in cmds if n.startswith("llama-server")] or ["llama-cpp-python"]
 
@@ -267,7 +284,18 @@ def report(args, levels: list[int], results: dict, cmds: dict) -> None:
             f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | "
             f"{r['itl_p50'] * 1000:.1f} | {r['itl_p99'] * 1000:.1f} | {ratio} |"
         )
+    single = best.get(("lmforge", 1, False))
+    if single and bench:
+        lines += [
+            "",
+            f"Single stream: lmforge's server streamed a reply at {single['stream_tps']:.1f} tok/s (median per "
+            f"reply, best round, 1 client; sampling at temperature 0.7 included); `lmforge bench` decoded the same "
+            f"folder at {max(bench):.1f} tok/s (greedy, best of {len(bench)}, run between the rounds' 1-client "
+            f"cells): {single['stream_tps'] / max(bench):.2f}x.",
+        ]
     data = [{"server": n, "mixed": m, **r} for (n, c, m), r in best.items()]
+    if bench:
+        data.append({"server": "lmforge bench", "decode_tok_s": bench})
     print()
     save("serve_load", "\n".join(lines), data)
 
@@ -288,8 +316,8 @@ def main():
     )
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    results, cmds = measure(args, levels)
-    report(args, levels, results, cmds)
+    results, cmds, bench = measure(args, levels)
+    report(args, levels, results, cmds, bench)
 
 
 if __name__ == "__main__":

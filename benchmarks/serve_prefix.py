@@ -63,9 +63,9 @@ def servers(args) -> tuple[dict, dict]:
     """(commands, ports) of the two servers."""
     from lmforge.model import cached_onnx
 
-    int4 = cached_onnx("smollm2-135m", "cpu-int4", progress=False)
+    folder = cached_onnx("smollm2-135m", args.target, progress=False)
     ports = {name: free_port() for name in SERVERS}
-    base = [sys.executable, "-m", "lmforge", "serve", str(int4), "--threads", str(args.threads), "--name", "m"]
+    base = [sys.executable, "-m", "lmforge", "serve", str(folder), "--threads", str(args.threads), "--name", "m"]
     cmds = {
         name: [*base, "--max-batch", str(args.clients), "--port", str(ports[name]), *extra]
         for name, extra in SERVERS.items()
@@ -184,7 +184,7 @@ def report(args, chats: dict, shared: dict, metrics: dict) -> None:
     same_shared = all(a["texts"] == b["texts"] for a, b in zip(shared["on"], shared["off"]))
     best = {n: [min(r[i]["ttft"] for r in chats[n]) for i in range(len(TURNS))] for n in chats}
     lines = [
-        f"# Prompt-prefix reuse in `lmforge serve`: SmolLM2-135M cpu-int4, {args.threads} threads",
+        f"# Prompt-prefix reuse in `lmforge serve`: SmolLM2-135M {args.target}, {args.threads} threads",
         "",
         f"`python benchmarks/serve_prefix.py --rounds {args.rounds} --tokens {args.tokens} --clients "
         f"{args.clients} --requests {args.requests} --threads {args.threads}`: the same server with its prefix "
@@ -239,7 +239,7 @@ def report(args, chats: dict, shared: dict, metrics: dict) -> None:
         "metrics": metrics,
     }
     print()
-    save("serve_prefix", "\n".join(lines), data)
+    save("serve_prefix" if args.target == "cpu-int4" else f"serve_prefix-{args.target}", "\n".join(lines), data)
 
 
 def main():
@@ -249,6 +249,11 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=2, help="requests per client in the shared-prompt workload")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--target",
+        default="cpu-int4",
+        help="the form served (cpu-fp32: decoded KV equals a prefill's, so replies are reused too)",
+    )
     args = ap.parse_args()
     report(args, *measure(args))
 

@@ -50,6 +50,10 @@ def test_a_lone_sequence_speculates_and_keeps_the_greedy_text(default_onnx, plai
         long = "Copy this code exactly.\n\n" + GROUNDED * 4
         assert _complete(s.url, long) == plain.generate(long, raw=True, max_tokens=48)
         assert s.metrics()["lmforge_speculative_verifies_total"] > before
+        # replies that end inside a verify pass (max_tokens reached on an accepted draft)
+        for n in range(10, 22):
+            assert _complete(s.url, GROUNDED, n) == plain.generate(GROUNDED, raw=True, max_tokens=n), n
+        assert "engine step failed" not in (tmp_path / "serve.log").read_text()  # it failed the others in flight
         # requests that join and leave: rows speculate while alone, decode in the batch otherwise
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: _complete(s.url, p), PROMPTS))

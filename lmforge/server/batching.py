@@ -640,7 +640,7 @@ class BatchScheduler(Scheduler):
         """One pass over h's pending token and `draft` (h alone in row 0): h takes the rows in
         turn while its sampled tokens agree with the draft (what `sequence_deltas` does); the
         positions of the rejected drafts are dropped."""
-        rows = self.pool.rows(0, 1)
+        rows, spec = self.pool.rows(0, 1), h.spec  # (h's drafter goes when it leaves in this pass)
         keep = int(self.pool.lengths[0]) + 1  # the pending token's position stays
         t0 = time.perf_counter()
         logits = self.engine.verify(rows, [h.state.next_token, *draft])
@@ -653,7 +653,7 @@ class BatchScheduler(Scheduler):
             if h.row < 0 or i == len(draft) or h.state.tokens[-1] != draft[i]:
                 break  # it finished (and left), or the model's token is not the draft's
             accepted += 1
-        h.spec.update(len(draft), accepted, seconds)
+        spec.update(len(draft), accepted, seconds)
         if h.row == 0:
             self.engine.truncate(rows, 0, keep + accepted)
 

@@ -7,8 +7,10 @@ downloads):
   chat     a 6-turn chat about a standard-library function whose turns refer back to earlier ones
   open     open-ended continuation (nothing to look up)
 
-Runners, each in its own process per workload (no spinning threads: OMP_WAIT_POLICY=PASSIVE for
-llama.cpp, allow_spinning=0 for lmforge's ONNX Runtime session), interleaved round by round: lmforge plain
+Runners, each in its own process per workload, with their threads' default waiting (all spin:
+ONNX Runtime's default for lmforge and onnxruntime-genai, OpenMP's for llama.cpp; `--passive`:
+OMP_WAIT_POLICY=PASSIVE for llama.cpp and allow_spinning=0 for lmforge, for a loaded machine,
+where spinning collapses; onnxruntime-genai keeps its default), interleaved round by round: lmforge plain
 (`--speculative off`) and n-gram (cpu-int4, the exact transcode of the Q4_1 GGUF); llama-cpp-python
 on the GGUF, plain and with `LlamaPromptLookupDecoding`; onnxruntime-genai on its own builder's
 int4 model, plain and with its n-gram strategy. Every runner gets the same prompt tokens
@@ -135,8 +137,8 @@ def _make_runner(runner: str, job: dict, stats: dict):
     n, threads = job["gen_tokens"], job["threads"]
     if runner.startswith("lmforge"):
         mode = "off" if runner.endswith("plain") else "ngram"
-        # no spinning intra-op threads: on a shared machine they collapse as llama.cpp's do (FACTS)
-        m = load(job["folder"], threads=threads, speculative=mode, session_config={SPIN: "0"})
+        config = {SPIN: "0"} if job.get("passive") else None  # on a shared machine spinning collapses (FACTS)
+        m = load(job["folder"], threads=threads, speculative=mode, session_config=config)
         stats["model"] = m
         return lambda ids: _generate_lmforge(m, ids, n)
     eos = set(job["eos"])
@@ -217,7 +219,9 @@ def run_all(job: dict, rounds: int, runners) -> list[dict]:
     """Every (runner, workload) once per round, each in a fresh process, runners interleaved."""
     path = Path(job["tmp"]) / "job.json"
     path.write_text(json.dumps(job))
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(ROOT)}
+    if job.get("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     results = []
     for r in range(rounds):
         for workload in WORKLOADS:
@@ -239,7 +243,8 @@ def report(results: list[dict], runners, args) -> str:
     TTFT per turn (chat) and whether the text equals lmforge plain's."""
     lines = [
         f"# Speculative decoding: default model, greedy, {args.threads} threads, up to {args.gen_tokens} tokens "
-        f"per answer ({CHAT_TURN_TOKENS} per chat turn), {args.rounds} round(s) interleaved",
+        f"per answer ({CHAT_TURN_TOKENS} per chat turn), {args.rounds} round(s) interleaved, threads "
+        f"{'sleeping (--passive)' if args.passive else 'spinning (each runner default)'}",
         "",
         "| workload | runner | decode tok/s | x lmforge plain | tokens/pass | TTFT ms per turn | same text |",
         "| --- | --- | ---: | ---: | ---: | --- | --- |",
@@ -274,6 +279,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runners", default=",".join(RUNNERS))
+    ap.add_argument("--passive", action="store_true", help="threads that sleep (a loaded machine): see above")
     args = ap.parse_args()
     runners = args.runners.split(",")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -281,7 +287,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         job = prepare(Path(tmp), args.gen_tokens, args.threads)
-        job["tmp"] = tmp
+        job["tmp"], job["passive"] = tmp, args.passive
         results = run_all(job, args.rounds, runners)
     save("speculative", report(results, runners, args), compact(results))
 

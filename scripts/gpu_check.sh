@@ -34,3 +34,32 @@ for target in ("cuda-fp16", "cuda-int4"):
         t2 = time.perf_counter()
     print(f"{target}: prefill {256 / (t1 - t0):.0f} tok/s, decode {128 / (t2 - t1):.0f} tok/s")
 PY
+echo "== speculation, prefix reuse and the prompt cache on CUDA (cuda-fp16)"
+$PY - <<'PY'
+import tempfile
+import traceback
+from pathlib import Path
+
+from lmforge.export.convert import convert
+from lmforge.model import load
+from lmforge.prompt_cache import load_prompt_cache, save_prompt_cache
+
+work = Path(tempfile.mkdtemp())
+try:
+    folder = convert("smollm2-135m", work / "fp16", target="cuda-fp16", progress=False)
+    prompt = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\nThe same again:\n\ndef add"
+    plain = load(folder, device="cuda", speculative="off").generate(prompt, raw=True, max_tokens=48)
+    m = load(folder, device="cuda", speculative="ngram")
+    print("ngram text == plain:", m.generate(prompt, raw=True, max_tokens=48) == plain)
+    print(m.speculation.stats.summary() if m.speculation else "speculation off on this engine")
+    follow = m.generate(prompt + " (a)", raw=True, max_tokens=8)
+    print("prefix tokens reused by the next call:", m.prefix.reused)
+    cache_file = work / "prompt.cache"
+    print("prompt cache saved tokens:", save_prompt_cache(m, cache_file))
+    fresh = load(folder, device="cuda", speculative="off")
+    print("prompt cache loaded tokens:", load_prompt_cache(fresh, cache_file, 256))
+    print("text after loading == text of the run that saved it:", fresh.generate(prompt + " (a)", raw=True, max_tokens=8) == follow)
+except Exception:
+    traceback.print_exc()
+PY
+echo "== done"

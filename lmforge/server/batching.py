@@ -11,14 +11,11 @@ Memory is bounded by a KV budget (`plan_budget`): pool rows share one capacity, 
 takes sequences of up to `pool_capacity` positions only. A long prompt, or a sequence that
 would not fit a pool row, goes to the *lane*: its own one-row cache sized to it, prefilled in
 chunks (one long prompt at a time), then moved into the pool if it fits, else decoded there.
-While streams decode, the lane may cost them at most LANE_SHARE seconds per second of their own
-work (so they keep 3/4 of their rate), more while other long prompts queue for it, in chunks of
-about LANE_SLICE_S; short prompts keep being admitted between chunks. What the lane costs is
-measured, not assumed: the wall time since both had work, less what the streams' steps take with
-no lane (each batch size's decode step, timed while the lane is empty). That counts the lane's own
-chunks and what they do to the steps around them (a chunk over a long cache evicts the weights
-from the CPU's caches: the next steps run ~17% slower here), which a count of the lane's own
-seconds alone misses (streams kept 57% of their rate, not 3/4). When the server goes idle the
+While streams decode, the lane gets at most LANE_SHARE seconds per second of other work (so they
+keep about 3/4 of their rate), more while other long prompts queue for it, in chunks of about
+LANE_SLICE_S; short prompts keep being admitted between chunks. (Charging the lane with the
+streams' whole slowdown instead starves it as the streams' own contexts grow: their steps slow
+down with the positions they attend to, ~40% from 500 to 1,500, which is not the lane's doing.)
 pool shrinks back and the C heap is trimmed.
 
 Prompt prefixes are reused through a `PrefixStore` (its own byte budget, beside the KV budget):
@@ -68,9 +65,8 @@ from lmforge.server.prefix import PrefixStore
 log = logging.getLogger("lmforge.server")
 
 PREFILL_CHUNK = 256  # longest prompt prefilled straight into the pool; the lane's largest chunk
-LANE_SHARE = 0.3  # streams lose at most this many seconds per second of their own work: they keep >= 3/4 of their rate
+LANE_SHARE = 0.3  # lane seconds per second of other work while both have work: streams keep ~3/4 of their rate
 LANE_SHARE_MAX = 4.0
-LANE_FLOOR = 0.1  # the lane gets at least this part of the wall time, however slow the steps measure
 LANE_SLICE_S = 0.25  # the lane's chunk is sized to take about this long while streams decode
 MIN_CHUNK = 16
 POOL_ROW_POSITIONS = 2560  # default budget: a pool row holds a short prompt and a 2048-token reply
@@ -335,8 +331,6 @@ class BatchScheduler(Scheduler):
         self.prefilling: list[Handle] = []  # short prompts in the prefill call now running
         self.lane_chunk = prefill_chunk  # tokens of the lane's next prefill chunk while streams decode
         self.share_since, self.lane_time = time.perf_counter(), 0.0  # since when both have work; the lane's part
-        self.fair = 0.0  # what the streams' work since `share_since` takes with no lane (seconds)
-        self.step_cost: dict[int, float] = {}  # a decode step's seconds by batch size, timed while the lane is empty
         self.released = True  # memory given back since the last work
         self.lane_used = False  # a lane sequence ran since the last release
         if prefix_cache_bytes is None:
@@ -373,29 +367,18 @@ class BatchScheduler(Scheduler):
     def step(self) -> None:
         for h in [h for h in (*self.active, *self.lane) if h.cancelled]:
             self._leave(h)
-        t0 = time.perf_counter()
         self._admit()
         if self.active:
-            t1, n = time.perf_counter(), len(self.active)
-            plain = self._decode()
-            took = time.perf_counter() - t1
-            if not self.lane and plain:  # a verify pass is not a decode step's cost
-                self.step_cost[n] = 0.9 * self.step_cost.get(n, took) + 0.1 * took
-            self.fair += t1 - t0 + min(took, self.step_cost.get(n, took))
+            self._decode()
         now = time.perf_counter()
-        if self.lane and (not self.active or self._lane_may_run(now)):
+        others = now - self.share_since - self.lane_time  # wall time of all but the lane since both had work
+        if self.lane and (not self.active or self.lane_time <= self._lane_share() * others):
             self._lane_step()
             self.lane_time += time.perf_counter() - now
         if not self.lane or not self.active:  # the share is counted only while both have work
-            self.share_since, self.lane_time, self.fair = time.perf_counter(), 0.0, 0.0
+            self.share_since, self.lane_time = time.perf_counter(), 0.0
         if self.idle() and not self.released:
             self._release()
-
-    def _lane_may_run(self, now: float) -> bool:
-        """Whether the streams' loss since both had work (wall time less what their steps take
-        alone) is within the lane's share of their work, or the lane is below its floor."""
-        wall = now - self.share_since
-        return wall - self.fair <= self._lane_share() * self.fair or self.lane_time <= LANE_FLOOR * wall
 
     def _lane_share(self) -> float:
         """LANE_SHARE, times one plus the prompts waiting for the lane (at most LANE_SHARE_MAX):
@@ -606,10 +589,9 @@ class BatchScheduler(Scheduler):
                 h.spec = s.start(h.state.tokens, len(h.state.prompt_ids) + h.state.params.max_tokens)
         return h.spec
 
-    def _decode(self) -> bool:
+    def _decode(self) -> None:
         """One batched decode step of every active sequence (rows 0..n-1); a sequence alone with
-        a drafter verifies its pending token and a draft in one pass instead, where one pays.
-        Returns whether the step was a plain decode."""
+        a drafter verifies its pending token and a draft in one pass instead, where one pays."""
         lone = self.active[0] if len(self.active) == 1 else None
         spec = self._drafter(lone) if lone is not None else None
         if spec is not None:
@@ -620,7 +602,7 @@ class BatchScheduler(Scheduler):
                 lone.spec, lone.spec_off, spec, draft = None, True, None, []
             if draft:
                 self._verify(lone, draft)
-                return False
+                return
         tokens = [h.state.next_token for h in self.active]
         trial = False
         if self.chooser is not None:
@@ -634,7 +616,6 @@ class BatchScheduler(Scheduler):
         if self.metrics:
             self.metrics.decode_step(len(tokens))
         self._sample(list(self.active), logits)
-        return True
 
     def _verify(self, h: Handle, draft: list[int]) -> None:
         """One pass over h's pending token and `draft` (h alone in row 0): h takes the rows in

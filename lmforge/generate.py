@@ -232,6 +232,13 @@ def _open_cache(engine, state: SequenceState, prefix: PrefixCache | None):
     return cache, n
 
 
+def speculates(engine, state: SequenceState) -> bool:
+    """Whether `state` may draft and verify on `engine`: the engine verifies several tokens in
+    one pass, and no output constraint (a grammar's mask per drafted row costs more than
+    speculation saves)."""
+    return state.params.constraint is None and getattr(engine, "supports_verify", False)
+
+
 def sequence_deltas(
     engine, state: SequenceState, prefix: PrefixCache | None = None, speculation=None
 ) -> Iterator[Delta]:
@@ -240,6 +247,8 @@ def sequence_deltas(
     `lmforge.speculative.Speculation`) a verify of the pending token and the tokens drafted after
     it, whose rows the state takes in turn while they agree with the draft. `prefix` (a
     PrefixCache) gives a cache to start from and keeps this one. The caller may stop early."""
+    if not speculates(engine, state):
+        speculation = None
     capacity = len(state.prompt_ids) + state.params.max_tokens
     spec = speculation.start(state.tokens, capacity) if speculation is not None else None
     cache, start = _open_cache(engine, state, prefix)
@@ -314,8 +323,6 @@ def stream_generate(
     params = fit_to_context(len(prompt_ids), params or SamplingParams(), engine.context_length)
     eos = engine.eos_token_ids if eos_token_ids is None else eos_token_ids
     state = SequenceState(tokenizer, prompt_ids, params, eos, engine.vocab_size)
-    if params.constraint is not None or not getattr(engine, "supports_verify", False):
-        speculation = None  # a grammar's mask per drafted row costs more than speculation saves
     start = time.perf_counter()
     first = None
     steps = sequence_deltas(engine, state, prefix, speculation)

@@ -58,6 +58,7 @@ from lmforge.generate import (
     exact_split,
     next_draft,
     sequence_deltas,
+    speculates,
 )
 from lmforge.sampling import SamplingParams
 from lmforge.server.prefix import PrefixStore
@@ -176,7 +177,7 @@ class Scheduler:
         self.metrics = metrics
         # a lmforge.speculative.Speculation (None: plain decoding): sequences without an output
         # constraint draft tokens and verify them in one pass when they decode alone
-        self.speculation = speculation if getattr(engine, "supports_verify", False) else None
+        self.speculation = speculation
         self.max_queue = max_queue
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Handle] = deque()
@@ -583,7 +584,7 @@ class BatchScheduler(Scheduler):
         """h's drafter, made the first time it decodes alone (None: it decodes plainly)."""
         s = self.speculation
         if h.spec is None and not h.spec_off:
-            if s is None or h.state.params.constraint is not None:  # a grammar's mask per drafted row costs more
+            if s is None or not speculates(self.engine, h.state):
                 h.spec_off = True
             else:
                 h.spec = s.start(h.state.tokens, len(h.state.prompt_ids) + h.state.params.max_tokens)
@@ -717,8 +718,7 @@ class SerialScheduler(Scheduler):
             return
         self.waiting.popleft()
         self.current = h  # an engine fault leaves it here for fail_active
-        speculation = None if h.state.params.constraint else self.speculation
-        steps = sequence_deltas(self.engine, h.state, self.prefix, speculation)
+        steps = sequence_deltas(self.engine, h.state, self.prefix, self.speculation)
         try:
             for i, delta in enumerate(steps):
                 if i == 0 and self.metrics and self.prefix is not None:

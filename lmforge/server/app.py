@@ -117,8 +117,7 @@ def make_scheduler(model, limits: Limits, metrics: Metrics) -> Scheduler:
             chooser=chooser,
             speculation=model.speculation,
         )
-        metrics.spinning = None if chooser is None else (lambda: chooser.current)
-        metrics.session_switches = None if chooser is None else (lambda: chooser.switches)
+        metrics.chooser = chooser
     else:
         sched = SerialScheduler(
             engine, metrics, limits.max_queue, prefix_cache_bytes=prefix, speculation=model.speculation

@@ -54,9 +54,7 @@ class Metrics:
         self.queue_depth: Callable[[], int] = lambda: 0
         self.active_sequences: Callable[[], int] = lambda: 0
         self.kv_bytes: Callable[[], int] = lambda: 0
-        # where the engine has a sleeping and a spinning session (server.threads): which decodes, switches
-        self.spinning: Callable[[], int] | None = None
-        self.session_switches: Callable[[], int] | None = None
+        self.chooser = None  # the scheduler's server.threads.SessionChooser, where the engine has two sessions
         self.speculation = None  # the scheduler's lmforge.speculative.Speculation, where it speculates
         self.prefix_bytes: Callable[[], int] = lambda: 0
 
@@ -146,15 +144,15 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def _sessions(self) -> list[tuple[str, str, str, int]]:
-        if self.spinning is None or self.session_switches is None:
+        if self.chooser is None:
             return []
         return [
-            ("decode_spinning", "gauge", "1 while decode steps run on the spinning session.", self.spinning()),
+            ("decode_spinning", "gauge", "1 while decode steps run on the spinning session.", self.chooser.current),
             (
                 "decode_session_switches_total",
                 "counter",
                 "Times the measured faster session changed (threads sleeping / spinning).",
-                self.session_switches(),
+                self.chooser.switches,
             ),
         ]
 

@@ -10,16 +10,19 @@ downloads):
 Runners, each in its own process per workload, with their threads' default waiting (all spin:
 ONNX Runtime's default for lmforge and onnxruntime-genai, OpenMP's for llama.cpp; `--passive`:
 OMP_WAIT_POLICY=PASSIVE for llama.cpp and allow_spinning=0 for lmforge, for a loaded machine,
-where spinning collapses; onnxruntime-genai keeps its default), interleaved round by round: lmforge plain
-(`--speculative off`) and n-gram (cpu-int4, the exact transcode of the Q4_1 GGUF); llama-cpp-python
-on the GGUF, plain and with `LlamaPromptLookupDecoding`; onnxruntime-genai on its own builder's
-int4 model, plain and with its n-gram strategy. Every runner gets the same prompt tokens
-(lmforge's tokenizer and chat template). Prints decode tok/s, tokens per forward pass, TTFT per
-chat turn, each runner's ratio to lmforge plain, and whether its text equals lmforge plain's.
+where spinning collapses; onnxruntime-genai keeps its default), interleaved round by round: lmforge
+plain (`--speculative off`), n-gram, and with a draft model (the target's first DRAFT_LAYERS
+layers, its norm and head: no smaller checkpoint with its vocabulary ships here), on `--target`
+(cpu-int4, the exact transcode of the Q4_1 GGUF; or cpu-fp32); llama-cpp-python on the GGUF, plain
+and with `LlamaPromptLookupDecoding`; onnxruntime-genai on its own builder's int4 model, plain and
+with its n-gram strategy. Every runner gets the same prompt tokens (lmforge's tokenizer and chat
+template). Prints decode tok/s, tokens per forward pass, TTFT per chat turn, each runner's ratio to
+lmforge plain, and whether its text equals lmforge plain's; then how far lookup could go on lmforge
+plain's answers (`perfect_drafts`) at the verify cost lmforge-ngram measured.
 
-    python benchmarks/speculative.py [--gen-tokens 128] [--rounds 2] [--threads 2]
+    python benchmarks/speculative.py [--gen-tokens 128] [--rounds 2] [--threads 2] [--target cpu-int4]
 
-Writes benchmarks/results/speculative.{md,json}.
+Writes benchmarks/results/speculative{,-cpu-fp32}.{md,json}.
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-RUNNERS = ("lmforge-plain", "lmforge-ngram", "llamacpp-plain", "llamacpp-lookup", "ortgenai-plain", "ortgenai-ngram")
+RUNNERS = (
+    "lmforge-plain",
+    "lmforge-ngram",
+    "lmforge-draft",
+    "llamacpp-plain",
+    "llamacpp-lookup",
+    "ortgenai-plain",
+    "ortgenai-ngram",
+)
+DRAFT_LAYERS = 8  # the draft model: the target's first layers, its norm and head
 WORKLOADS = ("code", "extract", "chat", "open")
 CHAT_TURN_TOKENS = 48
 SPIN = "session.intra_op.allow_spinning"
@@ -136,9 +148,10 @@ def _make_runner(runner: str, job: dict, stats: dict):
 
     n, threads = job["gen_tokens"], job["threads"]
     if runner.startswith("lmforge"):
-        mode = "off" if runner.endswith("plain") else "ngram"
+        mode = {"lmforge-plain": "off", "lmforge-ngram": "ngram", "lmforge-draft": "draft"}[runner]
         config = {SPIN: "0"} if job.get("passive") else None  # on a shared machine spinning collapses (FACTS)
-        m = load(job["folder"], threads=threads, speculative=mode, session_config=config)
+        draft = job["draft"] if mode == "draft" else None
+        m = load(job["folder"], threads=threads, speculative=mode, session_config=config, draft=draft)
         stats["model"] = m
         return lambda ids: _generate_lmforge(m, ids, n)
     eos = set(job["eos"])
@@ -147,7 +160,11 @@ def _make_runner(runner: str, job: dict, stats: dict):
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if runner.endswith("lookup") else None
-        llm = Llama(job["gguf"], n_threads=threads, n_ctx=4096, verbose=False, draft_model=draft)
+        # with a draft model its eval writes every position's logits into `scores`, which has only
+        # n_batch rows unless logits_all: past 512 positions it fails ("could not broadcast")
+        llm = Llama(
+            job["gguf"], n_threads=threads, n_ctx=4096, verbose=False, draft_model=draft, logits_all=draft is not None
+        )
         return lambda ids: _generate_llamacpp(llm, ids, n, eos)
     import onnxruntime_genai as og
 
@@ -180,8 +197,14 @@ def worker(runner: str, workload: str, job: dict) -> dict:
         n_tok += max(len(toks) - 1, 0)
     n_all = sum(len(t) for t in out)
     tpp = n_all / stats["passes"] if stats["passes"] else None  # onnxruntime-genai's count
+    extra = {}
     if runner.startswith("lmforge"):
         tpp = spec.stats.tokens_per_pass if spec is not None else 1.0
+        if spec is not None:
+            extra["slope"] = spec.cost.slope  # a verify of m tokens costs 1 + slope * (m - 1) decodes
+        else:
+            prompts_ids = [prompts.prompt_ids(messages=messages[: 2 * i + 1]) for i in range(len(out))]
+            extra["kept"] = perfect_drafts(list(zip(prompts_ids, out)))
     return {
         "runner": runner,
         "workload": workload,
@@ -189,23 +212,79 @@ def worker(runner: str, workload: str, job: dict) -> dict:
         "tokens_per_pass": tpp,
         "ttft_ms": [round(t * 1000, 1) for t in ttfts],
         "tokens": out,
+        **extra,
     }
+
+
+def perfect_drafts(turns: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
+    """How far speculation could go on plain decoding's own answers: for each verify pass, the
+    drafted tokens it keeps when the draft has the perfect length, under two drafters: lmforge's
+    n-gram lookup (the continuation of the sequence's longest earlier n-gram match), and an oracle
+    that picks any earlier stretch of the sequence (a bound for every prompt-lookup drafter).
+    The answer's first token comes from the prefill."""
+    from lmforge.speculative import NgramIndex
+
+    kept = {"lookup": [], "any": []}
+    for ids, out in turns:
+        index, i = NgramIndex(), 1
+        while i < len(out):
+            index.extend(ids + out[:i])
+            cont = index.lookup(len(out) - i)[1]
+            n = next((j for j, (a, b) in enumerate(zip(cont, out[i:])) if a != b), min(len(cont), len(out) - i))
+            kept["lookup"].append(n)
+            i += n + 1
+        i = 1
+        while i < len(out):
+            seen = "".join(map(chr, ids + out[:i]))  # token ids as characters: str.find does the search
+            ahead, n = "".join(map(chr, out[i:])), 0
+            while n < len(ahead) and seen.find(ahead[: n + 1]) >= 0:
+                n += 1
+            kept["any"].append(n)
+            i += n + 1
+    return kept
 
 
 # ---- the parent: prepare, interleave, report ------------------------------------------------
 
 
-def prepare(tmp: Path, gen_tokens: int, threads: int) -> dict:
+def truncated_draft(gguf: Path, tmp: Path, target: str, layers: int = DRAFT_LAYERS) -> Path:
+    """A draft model with the target's vocabulary: the target's first `layers` layers with its
+    final norm and head (no smaller checkpoint of the default model's vocabulary ships here)."""
+    from safetensors.numpy import load_file, save_file
+
+    from lmforge.export.convert import convert
+    from lmforge.export.hf import convert_to_hf
+
+    hf, cut = convert_to_hf(gguf, tmp / "hf"), tmp / f"hf-{layers}-layers"
+    cut.mkdir()
+    for f in hf.iterdir():
+        if f.name == "config.json":
+            config = json.loads(f.read_text())
+            (cut / f.name).write_text(json.dumps(config | {"num_hidden_layers": layers}))
+        elif f.suffix == ".safetensors":
+            kept = {k: v for k, v in load_file(f).items() if not k.startswith("model.layers.") or _layer(k) < layers}
+            save_file(kept, cut / f.name, metadata={"format": "pt"})
+        else:
+            (cut / f.name).write_bytes(f.read_bytes())
+    return convert(cut, tmp / f"draft-{target}", target=target, progress=False)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[2])  # model.layers.N.…
+
+
+def prepare(tmp: Path, gen_tokens: int, threads: int, target: str) -> dict:
     from lmforge.bench import _genai_folder
     from lmforge.checkpoint import resolve
     from lmforge.export.convert import convert
     from lmforge.model import load
 
     gguf = resolve("smollm2-135m")
-    folder = convert("smollm2-135m", tmp / "cpu-int4", target="cpu-int4", progress=False)
+    folder = convert("smollm2-135m", tmp / target, target=target, progress=False)
     eos = list(load(folder, speculative="off").eos_token_ids)
     return {
         "folder": str(folder),
+        "draft": str(truncated_draft(Path(gguf), tmp, target)),
         "gguf": str(gguf),
         "genai": str(_genai_folder(gguf)),
         "eos": eos,
@@ -242,7 +321,8 @@ def report(results: list[dict], runners, args) -> str:
     """A markdown table: mean decode tok/s over rounds, ratio to lmforge plain, tokens per pass,
     TTFT per turn (chat) and whether the text equals lmforge plain's."""
     lines = [
-        f"# Speculative decoding: default model, greedy, {args.threads} threads, up to {args.gen_tokens} tokens "
+        f"# Speculative decoding: default model (lmforge {args.target}), greedy, {args.threads} threads, up to "
+        f"{args.gen_tokens} tokens "
         f"per answer ({CHAT_TURN_TOKENS} per chat turn), {args.rounds} round(s) interleaved, threads "
         f"{'sleeping (--passive)' if args.passive else 'spinning (each runner default)'}",
         "",
@@ -263,7 +343,35 @@ def report(results: list[dict], runners, args) -> str:
             ratio = f"{tps / base_tps:.2f}" if base_tps else "-"
             tpp_s = f"{sum(tpp) / len(tpp):.2f}" if tpp else "-"
             lines.append(f"| {w} | {r} | {tps:.1f} | {ratio} | {tpp_s} | {ttft} | {same} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ceilings(results)) + "\n"
+
+
+def ceilings(results: list[dict]) -> list[str]:
+    """The table of how far n-gram speculation could go on lmforge plain's answers (first round),
+    at the verify cost lmforge-ngram measured (a pass of m tokens: 1 + slope * (m - 1) decodes)."""
+    lines = [
+        "",
+        "Ceilings on lmforge plain's answers, at lmforge-ngram's measured verify cost: perfect-length drafts of "
+        "its n-gram lookup, and of an oracle taking any earlier stretch of the sequence",
+        "",
+        "| workload | verify cost slope | lmforge-ngram tokens/pass | lookup, perfect length: tokens/pass, x plain "
+        "| any stretch: tokens/pass, x plain |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for w in WORKLOADS:
+        plain = [x for x in results if x["workload"] == w and x["runner"] == "lmforge-plain" and "kept" in x]
+        ngram = [x for x in results if x["workload"] == w and x["runner"] == "lmforge-ngram" and "slope" in x]
+        if not plain or not ngram:
+            continue
+        slope = sum(x["slope"] for x in ngram) / len(ngram)
+        tpp = sum(x["tokens_per_pass"] for x in ngram) / len(ngram)
+        cells = []
+        for kind in ("lookup", "any"):
+            kept = plain[0]["kept"][kind]
+            tokens = sum(k + 1 for k in kept)
+            cells.append(f"{tokens / len(kept):.2f}, {tokens / sum(1 + slope * k for k in kept):.2f}x" if kept else "-")
+        lines.append(f"| {w} | {slope:.2f} | {tpp:.2f} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def main():
@@ -280,16 +388,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runners", default=",".join(RUNNERS))
     ap.add_argument("--passive", action="store_true", help="threads that sleep (a loaded machine): see above")
+    ap.add_argument("--target", default="cpu-int4", choices=("cpu-int4", "cpu-fp32"), help="lmforge's form")
     args = ap.parse_args()
     runners = args.runners.split(",")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results_io import save
 
     with tempfile.TemporaryDirectory() as tmp:
-        job = prepare(Path(tmp), args.gen_tokens, args.threads)
+        job = prepare(Path(tmp), args.gen_tokens, args.threads, args.target)
         job["tmp"], job["passive"] = tmp, args.passive
         results = run_all(job, args.rounds, runners)
-    save("speculative", report(results, runners, args), compact(results))
+    name = "speculative" if args.target == "cpu-int4" else f"speculative-{args.target}"
+    save(name, report(results, runners, args), compact(results))
 
 
 def compact(results: list[dict]) -> list[dict]:
@@ -297,7 +407,7 @@ def compact(results: list[dict]) -> list[dict]:
     plain = {(x["workload"], x["round"]): x["tokens"] for x in results if x["runner"] == "lmforge-plain"}
     return [
         {
-            **{k: v for k, v in x.items() if k != "tokens"},
+            **{k: v for k, v in x.items() if k not in ("tokens", "kept")},
             "generated": [len(t) for t in x["tokens"]],
             "same_as_lmforge_plain": x["tokens"] == plain.get((x["workload"], x["round"])),
         }

@@ -37,11 +37,20 @@ def _close(a, b, tol=TOL):
     assert err <= tol, err
 
 
-def _run(engine, tok, ids, params, eos=None, speculation=None):
+def _run(engine, tok, ids, params, eos=None, speculation=None, logprobs=False):
+    """(token, text, finish reason) per step; with `logprobs`, also each step's [(token, logprob)]."""
     return [
-        (r.token, r.text, [(i.token, round(i.logprob, 4)) for i in r.logprobs], r.finish_reason)
+        (r.token, r.text, r.finish_reason) + (([(i.token, i.logprob) for i in r.logprobs],) if logprobs else ())
         for r in stream_generate(engine, tok, ids, params, eos, speculation=speculation)
     ]
+
+
+def _assert_same_logprobs(got, want):
+    """The same tokens and reported logprobs within 1e-4: a verify row's float32 logits are a
+    decode row's to ~3e-5, not bit for bit."""
+    assert [[t for t, _ in g[3]] for g in got] == [[t for t, _ in w[3]] for w in want]
+    diff = max((abs(a - b) for g, w in zip(got, want) for (_, a), (_, b) in zip(g[3], w[3])), default=0.0)
+    assert diff <= 1e-4, diff
 
 
 def _llamacpp(path):
@@ -175,14 +184,15 @@ class _Fixed(VerifyCost):
 @pytest.mark.slow
 def test_sampling_keeps_the_target_distribution(tiny_factory, tmp_path):
     """Seeded runs of the first three tokens, speculative against plain (other seeds): the
-    drafts (prompt tokens, favoured by logit_bias) are kept and rejected often, and the joint
+    drafts (continuations of the prompt's 2-grams, favoured by logit_bias) are kept and rejected often, and the joint
     distribution passes a chi-square test; each seed also draws the very tokens plain decoding does."""
     from lmforge.export.convert import convert
 
     folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "onnx", "cpu-fp32", progress=False)
     engine = OrtEngine(folder)
     words = [11, 22, 33, 44]
-    ids = words * 6
+    a, b, c, d = words
+    ids = [a, a, b, a, c, a, d, b, b, c, b, d, c, c, d, d, a] * 2  # every pair of words follows another
     base = dict(max_tokens=3, temperature=1.0, top_k=6, logit_bias={w: 8.0 for w in words})
     spec = Speculation(cost=_Fixed(slope=0.01))  # always worth drafting: every draft is tested
     n = 400
@@ -213,7 +223,9 @@ def test_penalties_bias_stops_and_logprobs_match_plain_decoding(default_onnx):
     ):
         params = SamplingParams(max_tokens=48, **options)
         spec = Speculation()
-        assert _run(engine, tok, ids, params, None, spec) == _run(engine, tok, ids, params), options
+        got, want = _run(engine, tok, ids, params, None, spec, True), _run(engine, tok, ids, params, logprobs=True)
+        assert [g[:3] for g in got] == [w[:3] for w in want], options
+        _assert_same_logprobs(got, want)
         assert spec.stats.verifies > 0
 
 
@@ -393,7 +405,36 @@ def test_ngram_index_finds_the_latest_longest_match():
     tokens += [8, 1, 2]
     idx.extend(tokens)
     assert idx.lookup(2) == (2, [4, 7])  # the latest "1 2" (before this one) went on with 4
+    tokens += [6]
+    idx.extend(tokens)
+    assert idx.lookup(4) == (0, [])  # "6" came once before, alone: a 1-gram match drafts nothing
+    tokens += [1, 2, 3, 9, 1]  # "1 2 3 9 1" (order 5) wins over the later "2 1"... "9 1" (order 2)
+    idx.extend(tokens)
+    assert idx.lookup(2) == (5, [2, 4])
     assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+
+
+def test_ngram_drafts_keep_what_copying_a_passage_taught():
+    """A sequence whose last draft was kept whole has an acceptance rate of its own: a rejected
+    draft shortens the next draft, and the next draft kept whole brings back longer ones without
+    learning them again."""
+    spec = Speculation("ngram", draft_max=8, cost=VerifyCost(slope=0.3))
+    text = list(range(100, 400))
+    tokens = text + text[:8]  # copying the passage from its start
+    sp = spec.start(tokens, 1000)
+
+    def verify(kept: int | None = None) -> int:
+        d = sp.draft(tokens, 16)
+        assert d == text[len(tokens) - 300 : len(tokens) - 300 + len(d)]  # the passage goes on
+        sp.update(len(d), len(d) if kept is None else kept, 0.01)
+        tokens.extend(d + [text[len(tokens) + len(d) - 300]])  # (the target's token, as if it agreed)
+        return len(d)
+
+    assert [verify() for _ in range(8)][-3:] == [8, 8, 8]  # up to the draft_max
+    assert verify(kept=1) == 8 and sp.copying == 0  # 1 of 8 kept
+    after_miss = verify()
+    assert after_miss < 8 and sp.copying == 1
+    assert verify() > after_miss  # copying again: longer drafts at once, without learning again
 
 
 def test_cli_speculative_options(default_onnx, tiny_factory):

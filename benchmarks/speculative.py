@@ -221,22 +221,23 @@ def perfect_drafts(turns: list[tuple[list[int], list[int]]]) -> dict[str, list[i
     drafted tokens it keeps when the draft has the perfect length, under two drafters: lmforge's
     n-gram lookup (the continuation of the sequence's longest earlier n-gram match), and an oracle
     that picks any earlier stretch of the sequence (a bound for every prompt-lookup drafter).
-    The answer's first token comes from the prefill."""
+    The answer's first token comes from the prefill, and each pass's last token from the target:
+    the passes yield the answer's other tokens, Σ (kept + 1) of them."""
     from lmforge.speculative import NgramIndex
 
     kept = {"lookup": [], "any": []}
-    for ids, out in turns:
+    for ids, out in turns:  # a pass at out[i] keeps n drafts and adds the target's out[i + n]
         index, i = NgramIndex(), 1
         while i < len(out):
             index.extend(ids + out[:i])
-            cont = index.lookup(len(out) - i)[1]
-            n = next((j for j, (a, b) in enumerate(zip(cont, out[i:])) if a != b), min(len(cont), len(out) - i))
+            cont, want = index.lookup(len(out) - 1 - i)[1], out[i:-1]
+            n = next((j for j, (a, b) in enumerate(zip(cont, want)) if a != b), min(len(cont), len(want)))
             kept["lookup"].append(n)
             i += n + 1
         i = 1
         while i < len(out):
             seen = "".join(map(chr, ids + out[:i]))  # token ids as characters: str.find does the search
-            ahead, n = "".join(map(chr, out[i:])), 0
+            ahead, n = "".join(map(chr, out[i:-1])), 0
             while n < len(ahead) and seen.find(ahead[: n + 1]) >= 0:
                 n += 1
             kept["any"].append(n)

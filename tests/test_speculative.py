@@ -8,6 +8,7 @@ import inspect
 import json
 import shutil
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,6 +413,24 @@ def test_ngram_index_finds_the_latest_longest_match():
     idx.extend(tokens)
     assert idx.lookup(2) == (5, [2, 4])
     assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+
+
+def test_the_benchmarks_ceiling_replays_perfect_drafts():
+    """benchmarks/speculative.py's ceilings: for each pass, the drafts that perfect-length lookup
+    (and an oracle over any earlier stretch) would keep on a known answer."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative.py"
+    spec = importlib.util.spec_from_file_location("bench_speculative_script", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ids, out = [5, 6, 7, 8, 9], [5, 6, 7, 1, 8, 9, 5, 6]
+    kept = bench.perfect_drafts([(ids, out)])
+    # lookup: "9 5" unseen; "5 6" goes on with 7 (kept), then 8 (out: 1); "7 1", "1 8" unseen; "8 9"
+    # goes on with 5 (kept) and the pass's own token is the last one
+    assert kept["lookup"] == [0, 1, 0, 0, 1]
+    assert kept["any"] == [2, 3]  # "6 7" (then 1 from the target), "8 9 5" (then 6)
+    assert all(sum(k + 1 for k in ks) == len(out) - 1 for ks in kept.values())
 
 
 def test_ngram_drafts_keep_what_copying_a_passage_taught():

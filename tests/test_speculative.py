@@ -183,14 +183,23 @@ class _Fixed(VerifyCost):
 
 
 @pytest.mark.slow
-def test_sampling_keeps_the_target_distribution(tiny_factory, tmp_path):
-    """Seeded runs of the first three tokens, speculative against plain (other seeds): the
-    drafts (continuations of the prompt's 2-grams, favoured by logit_bias) are kept and rejected often, and the joint
-    distribution passes a chi-square test; each seed also draws the very tokens plain decoding does."""
-    from lmforge.export.convert import convert
+@pytest.mark.parametrize("kind", ["ort", "llamacpp"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_keeps_the_target_distribution(arch, kind, tiny_factory, tmp_path):
+    """Seeded runs of the first three tokens, speculative against plain (other seeds), for every
+    architecture fixture on both engines: the drafts (continuations of the prompt's 2-grams,
+    favoured by logit_bias) are kept and rejected often, and the joint distribution passes a
+    chi-square test; each seed also draws the very tokens plain decoding does."""
+    src = tiny_factory((arch, "float32", False, None))
+    if kind == "ort":
+        from lmforge.export.convert import convert
 
-    folder = convert(tiny_factory(("llama", "float32", False, None)), tmp_path / "onnx", "cpu-fp32", progress=False)
-    engine = OrtEngine(folder)
+        engine = OrtEngine(convert(src, tmp_path / "onnx", "cpu-fp32", progress=False))
+    else:
+        pytest.importorskip("llama_cpp")
+        from lmforge.export.gguf import convert_to_gguf
+
+        engine = _llamacpp(convert_to_gguf(src, tmp_path / "t.gguf", "f32", progress=False))
     words = [11, 22, 33, 44]
     a, b, c, d = words
     ids = [a, a, b, a, c, a, d, b, b, c, b, d, c, c, d, d, a] * 2  # every pair of words follows another

@@ -418,7 +418,7 @@ def test_ngram_index_finds_the_latest_longest_match():
     tokens += [6]
     idx.extend(tokens)
     assert idx.lookup(4) == (0, [])  # "6" came once before, alone: a 1-gram match drafts nothing
-    tokens += [1, 2, 3, 9, 1]  # "1 2 3 9 1" (order 5) wins over the later "2 1"... "9 1" (order 2)
+    tokens += [1, 2, 3, 9, 1]  # "1 2 3 9 1" came at the start (order 5): it wins over later, shorter matches
     idx.extend(tokens)
     assert idx.lookup(2) == (5, [2, 4])
     assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
